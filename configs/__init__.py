@@ -1,0 +1,1 @@
+"""YAML configs shipped as package data (``importlib.resources.files("loopsim.configs")``)."""

@@ -1,0 +1,1 @@
+"""The Zarr episode store of loopsim (to come)."""

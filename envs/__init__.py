@@ -1,0 +1,82 @@
+"""loopsim's Gymnasium environments in PyBullet: factory tasks, their sites and scripted experts.
+
+Importing ``loopsim`` (or this package) registers every env id with Gymnasium::
+
+    import gymnasium as gym
+    import loopsim  # noqa: F401
+
+    env = gym.make("loopsim/FactoryPickPlace-v0", site="heavy_slippery", obs_mode="state")
+
+``gym.make("loopsim:loopsim/FactoryPickPlace-v0")`` works without importing loopsim first.
+A new task is one file in ``factory/`` (or another domain folder) plus one line in :data:`ENV_ENTRY_POINTS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import gymnasium as gym
+
+from loopsim.envs.core.site import Site, SiteError, available_sites, load_site
+
+__all__ = [
+    "ENV_ENTRY_POINTS",
+    "Site",
+    "SiteError",
+    "available_sites",
+    "env_class",
+    "load_site",
+    "make_expert",
+    "register_envs",
+]
+
+#: Env id -> ``"module:Class"``; one line per task.
+ENV_ENTRY_POINTS: dict[str, str] = {
+    "loopsim/FactoryPickPlace-v0": "loopsim.envs.factory.pick_place:FactoryPickPlaceEnv",
+    "loopsim/FactorySort-v0": "loopsim.envs.factory.sort:FactorySortEnv",
+    "loopsim/FactoryPegInsert-v0": "loopsim.envs.factory.peg_insert:FactoryPegInsertEnv",
+}
+
+
+def _load(entry_point: str) -> Any:
+    module, _, name = entry_point.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def register_envs() -> None:
+    """Register every loopsim env id with Gymnasium (idempotent; runs on ``import loopsim``)."""
+    for env_id, entry_point in ENV_ENTRY_POINTS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point, disable_env_checker=False)
+
+
+def env_class(env_id: str) -> type:
+    """The env class registered under ``env_id``.
+
+    Raises:
+        KeyError: If ``env_id`` is not a loopsim env (the message lists the valid ids).
+    """
+    if env_id not in ENV_ENTRY_POINTS:
+        raise KeyError(f"unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}")
+    return _load(ENV_ENTRY_POINTS[env_id])
+
+
+def make_expert(env: gym.Env, noise_std: float = 0.0, seed: int | None = None) -> Any:
+    """The scripted expert of the env's task, bound to ``env``.
+
+    Args:
+        env: A loopsim env, possibly wrapped.
+        noise_std: Std of Gaussian noise on the expert's motion commands, in action units.
+        seed: Seed of the expert's noise generator.
+
+    Returns:
+        A :class:`loopsim.envs.core.expert.Expert`; call ``expert.act()`` after each reset/step.
+
+    Raises:
+        TypeError: If the env has no scripted expert.
+    """
+    entry = getattr(env.unwrapped, "expert_entry_point", None)
+    if entry is None:
+        raise TypeError(f"{type(env.unwrapped).__name__} has no scripted expert")
+    return _load(entry)(env, noise_std=noise_std, seed=seed)

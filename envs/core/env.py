@@ -1,0 +1,330 @@
+"""The base class of every loopsim env: a robot, a scene, a task and a site in one ``gymnasium.Env``.
+
+:class:`RobotTaskEnv` owns what all tasks share: the physics client, site sampling, the three
+observation modes, the action checks, actuator lag, the time limit, ``is_success`` /
+``failure_mode`` bookkeeping and rendering. A task subclass fills in the hooks:
+
+- ``_load_scene()``: create every body once (the scene is snapshotted and restored at each reset);
+- ``_initialize_episode(rng)``: place things for a new episode, drawing only from ``rng``;
+- ``_apply_site(params)``: apply sampled site parameters;
+- ``_apply_action(action)``: turn a validated action in ``[-1, 1]`` into motor commands;
+- ``_state_observation()``: the ``state`` vector;
+- ``achieved_goal()`` / ``desired_goal()`` / ``goal_distance_threshold``: the goal of the task;
+- ``_evaluate()``: success and unrecoverable failures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+
+from loopsim.envs.core.sim import Simulation
+from loopsim.envs.core.site import Site, SiteSchema, load_site
+
+__all__ = ["RobotTaskEnv", "Evaluation"]
+
+OBS_MODES = ("state", "goal", "rgb")
+REWARD_TYPES = ("dense", "sparse")
+
+
+class Evaluation(dict):
+    """What :meth:`RobotTaskEnv._evaluate` returns.
+
+    Keys:
+        success (bool): The task is achieved.
+        failure (str | None): Name of an unrecoverable failure (ends the episode), else ``None``.
+    """
+
+
+class RobotTaskEnv(gym.Env):
+    """Base class for loopsim envs (see the module docstring for the task hooks).
+
+    Args:
+        obs_mode: ``"state"`` (Box float32), ``"goal"`` (Dict with ``observation``, ``achieved_goal``,
+            ``desired_goal``, for HER) or ``"rgb"`` (Box uint8 image ``(image_size, image_size, 3)``).
+        reward_type: ``"dense"`` (negative distance between achieved and desired goal [m]) or
+            ``"sparse"`` (0 when the goal is within ``goal_distance_threshold``, else -1).
+        site: Site name (see ``loopsim envs``), an inline mapping of parameter specs, or a ``Site``.
+        render_mode: ``None``, ``"rgb_array"`` (``render()`` returns ``(render_size, render_size, 3)``
+            uint8) or ``"human"`` (PyBullet GUI; needs a display).
+        image_size: Side of the ``rgb`` observation [px].
+        render_size: Side of the frames ``render()`` returns in ``rgb_array`` mode [px].
+        max_steps: Time limit [control steps]; reaching it truncates the episode (``truncated=True``).
+            ``None`` uses the task's default.
+
+    Raises:
+        ValueError: For an unknown ``obs_mode``, ``reward_type`` or ``render_mode``, a non-positive
+            size or time limit.
+        loopsim.envs.SiteError: For an unknown site or site parameter.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["human", "rgb_array"], "render_fps": 25}
+
+    #: Site parameters of the domain; set by each domain's base class.
+    site_schema: ClassVar[SiteSchema]
+    #: Physics step [s] and physics steps per control step.
+    timestep: ClassVar[float] = 0.002
+    substeps: ClassVar[int] = 20
+    #: Default time limit [control steps].
+    default_max_steps: ClassVar[int] = 200
+    #: Success tolerance of the goal distance [m], used by the sparse reward.
+    goal_distance_threshold: ClassVar[float] = 0.05
+    #: Action dimension.
+    action_dim: ClassVar[int] = 4
+    #: ``"module:Class"`` of the task's scripted expert (see :func:`loopsim.envs.make_expert`).
+    expert_entry_point: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        obs_mode: str = "state",
+        reward_type: str = "dense",
+        site: str | Mapping[str, Any] | Site | None = "lab",
+        render_mode: str | None = None,
+        image_size: int = 84,
+        render_size: int = 480,
+        max_steps: int | None = None,
+    ) -> None:
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode={obs_mode!r} is not one of {list(OBS_MODES)}")
+        if reward_type not in REWARD_TYPES:
+            raise ValueError(f"reward_type={reward_type!r} is not one of {list(REWARD_TYPES)}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
+        for name, value in (("image_size", image_size), ("render_size", render_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+                raise ValueError(f"{name}={value!r} must be an integer >= 16 [px]")
+        max_steps = self.default_max_steps if max_steps is None else max_steps
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps={max_steps!r} must be a positive integer [control steps]")
+        self.site: Site = load_site(self.site_schema, site)
+        self.obs_mode = obs_mode
+        self.reward_type = reward_type
+        self.render_mode = render_mode
+        self.image_size = image_size
+        self.render_size = render_size
+        self.max_steps = max_steps
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / (self.timestep * self.substeps))}
+
+        self.sim = Simulation(self.timestep, self.substeps, gui=render_mode == "human")
+        with self.sim.no_rendering():
+            self._load_scene()
+        self.sim.save_base_state()
+
+        self.site_params: dict[str, float | int] = self.site_schema.lab_values()
+        self._apply_site(self.site_params)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(self.action_dim,), dtype=np.float32)
+        self._state_low, self._state_high = self._state_bounds()
+        state_space = gym.spaces.Box(self._state_low, self._state_high, dtype=np.float32)
+        if obs_mode == "state":
+            self.observation_space = state_space
+        elif obs_mode == "rgb":
+            self.observation_space = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
+        else:
+            goal_dim = len(self.desired_goal())
+            goal_space = gym.spaces.Box(-10.0, 10.0, shape=(goal_dim,), dtype=np.float32)
+            self.observation_space = gym.spaces.Dict(
+                {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
+            )
+        self._elapsed = 0
+        self._actions: deque[np.ndarray] = deque()
+        self._has_reset = False
+
+    # ------------------------------------------------------------------ task hooks
+    def _load_scene(self) -> None:
+        raise NotImplementedError
+
+    def _initialize_episode(self, rng: np.random.Generator) -> None:
+        raise NotImplementedError
+
+    def _apply_site(self, params: Mapping[str, float | int]) -> None:
+        raise NotImplementedError
+
+    def _apply_action(self, action: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _state_observation(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _evaluate(self) -> Evaluation:
+        raise NotImplementedError
+
+    def _read_state(self) -> None:
+        """Read (and cache) the simulator state the task needs; runs after every physics update."""
+
+    def _timeout_failure_mode(self) -> str:
+        """Name of the failure when the time limit is reached without success (tasks refine it)."""
+        return "timeout"
+
+    def _hold_action(self) -> np.ndarray:
+        """Action that holds the robot still; fills the actuator-lag queue at reset."""
+        return np.zeros(self.action_dim, dtype=np.float32)
+
+    def _camera(self) -> tuple[tuple[float, float, float], tuple[float, float, float], float]:
+        """Camera (eye [m], target [m], vertical field of view [deg]) for ``rgb`` and ``render``."""
+        raise NotImplementedError
+
+    def achieved_goal(self) -> np.ndarray:
+        """Achieved goal, ``(G,)`` float64 [m]."""
+        raise NotImplementedError
+
+    def desired_goal(self) -> np.ndarray:
+        """Desired goal, ``(G,)`` float64 [m]."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ gymnasium API
+    def compute_reward(self, achieved_goal: Any, desired_goal: Any, info: Any) -> np.ndarray | float:
+        """Reward for (batches of) goals, as HER needs it.
+
+        The goal vectors are split into 3-D points (one per part); the distance is the largest
+        point-to-point distance [m].
+
+        Args:
+            achieved_goal: ``(G,)`` or ``(B, G)``.
+            desired_goal: Same shape as ``achieved_goal``.
+            info: Ignored (kept for the goal-env API).
+
+        Returns:
+            ``float`` for a single goal or ``(B,)`` float32: ``-distance`` (dense) or
+            ``-(distance > goal_distance_threshold)`` (sparse).
+        """
+        a = np.asarray(achieved_goal, dtype=np.float64)
+        d = np.asarray(desired_goal, dtype=np.float64)
+        if a.ndim == 1 and d.ndim == 1 and a.shape == d.shape:  # one goal: the same IEEE arithmetic, faster
+            diff1 = (a - d).tolist()
+            dist1 = max(
+                math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
+                for k in range(0, len(diff1), 3)
+            )
+            if self.reward_type == "sparse":
+                return -float(dist1 > self.goal_distance_threshold)
+            return float(np.float32(-dist1))
+        diff = (a - d).reshape(a.shape[:-1] + (-1, 3))
+        dist = np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1)
+        if self.reward_type == "sparse":
+            r = -(dist > self.goal_distance_threshold).astype(np.float32)
+        else:
+            r = -dist.astype(np.float32)
+        return float(r) if np.ndim(r) == 0 else r
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Start a new episode.
+
+        Args:
+            seed: Seeds ``self.np_random``; the same seed gives a bit-identical episode for the same
+                actions, whatever ran before.
+            options: Unused; accepted for API compatibility.
+
+        Returns:
+            ``(observation, info)`` with ``info["is_success"]`` (False), ``info["site"]`` (name) and
+            ``info["site_params"]`` (the parameters sampled for this episode).
+
+        Raises:
+            RuntimeError: If the env was closed.
+        """
+        if self.sim.closed:
+            raise RuntimeError("reset() on a closed env")
+        super().reset(seed=seed)
+        self.sim.restore_base_state()
+        self.site_params = self.site.sample(self.np_random)
+        self._apply_site(self.site_params)
+        self._initialize_episode(self.np_random)
+        self._read_state()
+        self._elapsed = 0
+        hold = self._hold_action()
+        self._actions = deque([hold.copy() for _ in range(int(self.site_params.get("action_delay", 0)))])
+        self._has_reset = True
+        info = {"is_success": False, "site": self.site.name, "site_params": dict(self.site_params)}
+        return self._get_obs(), info
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """Apply one action for one control step.
+
+        Args:
+            action: ``(4,)`` array in ``[-1, 1]``: end-effector displacement (dx, dy, dz) scaled by the
+                robot's maximum displacement, and the gripper command. Values outside ``[-1, 1]`` are
+                clipped.
+
+        Returns:
+            ``(observation, reward, terminated, truncated, info)``. ``terminated`` is True on success
+            or an unrecoverable failure, ``truncated`` when the time limit is reached.
+            ``info["is_success"]`` is given every step; ``info["failure_mode"]`` at the end of a failed
+            episode (``None`` after a success).
+
+        Raises:
+            ValueError: If the action has the wrong shape or holds NaN or infinite values; nothing is
+                passed to the physics in that case.
+            RuntimeError: If called before ``reset()`` or after ``close()``.
+        """
+        if self.sim.closed:
+            raise RuntimeError("step() on a closed env")
+        if not self._has_reset:
+            raise RuntimeError("call reset() before step()")
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"action must be finite, got {a.tolist()}")
+        a = np.minimum(np.maximum(a, -1.0), 1.0)
+        if self._actions:  # actuator lag: apply the action from `action_delay` steps ago
+            self._actions.append(a)
+            a = self._actions.popleft()
+        self._apply_action(a)
+        self.sim.step()
+        self._elapsed += 1
+        self._read_state()
+        ev = self._evaluate()
+        success = bool(ev["success"])
+        failure = ev.get("failure")
+        terminated = success or failure is not None
+        truncated = not terminated and self._elapsed >= self.max_steps
+        info: dict[str, Any] = {"is_success": success}
+        if terminated or truncated:
+            info["failure_mode"] = None if success else (failure or self._timeout_failure_mode())
+        achieved = self.achieved_goal().astype(np.float32)
+        desired = self.desired_goal().astype(np.float32)
+        obs = self._get_obs(achieved, desired)
+        # The same arithmetic as compute_reward on the float32 goals, so HER relabelling agrees exactly.
+        reward = self.compute_reward(achieved, desired, info)
+        return obs, reward, terminated, truncated, info
+
+    def _get_obs(self, achieved: np.ndarray | None = None, desired: np.ndarray | None = None) -> Any:
+        if self.obs_mode == "rgb":
+            eye, target, fov = self._camera()
+            return self.sim.render(self.image_size, self.image_size, eye, target, fov)
+        state = np.minimum(np.maximum(self._state_observation(), self._state_low), self._state_high)
+        state = state.astype(np.float32)
+        if self.obs_mode == "state":
+            return state
+        return {
+            "observation": state,
+            "achieved_goal": self.achieved_goal().astype(np.float32) if achieved is None else achieved,
+            "desired_goal": self.desired_goal().astype(np.float32) if desired is None else desired,
+        }
+
+    def render(self) -> np.ndarray | None:
+        """Render the scene.
+
+        Returns:
+            In ``rgb_array`` mode an image ``(render_size, render_size, 3)`` uint8 from the task camera;
+            ``None`` in ``human`` mode (the GUI shows the scene) or without a render mode.
+        """
+        if self.render_mode != "rgb_array":
+            return None
+        eye, target, fov = self._camera()
+        return self.sim.render(self.render_size, self.render_size, eye, target, fov)
+
+    def close(self) -> None:
+        """Release the physics client. Safe to call more than once."""
+        sim = getattr(self, "sim", None)
+        if sim is not None:
+            sim.close()

@@ -1,0 +1,204 @@
+"""One PyBullet physics client per env, with the few helpers every scene needs.
+
+Every env owns a :class:`Simulation`; nothing in loopsim touches PyBullet's global (default) client.
+Hot-path calls (``stepSimulation``) are pre-bound to the client id so the per-step overhead over the
+engine is a plain C call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pybullet as p
+import pybullet_data
+from pybullet_utils import bullet_client
+
+__all__ = ["Simulation"]
+
+
+class Simulation:
+    """A PyBullet client in DIRECT (headless) or GUI mode with a fixed time step and substeps.
+
+    Args:
+        timestep: Physics time step [s].
+        substeps: Physics steps per control step; the control frequency is
+            ``1 / (timestep * substeps)`` [Hz].
+        gui: Connect with the PyBullet GUI instead of DIRECT mode (needs a display).
+        solver_iterations: Constraint-solver iterations per physics step.
+
+    Raises:
+        RuntimeError: If the GUI is requested and PyBullet cannot open a window.
+    """
+
+    def __init__(
+        self, timestep: float, substeps: int, gui: bool = False, solver_iterations: int = 50
+    ) -> None:
+        mode = p.GUI if gui else p.DIRECT
+        try:
+            self.bc = bullet_client.BulletClient(connection_mode=mode)
+        except p.error as exc:  # pragma: no cover - depends on a display
+            raise RuntimeError(f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}") from exc
+        self.id: int = self.bc._client
+        self.timestep = float(timestep)
+        self.substeps = int(substeps)
+        self.gui = gui
+        self._closed = False
+        self._base_state: int | None = None
+        self.bc.setAdditionalSearchPath(pybullet_data.getDataPath())
+        self.bc.setTimeStep(self.timestep)
+        self.bc.setGravity(0.0, 0.0, -9.81)
+        self.bc.setPhysicsEngineParameter(
+            numSolverIterations=solver_iterations, deterministicOverlappingPairs=1
+        )
+        if gui:  # pragma: no cover - needs a display
+            self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_GUI, 0)
+        self._step_once = functools.partial(p.stepSimulation, physicsClientId=self.id)
+
+    @property
+    def control_dt(self) -> float:
+        """Duration of one control step [s]."""
+        return self.timestep * self.substeps
+
+    def step(self) -> None:
+        """Advance the physics by one control step (``substeps`` physics steps)."""
+        step_once = self._step_once
+        for _ in range(self.substeps):
+            step_once()
+
+    @contextlib.contextmanager
+    def no_rendering(self) -> Iterator[None]:
+        """Context in which the GUI does not redraw (faster scene loading; no-op in DIRECT mode)."""
+        if self.gui:  # pragma: no cover - needs a display
+            self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_RENDERING, 0)
+        try:
+            yield
+        finally:
+            if self.gui:  # pragma: no cover
+                self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_RENDERING, 1)
+
+    def save_base_state(self) -> None:
+        """Snapshot the freshly built scene; :meth:`restore_base_state` returns to it at each reset.
+
+        Restoring the snapshot (rather than moving bodies back) also restores contact caches, which is
+        what makes ``reset(seed)`` bit-identical whatever episode ran before.
+        """
+        self._base_state = self.bc.saveState()
+
+    def restore_base_state(self) -> None:
+        """Return every body to the snapshot taken by :meth:`save_base_state`.
+
+        Raises:
+            RuntimeError: If no snapshot was taken.
+        """
+        if self._base_state is None:
+            raise RuntimeError("save_base_state() was never called")
+        self.bc.restoreState(self._base_state)
+
+    def create_box(
+        self,
+        half_extents: Sequence[float],
+        position: Sequence[float],
+        mass: float = 0.0,
+        rgba: Sequence[float] = (0.6, 0.6, 0.6, 1.0),
+        lateral_friction: float | None = None,
+    ) -> int:
+        """Create a box body.
+
+        Args:
+            half_extents: Half sizes (x, y, z) [m].
+            position: Centre position (x, y, z) [m], world frame.
+            mass: Mass [kg]; 0 makes the body static.
+            rgba: Colour (r, g, b, a) in [0, 1].
+            lateral_friction: Coefficient of friction, if not the default 0.5.
+
+        Returns:
+            The body unique id.
+        """
+        col = self.bc.createCollisionShape(self.bc.GEOM_BOX, halfExtents=list(half_extents))
+        vis = self.bc.createVisualShape(self.bc.GEOM_BOX, halfExtents=list(half_extents), rgbaColor=list(rgba))
+        body = self.bc.createMultiBody(mass, col, vis, list(position))
+        if lateral_friction is not None:
+            self.bc.changeDynamics(body, -1, lateralFriction=lateral_friction)
+        return body
+
+    def create_compound(
+        self,
+        boxes: Sequence[tuple[Sequence[float], Sequence[float]]],
+        position: Sequence[float],
+        rgba: Sequence[float] = (0.5, 0.5, 0.5, 1.0),
+        lateral_friction: float | None = None,
+    ) -> int:
+        """Create one static body made of several boxes (a bin, a fixture with a hole).
+
+        Args:
+            boxes: ``(half_extents, offset)`` pairs [m], offsets relative to ``position``.
+            position: Body origin (x, y, z) [m], world frame.
+            rgba: Colour (r, g, b, a) in [0, 1].
+            lateral_friction: Coefficient of friction, if not the default 0.5.
+
+        Returns:
+            The body unique id.
+        """
+        halves = [list(h) for h, _ in boxes]
+        offsets = [list(o) for _, o in boxes]
+        n = len(boxes)
+        col = self.bc.createCollisionShapeArray(
+            [self.bc.GEOM_BOX] * n, halfExtents=halves, collisionFramePositions=offsets
+        )
+        vis = self.bc.createVisualShapeArray(
+            [self.bc.GEOM_BOX] * n, halfExtents=halves, visualFramePositions=offsets, rgbaColors=[list(rgba)] * n
+        )
+        body = self.bc.createMultiBody(0.0, col, vis, list(position))
+        if lateral_friction is not None:
+            self.bc.changeDynamics(body, -1, lateralFriction=lateral_friction)
+        return body
+
+    def render(
+        self,
+        width: int,
+        height: int,
+        eye: Sequence[float],
+        target: Sequence[float],
+        fov: float = 60.0,
+        up: Sequence[float] = (0.0, 0.0, 1.0),
+    ) -> np.ndarray:
+        """Render an RGB image with PyBullet's CPU (tiny) renderer.
+
+        Args:
+            width: Image width [px].
+            height: Image height [px].
+            eye: Camera position (x, y, z) [m], world frame.
+            target: Point the camera looks at (x, y, z) [m], world frame.
+            fov: Vertical field of view [deg].
+            up: Camera up vector, world frame.
+
+        Returns:
+            Image of shape ``(height, width, 3)``, dtype ``uint8``.
+        """
+        view = self.bc.computeViewMatrix(list(eye), list(target), list(up))
+        proj = self.bc.computeProjectionMatrixFOV(fov, width / height, 0.05, 5.0)
+        _, _, rgba, _, _ = self.bc.getCameraImage(
+            width,
+            height,
+            view,
+            proj,
+            renderer=self.bc.ER_TINY_RENDERER,
+            shadow=0,
+            flags=self.bc.ER_NO_SEGMENTATION_MASK,
+        )
+        return np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3].copy()
+
+    def close(self) -> None:
+        """Disconnect the client. Safe to call more than once."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(p.error):
+                self.bc.disconnect()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed

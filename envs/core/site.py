@@ -1,0 +1,273 @@
+"""Sites: named distributions over the operating conditions of one deployment.
+
+A *site* maps parameter names to distributions. Every domain (factory, warehouse) declares the
+parameters its tasks read as a :class:`SiteSchema` (name, nominal ``lab`` value, allowed range, unit,
+type). A site names a distribution for some of them; the rest keep their ``lab`` value. The env samples
+every parameter at ``reset`` from its own seeded generator and reports the values in
+``info["site_params"]``.
+
+Distribution specs (YAML or inline mappings)::
+
+    part_mass: 0.3                       # a constant
+    part_mass: {uniform: [0.4, 0.8]}     # uniform on [lo, hi] (integers: inclusive)
+    sensor_noise: {normal: [0.01, 0.002]}  # normal(mean, std), clipped to the allowed range
+    action_delay: {choice: [1, 2]}       # uniform choice among values
+
+Site files live in the ``loopsim.configs`` package data at ``sites/<domain>/<name>.yaml``::
+
+    description: Heavy, slippery parts.
+    params:
+      part_mass: {uniform: [0.4, 0.8]}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import yaml
+
+__all__ = [
+    "ParamDef",
+    "SiteSchema",
+    "Site",
+    "SiteError",
+    "available_sites",
+    "load_site",
+]
+
+_SPEC_KINDS = ("uniform", "normal", "choice")
+
+
+class SiteError(ValueError):
+    """A site name, parameter name or distribution spec is invalid."""
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """One operating-condition parameter of a domain.
+
+    Attributes:
+        name: Parameter name as used in site files and ``info["site_params"]``.
+        lab: Nominal value, used at the ``lab`` site and wherever a site does not name the parameter.
+        low: Smallest allowed value (inclusive). Normal samples are clipped to ``[low, high]``.
+        high: Largest allowed value (inclusive).
+        unit: Unit of the value, e.g. ``"kg"``, ``"m/s"``, ``"control steps"``, ``"-"``.
+        doc: One-line description of what the parameter changes in the simulation.
+        integer: Whether values are integers (e.g. a delay counted in control steps).
+    """
+
+    name: str
+    lab: float
+    low: float
+    high: float
+    unit: str
+    doc: str
+    integer: bool = False
+
+
+class SiteSchema:
+    """The parameters one domain's tasks read, with their nominal values and allowed ranges.
+
+    Args:
+        domain: Domain name, e.g. ``"factory"``; site files are looked up in ``sites/<domain>/``.
+        params: The parameter definitions.
+    """
+
+    def __init__(self, domain: str, params: list[ParamDef]) -> None:
+        self.domain = domain
+        self.params: dict[str, ParamDef] = {p.name: p for p in params}
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names, in declaration order."""
+        return list(self.params)
+
+    def lab_values(self) -> dict[str, float | int]:
+        """Return the nominal (``lab``) value of every parameter."""
+        return {n: (int(p.lab) if p.integer else float(p.lab)) for n, p in self.params.items()}
+
+
+def _check_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SiteError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+class _Dist:
+    """A validated distribution spec for one parameter."""
+
+    def __init__(self, pdef: ParamDef, spec: Any, site: str) -> None:
+        where = f"site {site!r}, parameter {pdef.name!r}"
+        self.pdef = pdef
+        if isinstance(spec, Mapping):
+            if len(spec) != 1 or next(iter(spec)) not in _SPEC_KINDS:
+                raise SiteError(
+                    f"{where}: a distribution is a number or a mapping with exactly one of "
+                    f"{list(_SPEC_KINDS)}, got {dict(spec)!r}"
+                )
+            self.kind, args = next(iter(spec.items()))
+            if not isinstance(args, list | tuple) or not args:
+                raise SiteError(f"{where}: {self.kind} needs a non-empty list, got {args!r}")
+            self.args = [_check_number(a, where) for a in args]
+        else:
+            self.kind, self.args = "constant", [_check_number(spec, where)]
+        lo, hi = pdef.low, pdef.high
+        if self.kind == "uniform":
+            if len(self.args) != 2 or self.args[0] > self.args[1]:
+                raise SiteError(f"{where}: uniform needs [lo, hi] with lo <= hi, got {self.args}")
+            support = self.args
+        elif self.kind == "normal":
+            if len(self.args) != 2 or self.args[1] < 0:
+                raise SiteError(f"{where}: normal needs [mean, std] with std >= 0, got {self.args}")
+            support = [self.args[0]]
+        else:
+            support = self.args
+        bad = [v for v in support if not lo <= v <= hi]
+        if bad:
+            raise SiteError(
+                f"{where}: value(s) {bad} outside the allowed range [{lo}, {hi}] {pdef.unit}"
+            )
+        if pdef.integer and self.kind in ("constant", "choice", "uniform"):
+            if any(v != int(v) for v in self.args):
+                raise SiteError(f"{where}: parameter is an integer ({pdef.unit}), got {self.args}")
+
+    def sample(self, rng: np.random.Generator) -> float | int:
+        """Draw one value from ``rng`` (always exactly one draw, so streams stay aligned)."""
+        p = self.pdef
+        if self.kind == "constant":
+            rng.random()  # keep the number of draws independent of the spec kind
+            v = self.args[0]
+        elif self.kind == "uniform":
+            lo, hi = self.args
+            v = rng.integers(int(lo), int(hi) + 1) if p.integer else rng.uniform(lo, hi)
+        elif self.kind == "normal":
+            v = float(np.clip(rng.normal(self.args[0], self.args[1]), p.low, p.high))
+        else:
+            v = self.args[int(rng.integers(len(self.args)))]
+        return int(round(v)) if p.integer else float(v)
+
+    def to_spec(self) -> Any:
+        """Return the spec in its YAML form."""
+        if self.kind == "constant":
+            return self.args[0]
+        return {self.kind: list(self.args)}
+
+
+class Site:
+    """One deployment's operating conditions: a distribution for every parameter of a domain.
+
+    Args:
+        schema: The domain's parameter schema.
+        name: Site name (``"lab"`` is the nominal site; inline sites are named ``"custom"``).
+        params: Mapping of parameter name to distribution spec; unnamed parameters keep ``lab``.
+        description: Human-readable description of the conditions.
+
+    Raises:
+        SiteError: If a parameter name is not in the schema (the message lists the valid names) or a
+            spec is malformed or outside the parameter's allowed range.
+    """
+
+    def __init__(
+        self,
+        schema: SiteSchema,
+        name: str = "lab",
+        params: Mapping[str, Any] | None = None,
+        description: str = "",
+    ) -> None:
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(schema.params))
+        if unknown:
+            raise SiteError(
+                f"site {name!r}: unknown parameter(s) {unknown} for the {schema.domain} domain; "
+                f"valid parameters are {schema.names}"
+            )
+        self.schema = schema
+        self.name = name
+        self.description = description
+        self._dists = {
+            n: _Dist(p, params.get(n, p.lab), name) for n, p in schema.params.items()
+        }
+        self.overrides = {n: self._dists[n].to_spec() for n in params}
+
+    def sample(self, rng: np.random.Generator) -> dict[str, float | int]:
+        """Sample one value per parameter, in schema order, from ``rng``.
+
+        Args:
+            rng: The env's seeded generator (``env.np_random``).
+
+        Returns:
+            Mapping of every parameter name to a Python ``float`` (or ``int`` for integer params).
+        """
+        return {n: d.sample(rng) for n, d in self._dists.items()}
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, {self.overrides!r})"
+
+
+def _site_dir(domain: str):
+    return resources.files("loopsim.configs").joinpath("sites", domain)
+
+
+def available_sites(domain: str) -> list[str]:
+    """Names of the bundled sites of a domain (the YAML files in ``configs/sites/<domain>/``).
+
+    Args:
+        domain: Domain name, e.g. ``"factory"``.
+
+    Returns:
+        Sorted site names, ``lab`` included.
+    """
+    d = _site_dir(domain)
+    if not d.is_dir():
+        return []
+    return sorted(f.name[: -len(".yaml")] for f in d.iterdir() if f.name.endswith(".yaml"))
+
+
+def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -> Site:
+    """Resolve a site given by name, inline mapping or :class:`Site`.
+
+    Args:
+        schema: The domain's parameter schema.
+        site: ``None`` or ``"lab"`` for nominal conditions, a bundled site name, a mapping of
+            parameter specs (an inline site, named ``"custom"``; it may also be a full site document
+            with ``name``/``description``/``params``), or a ready :class:`Site`.
+
+    Returns:
+        The validated site.
+
+    Raises:
+        SiteError: For an unknown site name (the message lists the bundled ones), an unknown
+            parameter or a malformed spec.
+    """
+    if site is None:
+        site = "lab"
+    if isinstance(site, Site):
+        if site.schema is not schema and site.schema.domain != schema.domain:
+            raise SiteError(f"site {site.name!r} is for {site.schema.domain}, not {schema.domain}")
+        return site
+    if isinstance(site, Mapping):
+        doc = dict(site)
+        if "params" in doc:
+            extra = sorted(set(doc) - {"name", "description", "params"})
+            if extra:
+                raise SiteError(f"site document has unknown keys {extra}; allowed: name, description, params")
+            return Site(schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", ""))
+        return Site(schema, "custom", doc)
+    if not isinstance(site, str):
+        raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")
+    names = available_sites(schema.domain)
+    if site not in names:
+        raise SiteError(f"unknown {schema.domain} site {site!r}; available sites are {names}")
+    text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text()
+    doc = yaml.safe_load(text) or {}
+    if not isinstance(doc, Mapping):
+        raise SiteError(f"site file {site}.yaml must hold a mapping, got {type(doc).__name__}")
+    extra = sorted(set(doc) - {"description", "params"})
+    if extra:
+        raise SiteError(f"site file {site}.yaml has unknown keys {extra}; allowed: description, params")
+    return Site(schema, site, doc.get("params") or {}, str(doc.get("description", "")))
