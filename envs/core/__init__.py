@@ -1,0 +1,1 @@
+"""The simulation core shared by every domain: physics client, robot, sites, env base, experts."""
