@@ -17,7 +17,6 @@ import importlib
 from typing import Any
 
 import gymnasium as gym
-
 from loopsim.envs.core.site import Site, SiteError, available_sites, load_site
 
 __all__ = [
@@ -45,10 +44,17 @@ def _load(entry_point: str) -> Any:
 
 
 def register_envs() -> None:
-    """Register every loopsim env id with Gymnasium (idempotent; runs on ``import loopsim``)."""
+    """Register every loopsim env id with Gymnasium (idempotent; runs on ``import loopsim``).
+
+    ``gymnasium.make`` returns the env itself, without Gymnasium's ``OrderEnforcing`` and
+    ``PassiveEnvChecker`` wrappers: the envs enforce reset-before-step themselves (``RuntimeError``),
+    pass the full env checkers in the test suite, and goal envs keep ``compute_reward`` reachable,
+    which Gymnasium 1.x wrappers do not forward (SB3's ``check_env`` and HER call it). The time limit
+    is the env's own ``max_steps``, so ``info["failure_mode"]`` is ``"timeout"`` on truncation.
+    """
     for env_id, entry_point in ENV_ENTRY_POINTS.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry_point, disable_env_checker=False)
+            gym.register(id=env_id, entry_point=entry_point, order_enforce=False, disable_env_checker=True)
 
 
 def env_class(env_id: str) -> type:

@@ -53,7 +53,9 @@ def envs() -> None:
             action = _space_str(env.action_space)
             control = f"{env.metadata['render_fps']} Hz, {env.unwrapped.max_steps} steps"
             env.close()
-        table.add_row(env_id, "\n".join(spaces), action, control, ", ".join(available_sites(cls.site_schema.domain)))
+        table.add_row(
+            env_id, "\n".join(spaces), action, control, ", ".join(available_sites(cls.site_schema.domain))
+        )
     console.print(table)
 
 
@@ -117,14 +119,20 @@ def expert(
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(2) from exc
             summaries.append(summary)
-    table = Table(title=f"scripted expert on {env_id} ({episodes} episodes per site, seeds {seed}..{seed + episodes - 1})")
+    seeds = f"seeds {seed}..{seed + episodes - 1}"
+    table = Table(title=f"scripted expert on {env_id} ({episodes} episodes per site, {seeds})")
     for col in ("site", "success", "95% CI", "return", "length", "failure modes"):
         table.add_column(col)
     for s in summaries:
         lo, hi = s.success_ci
         modes = ", ".join(f"{k}: {v}" for k, v in s.failure_modes.items()) or "-"
         table.add_row(
-            s.site, f"{s.success_rate:.0%}", f"[{lo:.0%}, {hi:.0%}]", f"{s.mean_return:.2f}", f"{s.mean_length:.0f}", modes
+            s.site,
+            f"{s.success_rate:.0%}",
+            f"[{lo:.0%}, {hi:.0%}]",
+            f"{s.mean_return:.2f}",
+            f"{s.mean_length:.0f}",
+            modes,
         )
     console.print(table)
 

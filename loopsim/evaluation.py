@@ -106,7 +106,9 @@ class SiteSummary:
     @property
     def failure_modes(self) -> dict[str, int]:
         """Count of each failure mode among failed episodes, most common first."""
-        return dict(Counter(e.failure_mode or "unknown" for e in self.episodes if not e.success).most_common())
+        return dict(
+            Counter(e.failure_mode or "unknown" for e in self.episodes if not e.success).most_common()
+        )
 
 
 def run_expert(

@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
-
 from loopsim.envs.core.sim import Simulation
 from loopsim.envs.core.site import Site, SiteSchema, load_site
 
@@ -74,6 +73,8 @@ class RobotTaskEnv(gym.Env):
     default_max_steps: ClassVar[int] = 200
     #: Success tolerance of the goal distance [m], used by the sparse reward.
     goal_distance_threshold: ClassVar[float] = 0.05
+    #: Per-axis tolerance (x, y, z) [m] of each goal point for the sparse reward; overrides the threshold.
+    goal_box: ClassVar[tuple[float, float, float] | None] = None
     #: Action dimension.
     action_dim: ClassVar[int] = 4
     #: ``"module:Class"`` of the task's scripted expert (see :func:`loopsim.envs.make_expert`).
@@ -94,7 +95,9 @@ class RobotTaskEnv(gym.Env):
         if reward_type not in REWARD_TYPES:
             raise ValueError(f"reward_type={reward_type!r} is not one of {list(REWARD_TYPES)}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
+            raise ValueError(
+                f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None"
+            )
         for name, value in (("image_size", image_size), ("render_size", render_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 16:
                 raise ValueError(f"{name}={value!r} must be an integer >= 16 [px]")
@@ -130,6 +133,9 @@ class RobotTaskEnv(gym.Env):
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
+        if obs_mode == "goal":
+            # Only goal envs have compute_reward: SB3 (check_env, HER) treats any env that has it as one.
+            self.compute_reward = self._goal_reward
         self._elapsed = 0
         self._actions: deque[np.ndarray] = deque()
         self._has_reset = False
@@ -144,7 +150,8 @@ class RobotTaskEnv(gym.Env):
     def _apply_site(self, params: Mapping[str, float | int]) -> None:
         raise NotImplementedError
 
-    def _apply_action(self, action: np.ndarray) -> None:
+    def _apply_action(self, action: list[float]) -> None:
+        """Turn a validated action (``action_dim`` floats in [-1, 1]) into motor commands."""
         raise NotImplementedError
 
     def _state_observation(self) -> np.ndarray:
@@ -180,11 +187,13 @@ class RobotTaskEnv(gym.Env):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ gymnasium API
-    def compute_reward(self, achieved_goal: Any, desired_goal: Any, info: Any) -> np.ndarray | float:
-        """Reward for (batches of) goals, as HER needs it.
+    def _goal_reward(self, achieved_goal: Any, desired_goal: Any, info: Any) -> np.ndarray | float:
+        """Reward for (batches of) goals; exposed as ``compute_reward`` in ``goal`` mode, for HER.
 
-        The goal vectors are split into 3-D points (one per part); the distance is the largest
-        point-to-point distance [m].
+        The goal vectors are split into 3-D points (one per part). Dense: minus the largest
+        point-to-point distance [m]. Sparse: 0 when every point is within the tolerance of its target
+        (per-axis box ``goal_box`` [m] if the task sets one, else the Euclidean
+        ``goal_distance_threshold`` [m]), else -1. A successful state always has sparse reward 0.
 
         Args:
             achieved_goal: ``(G,)`` or ``(B, G)``.
@@ -192,26 +201,36 @@ class RobotTaskEnv(gym.Env):
             info: Ignored (kept for the goal-env API).
 
         Returns:
-            ``float`` for a single goal or ``(B,)`` float32: ``-distance`` (dense) or
-            ``-(distance > goal_distance_threshold)`` (sparse).
+            ``float`` for a single goal, else ``(B,)`` float32.
         """
         a = np.asarray(achieved_goal, dtype=np.float64)
         d = np.asarray(desired_goal, dtype=np.float64)
+        box = self.goal_box
         if a.ndim == 1 and d.ndim == 1 and a.shape == d.shape:  # one goal: the same IEEE arithmetic, faster
             diff1 = (a - d).tolist()
+            if self.reward_type == "sparse":
+                if box is not None:
+                    inside = all(abs(diff1[k]) <= box[k % 3] for k in range(len(diff1)))
+                    return -float(not inside)
+                dist1 = max(
+                    math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
+                    for k in range(0, len(diff1), 3)
+                )
+                return -float(dist1 > self.goal_distance_threshold)
             dist1 = max(
                 math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
                 for k in range(0, len(diff1), 3)
             )
-            if self.reward_type == "sparse":
-                return -float(dist1 > self.goal_distance_threshold)
             return float(np.float32(-dist1))
         diff = (a - d).reshape(a.shape[:-1] + (-1, 3))
-        dist = np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1)
         if self.reward_type == "sparse":
-            r = -(dist > self.goal_distance_threshold).astype(np.float32)
+            if box is not None:
+                inside = (np.abs(diff) <= np.asarray(box)).all(axis=(-1, -2))
+            else:
+                inside = np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1) <= self.goal_distance_threshold
+            r = -(~inside).astype(np.float32)
         else:
-            r = -dist.astype(np.float32)
+            r = -np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1).astype(np.float32)
         return float(r) if np.ndim(r) == 0 else r
 
     def reset(
@@ -240,8 +259,8 @@ class RobotTaskEnv(gym.Env):
         self._initialize_episode(self.np_random)
         self._read_state()
         self._elapsed = 0
-        hold = self._hold_action()
-        self._actions = deque([hold.copy() for _ in range(int(self.site_params.get("action_delay", 0)))])
+        hold = [float(v) for v in self._hold_action()]
+        self._actions = deque([list(hold) for _ in range(int(self.site_params.get("action_delay", 0)))])
         self._has_reset = True
         info = {"is_success": False, "site": self.site.name, "site_params": dict(self.site_params)}
         return self._get_obs(), info
@@ -272,9 +291,10 @@ class RobotTaskEnv(gym.Env):
         a = np.asarray(action, dtype=np.float64)
         if a.shape != (self.action_dim,):
             raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"action must be finite, got {a.tolist()}")
-        a = np.minimum(np.maximum(a, -1.0), 1.0)
+        values = a.tolist()  # plain floats: cheaper than numpy for a handful of numbers
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"action must be finite, got {values}")
+        a = [-1.0 if v < -1.0 else 1.0 if v > 1.0 else v for v in values]
         if self._actions:  # actuator lag: apply the action from `action_delay` steps ago
             self._actions.append(a)
             a = self._actions.popleft()
@@ -294,7 +314,7 @@ class RobotTaskEnv(gym.Env):
         desired = self.desired_goal().astype(np.float32)
         obs = self._get_obs(achieved, desired)
         # The same arithmetic as compute_reward on the float32 goals, so HER relabelling agrees exactly.
-        reward = self.compute_reward(achieved, desired, info)
+        reward = self._goal_reward(achieved, desired, info)
         return obs, reward, terminated, truncated, info
 
     def _get_obs(self, achieved: np.ndarray | None = None, desired: np.ndarray | None = None) -> Any:

@@ -38,7 +38,9 @@ class Expert:
             raise ValueError(f"noise_std={noise_std!r} must be a finite number >= 0")
         self.env = env.unwrapped
         if not isinstance(self.env, self.env_type):
-            raise TypeError(f"{type(self).__name__} solves {self.env_type.__name__}, not {type(self.env).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} solves {self.env_type.__name__}, not {type(self.env).__name__}"
+            )
         self.noise_std = float(noise_std)
         self.rng = np.random.default_rng(seed)
 

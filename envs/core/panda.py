@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 import pybullet_data
-
 from loopsim.envs.core.sim import Simulation
 
 __all__ = ["Panda", "panda_urdf_path"]
@@ -39,6 +39,15 @@ NEUTRAL = (0.0, -0.4, 0.0, -2.4, 0.0, 2.0, 0.785)
 EE_DOWN = (1.0, 0.0, 0.0, 0.0)
 #: Largest opening between the fingers [m] (two fingers, 0.04 m each).
 MAX_WIDTH = 0.08
+#: Height of the shoulder (joint 2 axis) above the base [m], from the URDF (0.333 m).
+SHOULDER = 0.333
+#: Height of the wrist centre above the grasp point when pointing down [m] (flange 0.107 m + hand 0.1034 m).
+WRIST_OFFSET = 0.21
+#: Largest shoulder-to-wrist distance at which the arm still points the gripper down [m]: IK converges
+#: up to 0.79 m (measured on a grid); 0.75 m leaves a margin for gravity sag at full stretch.
+MAX_WRIST_REACH = 0.75
+#: Smallest horizontal distance of the grasp point from the base axis [m] (measured).
+MIN_RADIUS = 0.28
 
 
 def panda_urdf_path() -> str:
@@ -71,7 +80,8 @@ class Panda:
         sim: The env's simulation.
         base_position: Position of the robot base (x, y, z) [m], world frame.
         max_displacement: End-effector displacement for an action of 1 [m per control step].
-        workspace_low: Lower corner (x, y, z) [m] the end-effector target is clipped to.
+        workspace_low: Lower corner (x, y, z) [m] of the box the end-effector target is kept in, world
+            frame; see :meth:`reachable` for the rest of the workspace.
         workspace_high: Upper corner (x, y, z) [m].
         damping: Damping of the least-squares IK step (``lambda`` in Buss 2004, "Introduction to
             inverse kinematics with Jacobian transpose, pseudoinverse and damped least squares
@@ -84,15 +94,18 @@ class Panda:
         sim: Simulation,
         base_position: Sequence[float] = (0.0, 0.0, 0.0),
         max_displacement: float = 0.02,
-        workspace_low: Sequence[float] = (0.15, -0.5, 0.0),
-        workspace_high: Sequence[float] = (0.8, 0.5, 0.6),
+        workspace_low: Sequence[float] = (0.0, -0.6, 0.01),
+        workspace_high: Sequence[float] = (0.8, 0.6, 0.6),
         damping: float = 0.02,
         null_gain: float = 0.05,
     ) -> None:
         self.sim = sim
         bc = sim.bc
         self.body = bc.loadURDF(
-            panda_urdf_path(), list(base_position), useFixedBase=True, flags=bc.URDF_ENABLE_CACHED_GRAPHICS_SHAPES
+            panda_urdf_path(),
+            list(base_position),
+            useFixedBase=True,
+            flags=bc.URDF_ENABLE_CACHED_GRAPHICS_SHAPES,
         )
         self.max_displacement = float(max_displacement)
         self.damping = float(damping)
@@ -101,15 +114,18 @@ class Panda:
         self.workspace_high = np.asarray(workspace_high, dtype=np.float64)
         for j in FINGER_JOINTS:
             bc.changeDynamics(self.body, j, lateralFriction=1.5, spinningFriction=0.01)
-        for link, rgba in [(-1, (0.9, 0.9, 0.9, 1))] + [(j, (0.9, 0.9, 0.92, 1)) for j in range(8)] + [
-            (8, (0.15, 0.15, 0.15, 1)), (9, (0.2, 0.2, 0.2, 1)), (10, (0.2, 0.2, 0.2, 1))
-        ]:
+        for link, rgba in (
+            [(-1, (0.9, 0.9, 0.9, 1))]
+            + [(j, (0.9, 0.9, 0.92, 1)) for j in range(8)]
+            + [(8, (0.15, 0.15, 0.15, 1)), (9, (0.2, 0.2, 0.2, 1)), (10, (0.2, 0.2, 0.2, 1))]
+        ):
             bc.changeVisualShape(self.body, link, rgbaColor=list(rgba))
         for j, q in zip(ARM_JOINTS, NEUTRAL, strict=True):
             bc.resetJointState(self.body, j, q)
         cid = sim.id
-        self._jacobian = functools.partial(p.calculateJacobian, self.body, EE_LINK, [0.0, 0.0, 0.0],
-                                           physicsClientId=cid)
+        self._jacobian = functools.partial(
+            p.calculateJacobian, self.body, EE_LINK, [0.0, 0.0, 0.0], physicsClientId=cid
+        )
         self._arm_states = functools.partial(
             p.getJointStates, self.body, list(ARM_JOINTS) + list(FINGER_JOINTS), physicsClientId=cid
         )
@@ -117,6 +133,10 @@ class Panda:
         self._upper = np.array(ARM_UPPER)
         self._rest = np.array(NEUTRAL)
         self._zeros = [0.0] * 9
+        self._forces = list(ARM_FORCES)
+        self._base = [float(v) for v in base_position]
+        self._ws_low = [float(v) for v in self.workspace_low]
+        self._ws_high = [float(v) for v in self.workspace_high]
         self._motors = functools.partial(
             p.setJointMotorControlArray,
             self.body,
@@ -147,32 +167,65 @@ class Panda:
         target = np.asarray(ee_position, dtype=np.float64)
         self.read_state(forward_kinematics=True)
         for _ in range(50):  # iterate the IK step on the kinematic state until it converges
-            q = self._ik_step(target - self.ee_pos, max_step=0.1)
+            q = self._ik_step((target - self.ee_pos).tolist(), max_step=0.1)
             for j in ARM_JOINTS:
                 bc.resetJointState(self.body, j, q[j])
             self.read_state(forward_kinematics=True)
             if np.abs(target - self.ee_pos).max() < 1e-4:
                 break
-        self.command(np.zeros(3), finger_width, 40.0)
+        self.command((0.0, 0.0, 0.0), finger_width, 40.0)
 
-    def command(self, displacement: np.ndarray, finger_width: float, gripper_force: float) -> None:
+    def command(self, displacement, finger_width: float, gripper_force: float) -> None:
         """Set motor targets for one control step.
 
         Args:
-            displacement: End-effector displacement (dx, dy, dz) [m], world frame; the target is the
-                position read by the last :meth:`read_state` plus this, clipped to the workspace box.
+            displacement: End-effector displacement (dx, dy, dz) [m], world frame (any sequence of 3
+                floats); the target is the position read by the last :meth:`read_state` plus this,
+                clipped to the workspace box.
             finger_width: Target opening between the fingers [m], in [0, 0.08].
             gripper_force: Force of each finger motor [N]; 0 means the gripper holds nothing (a fault).
         """
-        target = np.minimum(np.maximum(self.ee_pos + displacement, self.workspace_low), self.workspace_high)
-        q = self._ik_step(target - self.ee_pos)
+        # Plain floats: this runs every control step and the vectors are tiny.
+        x, y, z = self.reachable(*(c + d for c, d in zip(self.ee_pos_list, displacement, strict=True)))
+        cx, cy, cz = self.ee_pos_list
+        q = self._ik_step((x - cx, y - cy, z - cz))
         half = 0.5 * finger_width
         self._motors(
-            targetPositions=q.tolist() + [half, half],
-            forces=list(ARM_FORCES) + [gripper_force, gripper_force],
+            targetPositions=q.tolist() + [half, half], forces=self._forces + [gripper_force, gripper_force]
         )
 
-    def _ik_step(self, position_error: np.ndarray, max_step: float = 0.2) -> np.ndarray:
+    def reachable(self, x: float, y: float, z: float) -> tuple[float, float, float]:
+        """Project an end-effector target onto the workspace the arm can reach pointing down.
+
+        The workspace is the box ``workspace_low``..``workspace_high``, outside a vertical cylinder of
+        radius ``MIN_RADIUS`` around the base (the arm folds into itself there), with the wrist (the
+        point ``WRIST_OFFSET`` above the grasp point) within ``MAX_WRIST_REACH`` of the shoulder
+        (``SHOULDER`` above the base). The radii were measured here by solving IK on a grid: beyond
+        them the arm cannot hold the gripper pointing down.
+
+        Args:
+            x: Target x [m], world frame (base frame: the base is unrotated).
+            y: Target y [m].
+            z: Target z [m].
+
+        Returns:
+            The nearest reachable target (x, y, z) [m] (the input itself when reachable).
+        """
+        lo, hi, b = self._ws_low, self._ws_high, self._base
+        x = min(max(x, lo[0]), hi[0]) - b[0]
+        y = min(max(y, lo[1]), hi[1]) - b[1]
+        z = min(max(z, lo[2]), hi[2]) - b[2]
+        rho = math.hypot(x, y)
+        if rho < MIN_RADIUS:
+            x, y = (MIN_RADIUS, 0.0) if rho < 1e-9 else (x * MIN_RADIUS / rho, y * MIN_RADIUS / rho)
+        wz = z + WRIST_OFFSET - SHOULDER
+        reach = math.sqrt(x * x + y * y + wz * wz)
+        if reach > MAX_WRIST_REACH:
+            k = MAX_WRIST_REACH / reach
+            x, y, z = x * k, y * k, wz * k - WRIST_OFFSET + SHOULDER
+        return x + b[0], y + b[1], z + b[2]
+
+    def _ik_step(self, position_error, max_step: float | None = None) -> np.ndarray:
         """One damped-least-squares IK step from the configuration read by :meth:`read_state`.
 
         Solves ``dq = J^T (J J^T + lambda^2 I)^-1 e`` for the 6-D error ``e`` (position error and the
@@ -180,15 +233,15 @@ class Panda:
         null-space pull towards ``NEUTRAL`` that keeps the redundant joint away from its limits.
 
         Args:
-            position_error: Target minus current end-effector position, ``(3,)`` [m].
-            max_step: Largest joint change [rad] per call.
+            position_error: Target minus current end-effector position, 3 floats [m].
+            max_step: Largest joint change [rad] per call (``None``: no limit beyond the joint limits).
 
         Returns:
             Target arm joint positions, ``(7,)`` float64 [rad], inside the joint limits.
         """
         q = self.q
         lin, ang = self._jacobian(self.q_all, self._zeros, self._zeros)
-        jac = np.array([lin[0][:7], lin[1][:7], lin[2][:7], ang[0][:7], ang[1][:7], ang[2][:7]])
+        jac = np.array(lin + ang)[:, :7]
         # Orientation error 0.5 * sum_i c_i x d_i, with c_i the columns of the current rotation and d_i
         # those of the target diag(1, -1, -1) (gripper pointing down).
         r = self.ee_rot
@@ -203,7 +256,8 @@ class Panda:
         null = self.null_gain * (self._rest - q)
         # J^+ (e - J n) + n with J^+ = J^T (J J^T + lambda^2 I)^-1: one 6x6 solve with one right-hand side.
         dq = jac.T @ np.linalg.solve(jjt, err - jac @ null) + null
-        dq = np.minimum(np.maximum(dq, -max_step), max_step)
+        if max_step is not None:
+            dq = np.minimum(np.maximum(dq, -max_step), max_step)
         return np.minimum(np.maximum(q + dq, self._lower), self._upper)
 
     def read_state(self, forward_kinematics: bool = False) -> None:
@@ -218,7 +272,9 @@ class Panda:
                 physics step PyBullet's link poses are already current).
         """
         s = self._link_state(computeForwardKinematics=int(forward_kinematics))
+        self.ee_pos_list = s[4]
         self.ee_pos = np.array(s[4])
+        self.ee_vel_t = s[6]
         self.ee_vel = np.array(s[6])
         m = p.getMatrixFromQuaternion(s[5])
         self.ee_rot = ((m[0], m[1], m[2]), (m[3], m[4], m[5]), (m[6], m[7], m[8]))

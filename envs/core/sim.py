@@ -40,7 +40,9 @@ class Simulation:
         try:
             self.bc = bullet_client.BulletClient(connection_mode=mode)
         except p.error as exc:  # pragma: no cover - depends on a display
-            raise RuntimeError(f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}") from exc
+            raise RuntimeError(
+                f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}"
+            ) from exc
         self.id: int = self.bc._client
         self.timestep = float(timestep)
         self.substeps = int(substeps)
@@ -95,7 +97,14 @@ class Simulation:
         """
         if self._base_state is None:
             raise RuntimeError("save_base_state() was never called")
-        self.bc.restoreState(self._base_state)
+        # restoreState puts bodies back but keeps Bullet's persistent contact manifolds, whose cached
+        # points and impulses would then depend on the previous episode. Pulling every body far apart
+        # and running collision detection empties them first.
+        bc = self.bc
+        for body in range(bc.getNumBodies()):
+            bc.resetBasePositionAndOrientation(body, [0.0, 0.0, 1.0e4 + 100.0 * body], [0.0, 0.0, 0.0, 1.0])
+        bc.performCollisionDetection()
+        bc.restoreState(self._base_state)
 
     def create_box(
         self,
@@ -118,7 +127,9 @@ class Simulation:
             The body unique id.
         """
         col = self.bc.createCollisionShape(self.bc.GEOM_BOX, halfExtents=list(half_extents))
-        vis = self.bc.createVisualShape(self.bc.GEOM_BOX, halfExtents=list(half_extents), rgbaColor=list(rgba))
+        vis = self.bc.createVisualShape(
+            self.bc.GEOM_BOX, halfExtents=list(half_extents), rgbaColor=list(rgba)
+        )
         body = self.bc.createMultiBody(mass, col, vis, list(position))
         if lateral_friction is not None:
             self.bc.changeDynamics(body, -1, lateralFriction=lateral_friction)
@@ -149,7 +160,10 @@ class Simulation:
             [self.bc.GEOM_BOX] * n, halfExtents=halves, collisionFramePositions=offsets
         )
         vis = self.bc.createVisualShapeArray(
-            [self.bc.GEOM_BOX] * n, halfExtents=halves, visualFramePositions=offsets, rgbaColors=[list(rgba)] * n
+            [self.bc.GEOM_BOX] * n,
+            halfExtents=halves,
+            visualFramePositions=offsets,
+            rgbaColors=[list(rgba)] * n,
         )
         body = self.bc.createMultiBody(0.0, col, vis, list(position))
         if lateral_friction is not None:

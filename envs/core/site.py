@@ -129,9 +129,7 @@ class _Dist:
             support = self.args
         bad = [v for v in support if not lo <= v <= hi]
         if bad:
-            raise SiteError(
-                f"{where}: value(s) {bad} outside the allowed range [{lo}, {hi}] {pdef.unit}"
-            )
+            raise SiteError(f"{where}: value(s) {bad} outside the allowed range [{lo}, {hi}] {pdef.unit}")
         if pdef.integer and self.kind in ("constant", "choice", "uniform"):
             if any(v != int(v) for v in self.args):
                 raise SiteError(f"{where}: parameter is an integer ({pdef.unit}), got {self.args}")
@@ -189,9 +187,7 @@ class Site:
         self.schema = schema
         self.name = name
         self.description = description
-        self._dists = {
-            n: _Dist(p, params.get(n, p.lab), name) for n, p in schema.params.items()
-        }
+        self._dists = {n: _Dist(p, params.get(n, p.lab), name) for n, p in schema.params.items()}
         self.overrides = {n: self._dists[n].to_spec() for n in params}
 
     def sample(self, rng: np.random.Generator) -> dict[str, float | int]:
@@ -256,7 +252,9 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
             extra = sorted(set(doc) - {"name", "description", "params"})
             if extra:
                 raise SiteError(f"site document has unknown keys {extra}; allowed: name, description, params")
-            return Site(schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", ""))
+            return Site(
+                schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", "")
+            )
         return Site(schema, "custom", doc)
     if not isinstance(site, str):
         raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")

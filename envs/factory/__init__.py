@@ -1,0 +1,1 @@
+"""Factory tasks: a Franka Panda at a conveyor workcell (pick-and-place, sorting, peg insertion)."""

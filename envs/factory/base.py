@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-
 from loopsim.envs.core.env import RobotTaskEnv
 from loopsim.envs.core.panda import MAX_WIDTH, Panda
 from loopsim.envs.core.site import ParamDef, SiteSchema
@@ -32,13 +31,30 @@ FACTORY_SCHEMA = SiteSchema(
         ParamDef("part_mass", 0.1, 0.01, 2.0, "kg", "mass of each part (the peg in FactoryPegInsert)"),
         ParamDef("part_friction", 1.0, 0.05, 2.0, "-", "lateral friction coefficient of the parts"),
         ParamDef("conveyor_speed", 0.05, 0.0, 0.3, "m/s", "nominal belt speed"),
-        ParamDef("conveyor_jitter", 0.0, 0.0, 0.1, "m/s", "std of the belt speed, redrawn every control step"),
-        ParamDef("sensor_noise", 0.0, 0.0, 0.05, "m", "std of Gaussian noise on observed part / hole positions"),
-        ParamDef("action_delay", 0, 0, 5, "control steps", "actuator lag: actions take effect this many steps late",
-                 integer=True),
+        ParamDef(
+            "conveyor_jitter", 0.0, 0.0, 0.1, "m/s", "std of the belt speed, redrawn every control step"
+        ),
+        ParamDef(
+            "sensor_noise", 0.0, 0.0, 0.05, "m", "std of Gaussian noise on observed part / hole positions"
+        ),
+        ParamDef(
+            "action_delay",
+            0,
+            0,
+            5,
+            "control steps",
+            "actuator lag: actions take effect this many steps late",
+            integer=True,
+        ),
         ParamDef("gripper_force", 40.0, 1.0, 100.0, "N", "force of each finger motor"),
-        ParamDef("gripper_fault_prob", 0.0, 0.0, 0.5, "1/control step",
-                 f"probability per step that the gripper loses all force for {FAULT_STEPS} steps"),
+        ParamDef(
+            "gripper_fault_prob",
+            0.0,
+            0.0,
+            0.5,
+            "1/control step",
+            f"probability per step that the gripper loses all force for {FAULT_STEPS} steps",
+        ),
     ],
 )
 
@@ -85,14 +101,15 @@ class FactoryEnv(RobotTaskEnv):
     def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
         raise NotImplementedError
 
-    def _apply_action(self, action: np.ndarray) -> None:
+    def _apply_action(self, action: list[float]) -> None:
         # Exactly one draw per step, whatever the site, so the env's random stream stays aligned.
         if self.np_random.random() < self._fault_prob:
             self._fault_steps = FAULT_STEPS
         force = 0.0 if self._fault_steps > 0 else self._gripper_force
         self._fault_steps = max(0, self._fault_steps - 1)
-        width = 0.5 * MAX_WIDTH * (float(action[3]) + 1.0)
-        self.robot.command(action[:3] * MAX_DISPLACEMENT, width, force)
+        width = 0.5 * MAX_WIDTH * (action[3] + 1.0)
+        d = MAX_DISPLACEMENT
+        self.robot.command((action[0] * d, action[1] * d, action[2] * d), width, force)
         self._before_physics()
 
     def _read_state(self) -> None:
@@ -107,7 +124,7 @@ class FactoryEnv(RobotTaskEnv):
 
     def _robot_observation(self) -> list[float]:
         r = self.robot
-        return [*r.ee_pos, *r.ee_vel, r.width]
+        return [*r.ee_pos_list, *r.ee_vel_t, r.width]
 
     def _robot_bounds(self) -> tuple[list[float], list[float]]:
         return [-1.5, -1.5, -0.5, -5.0, -5.0, -5.0, 0.0], [1.5, 1.5, 1.5, 5.0, 5.0, 5.0, 0.1]

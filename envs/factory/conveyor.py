@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import numpy as np
 import pybullet as p
-
 from loopsim.envs.core.env import Evaluation
 from loopsim.envs.core.expert import Expert
 from loopsim.envs.core.panda import FINGER_JOINTS
@@ -60,8 +59,8 @@ class Bin:
     kind: int | None = None
     rgba: tuple[float, float, float, float] = (0.35, 0.35, 0.38, 1.0)
 
-    def contains(self, pos: np.ndarray) -> bool:
-        """Whether a point ``(3,)`` [m] is inside the bin's walls and below its rim."""
+    def contains(self, pos) -> bool:
+        """Whether a point (x, y, z) [m] is inside the bin's walls and below its rim."""
         return bool(
             abs(pos[0] - self.x) < BIN_INNER and abs(pos[1] - self.y) < BIN_INNER and pos[2] < BIN_HEIGHT
         )
@@ -89,6 +88,13 @@ class ConveyorTaskEnv(FactoryEnv):
     bins: ClassVar[tuple[Bin, ...]] = (Bin(0.30, 0.38),)
     n_parts_default: ClassVar[int] = 1
     goal_distance_threshold: ClassVar[float] = 0.06
+    #: Sparse-reward tolerance: the bin's inside (half widths, and rim height above a resting part) [m],
+    #: plus 0.1 mm for float32 goals, so every successful state has sparse reward 0.
+    goal_box: ClassVar[tuple[float, float, float]] = (
+        BIN_INNER + 1e-4,
+        BIN_INNER + 1e-4,
+        BIN_HEIGHT - BIN_FLOOR - PART_HALF + 1e-4,
+    )
 
     def __init__(self, n_parts: int | None = None, **kwargs) -> None:
         n_parts = self.n_parts_default if n_parts is None else n_parts
@@ -125,7 +131,11 @@ class ConveyorTaskEnv(FactoryEnv):
         )
         bc.changeDynamics(self.conveyor, 0, lateralFriction=1.0)
         self._belt_motor = functools.partial(
-            p.setJointMotorControl2, self.conveyor, 0, p.VELOCITY_CONTROL, force=5000.0,
+            p.setJointMotorControl2,
+            self.conveyor,
+            0,
+            p.VELOCITY_CONTROL,
+            force=5000.0,
             physicsClientId=self.sim.id,
         )
         for b in self.bins:
@@ -156,8 +166,8 @@ class ConveyorTaskEnv(FactoryEnv):
             self._pool.append(bodies)
         self.parts: list[int] = []
         self.kinds: list[int] = []
-        self._lifted = np.zeros(self.n_parts, dtype=bool)
-        self._placed = np.zeros(self.n_parts, dtype=bool)
+        self._lifted = [False] * self.n_parts
+        self._placed = [False] * self.n_parts
         self._belt_speed = 0.0
         self._bin_targets = [float(v) for b in self.bins for v in b.target]
         cid = self.sim.id
@@ -176,8 +186,12 @@ class ConveyorTaskEnv(FactoryEnv):
         for bodies in self._pool:
             for body in bodies:
                 self.sim.bc.changeDynamics(
-                    body, -1, mass=float(params["part_mass"]), lateralFriction=float(params["part_friction"]),
-                    spinningFriction=0.001, rollingFriction=0.0001,
+                    body,
+                    -1,
+                    mass=float(params["part_mass"]),
+                    lateralFriction=float(params["part_friction"]),
+                    spinningFriction=0.001,
+                    rollingFriction=0.0001,
                 )
 
     def _draw_kinds(self, rng: np.random.Generator) -> list[int]:
@@ -206,8 +220,8 @@ class ConveyorTaskEnv(FactoryEnv):
             y -= rng.uniform(0.2, 0.26)
         ee = np.array([rng.uniform(0.3, 0.45), rng.uniform(-0.15, 0.15), rng.uniform(0.25, 0.35)])
         self.robot.reset_joints(ee, finger_width=0.08)
-        self._lifted = np.zeros(self.n_parts, dtype=bool)
-        self._placed = np.zeros(self.n_parts, dtype=bool)
+        self._lifted = [False] * self.n_parts
+        self._placed = [False] * self.n_parts
         self._desired = np.concatenate([self.target_bin(i).target for i in range(self.n_parts)])
 
     def _before_physics(self) -> None:
@@ -218,8 +232,9 @@ class ConveyorTaskEnv(FactoryEnv):
 
     def _read_task_state(self) -> None:
         get_pose, get_vel = self._get_pose, self._get_vel
-        self._pos = np.array([get_pose(b)[0] for b in self.parts])
-        self._vel = np.array([get_vel(b)[0] for b in self.parts])
+        self._pos_t = [get_pose(b)[0] for b in self.parts]  # tuples of floats: cheap to read per step
+        self._vel_t = [get_vel(b)[0] for b in self.parts]
+        self._pos = np.array(self._pos_t)
 
     # ------------------------------------------------------------------ state
     def part_positions(self) -> np.ndarray:
@@ -247,46 +262,42 @@ class ConveyorTaskEnv(FactoryEnv):
         body, robot = self.parts[i], self.robot.body
         return all(len(self._contacts(body, robot, -1, j)) > 0 for j in FINGER_JOINTS)
 
-    def _part_status(self) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """Per part: placed in its bin (bool), resting in a wrong bin (bool), failure name or None."""
-        pos, vel = self._pos, self._vel
-        n = self.n_parts
-        placed = np.zeros(n, dtype=bool)
-        wrong = np.zeros(n, dtype=bool)
-        failures: list[str | None] = [None] * n
-        for i in range(n):
-            v = vel[i]
-            at_rest = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] < REST_SPEED * REST_SPEED
-            if pos[i, 2] > BELT_TOP + PART_HALF + 0.02:
+    def _part_status(self) -> tuple[list[bool], list[str | None]]:
+        """Per part: placed in its bin (resting, released), and the name of a failure or ``None``."""
+        placed = [False] * self.n_parts
+        failures: list[str | None] = [None] * self.n_parts
+        for i, (pos, v) in enumerate(zip(self._pos_t, self._vel_t, strict=True)):
+            x, y, z = pos
+            if z > BELT_TOP + PART_HALF + 0.02:
                 self._lifted[i] = True
-            inside = [b for b in self.bins if b.contains(pos[i])]
-            if inside:
-                ok = inside[0] is self.target_bin(i)
+            inside = next((b for b in self.bins if b.contains(pos)), None)
+            if inside is not None:
+                at_rest = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] < REST_SPEED * REST_SPEED
                 if at_rest and not self.touching_robot(i):
-                    placed[i] = ok
-                    wrong[i] = not ok
-                    if not ok:
+                    if inside is self.target_bin(i):
+                        placed[i] = True
+                    else:
                         failures[i] = "wrong_bin"
-            elif pos[i, 2] < BELT_TOP - 0.03 or abs(pos[i, 0]) > 1.5 or abs(pos[i, 1]) > 1.5:
+            elif z < BELT_TOP - 0.03 or abs(x) > 1.5 or abs(y) > 1.5 or (y > BELT_END and z < BELT_TOP + 0.1):
                 failures[i] = "dropped" if self._lifted[i] else "missed"
-            elif pos[i, 1] > BELT_END and pos[i, 2] < BELT_TOP + 0.1:
-                failures[i] = "dropped" if self._lifted[i] else "missed"
-        return placed, wrong, failures
+        return placed, failures
 
     def _evaluate(self) -> Evaluation:
-        placed, _, failures = self._part_status()
+        placed, failures = self._part_status()
         self._placed = placed
         failure = next((f for f in failures if f is not None), None)
-        return Evaluation(success=bool(placed.all()) and failure is None, failure=failure)
+        return Evaluation(success=all(placed) and failure is None, failure=failure)
 
     def _state_observation(self) -> np.ndarray:
-        ee = self.robot.ee_pos
-        pos = self._noisy(self._pos) if self._sensor_noise > 0 else self._pos
-        rel = pos - ee
+        ex, ey, ez = self.robot.ee_pos_list
+        noisy = self._sensor_noise > 0
+        pos_all = self._noisy(self._pos).tolist() if noisy else self._pos_t
         obs = self._robot_observation()
         for i in range(self.n_parts):
+            x, y, z = pos_all[i]
             kind = self.kinds[i]
-            obs += [*pos[i], *rel[i], *self._vel[i], float(kind == 0), float(kind == 1), float(self._placed[i])]
+            obs += (x, y, z, x - ex, y - ey, z - ez, *self._vel_t[i])
+            obs += (float(kind == 0), float(kind == 1), float(self._placed[i]))
         obs += self._bin_targets
         return np.array(obs)
 
@@ -360,7 +371,8 @@ class ConveyorExpert(Expert):
                 return np.array([0.0, 0.0, 0.0, 1.0])
         # 2. pick the most downstream part still on the belt
         candidates = [
-            i for i in range(env.n_parts)
+            i
+            for i in range(env.n_parts)
             if not any(b.contains(pos[i]) for b in env.bins) and pos[i, 2] > BELT_TOP - 0.01
         ]
         if not candidates:
@@ -376,7 +388,9 @@ class ConveyorExpert(Expert):
             if ee[2] < pos[i, 2] + 0.04 and planar > 0.03:  # too low to move sideways: rise first
                 goal = np.array([ee[0], ee[1], pos[i, 2] + self.HOVER])
                 return np.append(self._move(ee, goal), 1.0)
-            goal = np.array([target[0], target[1], max(pos[i, 2] + self.HOVER * min(1.0, planar / 0.05), grasp_z)])
+            goal = np.array(
+                [target[0], target[1], max(pos[i, 2] + self.HOVER * min(1.0, planar / 0.05), grasp_z)]
+            )
             return np.append(self._move(ee, goal, ff), 1.0)
         goal = np.array([target[0], target[1], grasp_z])
         if ee[2] - grasp_z < 0.012:

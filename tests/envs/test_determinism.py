@@ -1,0 +1,155 @@
+"""``reset(seed=s)`` fully determines an episode: bit-identical in any process, after any prior episode."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from loopsim.envs import available_sites
+
+# Sites whose parameters are drawn at reset and, for some, every step (fast_conveyor: belt jitter;
+# noisy_sensors: sensor noise and actuator lag; gripper_faults: fault draws).
+SITES = ["lab", "fast_conveyor", "noisy_sensors", "gripper_faults", "heavy_slippery"]
+N_STEPS = 50
+
+
+def test_sites_under_test_exist():
+    assert set(SITES) <= set(available_sites("factory"))
+
+
+def _case(env_id, site, obs_mode, policy, seed, n_steps=60, max_steps=40):
+    # max_steps < n_steps: every rollout crosses an unseeded reset.
+    return {
+        "env_id": env_id,
+        "kwargs": {"site": site, "obs_mode": obs_mode, "max_steps": max_steps},
+        "seed": seed,
+        "n_steps": n_steps,
+        "policy": policy,
+    }
+
+
+def _short_cases(env_id):
+    return [
+        _case(env_id, "lab", "state", "random", 100),
+        _case(env_id, "lab", "goal", "expert", 101),
+        _case(env_id, "fast_conveyor", "state", "random", 102),
+        _case(env_id, "noisy_sensors", "goal", "expert", 103),
+        _case(env_id, "gripper_faults", "state", "expert", 104),
+        _case(env_id, "heavy_slippery", "goal", "random", 105),
+        _case(env_id, "noisy_sensors", "rgb", "random", 106, n_steps=12, max_steps=8),
+    ]
+
+
+def _long_cases(env_id):
+    return [
+        _case(env_id, site, obs_mode, policy, 200 + k, n_steps=400, max_steps=150)
+        for k, site in enumerate(SITES)
+        for obs_mode, policy in (("state", "random"), ("goal", "expert"))
+    ] + [_case(env_id, "fast_conveyor", "rgb", "expert", 7, n_steps=80, max_steps=60)]
+
+
+def _check_fresh_processes(cases, run_python, helpers):
+    first, second = run_python(Path(helpers.__file__), json.dumps(cases), procs=2, timeout=900)
+    here = [helpers.run_case(case) for case in cases]  # and this (pytest) process, after other tests
+    for case, a, b, c in zip(cases, first, second, here, strict=True):
+        assert a == b == c, f"{case}: {a} / {b} / {c}"
+    assert all(r["resets"] > 0 for r in here), "some rollout never crossed an episode end"
+
+
+@pytest.mark.timeout(600)
+def test_bit_identical_in_fresh_processes(env_id, run_python, helpers):
+    _check_fresh_processes(_short_cases(env_id), run_python, helpers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_bit_identical_in_fresh_processes_long(env_id, run_python, helpers):
+    _check_fresh_processes(_long_cases(env_id), run_python, helpers)
+
+
+def _record(helpers, env, seed, policy="random", n=N_STEPS, action_seed=None):
+    """One episode (at most ``n`` steps) from ``reset(seed=seed)``; actions seeded by ``action_seed``."""
+    action_seed = seed if action_seed is None else action_seed
+    assert action_seed is not None
+    return helpers.rollout(env, seed, helpers.make_policy(policy, env, n, action_seed), n, reset_on_end=False)
+
+
+#: Episodes run in an env before it is reset with seed 1 again: (seed, policy, steps).
+PRIORS = {
+    "other_seed": [(2, "random", N_STEPS)],
+    "same_seed": [(1, "random", N_STEPS)],
+    "same_seed_one_step": [(1, "random", 1)],  # what gymnasium's check_step_determinism does
+    "several": [(5, "expert", N_STEPS), (None, "random", 30), (1, "expert", 3), (3, "random", 20)],
+}
+
+
+def _check_after_priors(env_id, make_env, helpers, site, policy):
+    kwargs = {"site": site, "obs_mode": "goal", "max_steps": N_STEPS}
+    reference = _record(helpers, make_env(env_id, **kwargs), 1, policy)
+    failures = {}
+    for name, prior in PRIORS.items():
+        env = make_env(env_id, **kwargs)
+        for seed, prior_policy, n in prior:
+            _record(helpers, env, seed, prior_policy, n, action_seed=77)
+        diff = helpers.first_difference(reference, _record(helpers, env, 1, policy))
+        if diff is not None:
+            failures[name] = diff
+    assert failures == {}, f"reset(seed=1) after prior episodes differs from a fresh env: {failures}"
+
+
+@pytest.mark.parametrize(
+    ("site", "policy"),
+    [("lab", "random"), ("lab", "expert"), ("fast_conveyor", "random"), ("noisy_sensors", "random")],
+)
+def test_same_seed_after_prior_episodes(env_id, make_env, helpers, site, policy):
+    """Seed 1 in a fresh env == seed 1 after other episodes (other seeds, or seed 1 itself) in one env."""
+    _check_after_priors(env_id, make_env, helpers, site, policy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("policy", ["random", "expert"])
+def test_same_seed_after_prior_episodes_all_sites(env_id, make_env, helpers, site, policy):
+    _check_after_priors(env_id, make_env, helpers, site, policy)
+
+
+@pytest.mark.parametrize("site", ["lab", "fast_conveyor", "noisy_sensors"])
+def test_seeded_then_unseeded_reset_reproducible(env_id, make_env, helpers, site):
+    """Two envs doing reset(seed=s), steps, reset(), steps, reset(), steps agree exactly."""
+    records = []
+    for _ in range(2):
+        env = make_env(env_id, site=site, obs_mode="goal", max_steps=N_STEPS)
+        recs = [_record(helpers, env, 11, "random", 40)]
+        recs += [_record(helpers, env, None, "random", 40, action_seed=k) for k in range(2)]
+        records.append(recs)
+    for k, (a, b) in enumerate(zip(*records, strict=True)):
+        assert helpers.first_difference(a, b) is None, f"episode {k}: {helpers.first_difference(a, b)}"
+    # The unseeded resets continue the stream: three different episodes.
+    starts = [r.obs[0]["observation"] for r in records[0]]
+    assert not np.array_equal(starts[0], starts[1]) and not np.array_equal(starts[1], starts[2])
+    if site != "lab":
+        params = [json.dumps(r.infos[0]["site_params"], sort_keys=True) for r in records[0]]
+        assert len(set(params)) == 3, f"site parameters not redrawn at unseeded resets: {params}"
+
+
+def test_different_seeds_differ(env_id, make_env):
+    """Sanity check that the determinism tests can fail: the seed does change the episode."""
+    env = make_env(env_id, site="noisy_sensors")
+    starts = [env.reset(seed=s) for s in range(4)]
+    for (o1, _), (o2, _) in zip(starts, starts[1:], strict=False):
+        assert not np.array_equal(o1, o2)
+    assert len({json.dumps(i["site_params"], sort_keys=True) for _, i in starts}) > 1
+
+
+def test_global_rngs_do_not_matter(env_id, make_env, helpers):
+    """Only reset(seed) matters, not numpy's or Python's global random state."""
+    np.random.seed(1)  # noqa: NPY002  (the legacy global state is what must not matter)
+    random.seed(1)
+    a = _record(helpers, make_env(env_id, site="fast_conveyor"), 3)
+    np.random.seed(12345)  # noqa: NPY002
+    random.seed(999)
+    b = _record(helpers, make_env(env_id, site="fast_conveyor"), 3)
+    assert helpers.first_difference(a, b) is None, helpers.first_difference(a, b)

@@ -1,0 +1,118 @@
+"""Scripted experts solve their tasks at lab; expert noise is seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from loopsim.envs import make_expert
+from loopsim.envs.core.expert import Expert
+
+QUICK_SEEDS = list(range(1000, 1010))
+
+
+def _success_rate(env, expert, seeds):
+    wins, failures = 0, {}
+    for seed in seeds:
+        env.reset(seed=seed)
+        expert.reset(seed=seed)
+        while True:
+            _, _, terminated, truncated, info = env.step(expert.act())
+            if terminated or truncated:
+                break
+        if info["is_success"]:
+            wins += 1
+        else:
+            failures[seed] = info["failure_mode"]
+    return wins / len(seeds), failures
+
+
+def test_expert_solves_lab_quick(env_id, make_env):
+    env = make_env(env_id, site="lab")
+    rate, failures = _success_rate(env, make_expert(env), QUICK_SEEDS)
+    assert rate >= 0.9, f"expert success {rate:.0%} at lab; failures {failures}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_expert_solves_lab_200_episodes(env_id, make_env):
+    env = make_env(env_id, site="lab")
+    rate, failures = _success_rate(env, make_expert(env), range(200))
+    assert rate >= 0.95, f"expert success {rate:.1%} over 200 episodes at lab; failures {failures}"
+
+
+def test_make_expert_returns_bound_expert(env_id, make_env):
+    env = make_env(env_id)
+    expert = make_expert(env)
+    assert isinstance(expert, Expert)
+    assert expert.env is env.unwrapped
+    env.reset(seed=0)
+    a = expert.act()
+    assert a.shape == (4,) and a.dtype == np.float32
+    assert env.action_space.contains(a)
+    # Callable like a policy; reactive: the same state gives the same action.
+    np.testing.assert_array_equal(expert(None), a)
+
+
+def _actions(env, expert, seed, n=25):
+    env.reset(seed=seed)
+    out = []
+    for _ in range(n):
+        a = expert.act()
+        out.append(a)
+        _, _, terminated, truncated, _ = env.step(a)
+        if terminated or truncated:
+            break
+    return np.array(out)
+
+
+def test_expert_noise(env_id, make_env):
+    runs = {}
+    variants = {"clean": {}, "a": {"noise_std": 0.3, "seed": 0}, "b": {"noise_std": 0.3, "seed": 0},
+                "c": {"noise_std": 0.3, "seed": 1}}
+    for name, kwargs in variants.items():
+        env = make_env(env_id)  # a fresh env per run: only the expert's noise may differ
+        runs[name] = _actions(env, make_expert(env, **kwargs), 0)
+    clean, noisy_a, noisy_b, noisy_c = runs["clean"], runs["a"], runs["b"], runs["c"]
+    np.testing.assert_array_equal(noisy_a, noisy_b)
+    n = min(len(clean), len(noisy_a))
+    assert not np.array_equal(noisy_a[:n], clean[:n]), "noise_std=0.3 gave the noise-free actions"
+    assert np.abs(noisy_a[0, :3] - clean[0, :3]).max() > 0, "the first action carries no noise"
+    m = min(len(noisy_a), len(noisy_c))
+    assert not np.array_equal(noisy_a[:m], noisy_c[:m]), "two noise seeds gave the same actions"
+    for actions in (noisy_a, noisy_c):
+        assert actions.dtype == np.float32 and (np.abs(actions) <= 1.0).all()
+
+
+def test_expert_noise_is_on_motion_only(env_id, make_env):
+    """Noise perturbs (dx, dy, dz) but never the gripper command."""
+    env = make_env(env_id)
+    env.reset(seed=0)
+    clean, noisy = make_expert(env), make_expert(env, noise_std=0.5, seed=3)
+    for _ in range(10):
+        a, b = clean.act(), noisy.act()
+        assert a[3] == b[3]
+        env.step(a)
+
+
+def test_expert_reset_reseeds_noise(env_id, make_env):
+    env = make_env(env_id)
+    expert = make_expert(env, noise_std=0.3, seed=5)
+    env.reset(seed=0)
+    first = [expert.act() for _ in range(3)]
+    expert.reset(seed=5)
+    again = [expert.act() for _ in range(3)]
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("noise_std", [-0.1, float("nan"), float("inf")])
+def test_bad_noise_std(env_id, make_env, noise_std):
+    with pytest.raises(ValueError, match="noise_std"):
+        make_expert(make_env(env_id), noise_std=noise_std)
+
+
+def test_expert_refuses_other_task(make_env):
+    """An expert bound to an env of another task refuses (TypeError)."""
+    from loopsim.envs.factory.pick_place import FactoryPickPlaceExpert
+
+    with pytest.raises(TypeError, match="FactoryPickPlaceEnv"):
+        FactoryPickPlaceExpert(make_env("loopsim/FactorySort-v0"))

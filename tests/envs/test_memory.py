@@ -1,0 +1,77 @@
+"""Memory stays flat over many resets and many make/close cycles (RSS, measured in a fresh process)."""
+
+from __future__ import annotations
+
+import pytest
+
+LIMIT_MB = 4.0
+
+_SCRIPT = r"""
+import gc, json, sys
+import gymnasium as gym
+import numpy as np
+import psutil
+import loopsim
+
+env_id, mode, warmup, n, obs_mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+proc = psutil.Process()
+
+def rss_mb():
+    gc.collect()
+    return proc.memory_info().rss / 2**20
+
+zero = np.zeros(4, dtype=np.float32)
+samples = []
+if mode == "resets":
+    env = gym.make(env_id, obs_mode=obs_mode, site="noisy_sensors")
+    def cycle(i):
+        env.reset(seed=i)
+        if i % 10 == 0:
+            env.step(zero)
+else:
+    def cycle(i):
+        e = gym.make(env_id, obs_mode=obs_mode, site="fast_conveyor", render_mode="rgb_array", render_size=32)
+        e.reset(seed=i)
+        e.step(zero)
+        e.render()
+        e.close()
+for i in range(warmup):
+    cycle(i)
+samples.append(rss_mb())
+for k in range(5):
+    for i in range(n // 5):
+        cycle(warmup + k * (n // 5) + i)
+    samples.append(rss_mb())
+print(json.dumps(samples))
+"""
+
+
+def _growth(run_python, env_id, mode, warmup, n, obs_mode="state"):
+    samples = run_python(_SCRIPT, env_id, mode, str(warmup), str(n), obs_mode, timeout=1200)
+    return samples[-1] - samples[0], samples
+
+
+def test_rss_flat_over_resets(env_id, run_python):
+    growth, samples = _growth(run_python, env_id, "resets", 200, 2000)
+    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 2000 resets: {samples}"
+
+
+def test_rss_flat_over_make_close(env_id, run_python):
+    growth, samples = _growth(run_python, env_id, "make_close", 20, 80)
+    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 80 make/close cycles: {samples}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("obs_mode", "n"), [("state", 20000), ("goal", 20000), ("rgb", 5000)])
+def test_rss_flat_over_many_resets(env_id, run_python, obs_mode, n):
+    growth, samples = _growth(run_python, env_id, "resets", 500, n, obs_mode)
+    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over {n} resets: {samples}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("obs_mode", ["state", "rgb"])
+def test_rss_flat_over_many_make_close(env_id, run_python, obs_mode):
+    growth, samples = _growth(run_python, env_id, "make_close", 50, 500, obs_mode)
+    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 500 make/close cycles: {samples}"
