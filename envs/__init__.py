@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 import gymnasium as gym
+
 from loopsim.envs.core.site import Site, SiteError, available_sites, load_site
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
+
 from loopsim.envs.core.sim import Simulation
 from loopsim.envs.core.site import Site, SiteSchema, load_site
 
@@ -185,6 +186,11 @@ class RobotTaskEnv(gym.Env):
     def desired_goal(self) -> np.ndarray:
         """Desired goal, ``(G,)`` float64 [m]."""
         raise NotImplementedError
+
+    @property
+    def pending_actions(self) -> list[list[float]]:
+        """Actions accepted but not yet applied because of actuator lag (oldest first), each clipped."""
+        return [list(a) for a in self._actions]
 
     # ------------------------------------------------------------------ gymnasium API
     def _goal_reward(self, achieved_goal: Any, desired_goal: Any, info: Any) -> np.ndarray | float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 import pybullet_data
+
 from loopsim.envs.core.sim import Simulation
 
 __all__ = ["Panda", "panda_urdf_path"]
@@ -122,6 +123,19 @@ class Panda:
             bc.changeVisualShape(self.body, link, rgbaColor=list(rgba))
         for j, q in zip(ARM_JOINTS, NEUTRAL, strict=True):
             bc.resetJointState(self.body, j, q)
+        # Couple the two fingers as the Panda's single gripper drive does (as in PyBullet's own Panda
+        # example): two independent saturated finger motors let a held part float sideways in the grip.
+        gear = bc.createConstraint(
+            self.body,
+            FINGER_JOINTS[0],
+            self.body,
+            FINGER_JOINTS[1],
+            bc.JOINT_GEAR,
+            [1.0, 0.0, 0.0],
+            [0.0] * 3,
+            [0.0] * 3,
+        )
+        bc.changeConstraint(gear, gearRatio=-1.0, erp=0.1, maxForce=50.0)
         cid = sim.id
         self._jacobian = functools.partial(
             p.calculateJacobian, self.body, EE_LINK, [0.0, 0.0, 0.0], physicsClientId=cid
@@ -133,6 +147,7 @@ class Panda:
         self._upper = np.array(ARM_UPPER)
         self._rest = np.array(NEUTRAL)
         self._zeros = [0.0] * 9
+        self._damping_eye = np.eye(6) * self.damping**2
         self._forces = list(ARM_FORCES)
         self._base = [float(v) for v in base_position]
         self._ws_low = [float(v) for v in self.workspace_low]
@@ -150,6 +165,7 @@ class Panda:
         self._joint_states = functools.partial(
             p.getJointStates, self.body, list(FINGER_JOINTS), physicsClientId=cid
         )
+        self._reset_joints = functools.partial(p.resetJointStatesMultiDof, self.body, physicsClientId=cid)
         self.read_state(forward_kinematics=True)
 
     def reset_joints(self, ee_position: Sequence[float], finger_width: float) -> None:
@@ -159,17 +175,13 @@ class Panda:
             ee_position: End-effector position (x, y, z) [m], world frame.
             finger_width: Opening between the fingers [m], in [0, 0.08].
         """
-        bc = self.sim.bc
-        for j, q in zip(ARM_JOINTS, NEUTRAL, strict=True):
-            bc.resetJointState(self.body, j, q)
-        for j in FINGER_JOINTS:
-            bc.resetJointState(self.body, j, finger_width / 2)
+        half = finger_width / 2
+        self._reset_joints(list(ARM_JOINTS) + list(FINGER_JOINTS), [[q] for q in NEUTRAL] + [[half], [half]])
         target = np.asarray(ee_position, dtype=np.float64)
         self.read_state(forward_kinematics=True)
         for _ in range(50):  # iterate the IK step on the kinematic state until it converges
-            q = self._ik_step((target - self.ee_pos).tolist(), max_step=0.1)
-            for j in ARM_JOINTS:
-                bc.resetJointState(self.body, j, q[j])
+            q = self._ik_step((target - self.ee_pos).tolist(), max_step=0.3)
+            self._reset_joints(list(ARM_JOINTS), [[v] for v in q.tolist()])
             self.read_state(forward_kinematics=True)
             if np.abs(target - self.ee_pos).max() < 1e-4:
                 break
@@ -245,14 +257,9 @@ class Panda:
         # Orientation error 0.5 * sum_i c_i x d_i, with c_i the columns of the current rotation and d_i
         # those of the target diag(1, -1, -1) (gripper pointing down).
         r = self.ee_rot
-        e_rot = [
-            0.5 * (r[2][1] - r[1][2]),
-            0.5 * (r[2][0] + r[0][2]),
-            0.5 * (-r[1][0] - r[0][1]),
-        ]
+        e_rot = (0.5 * (r[7] - r[5]), 0.5 * (r[6] + r[2]), -0.5 * (r[3] + r[1]))
         err = np.array([*position_error, *e_rot])
-        jjt = jac @ jac.T
-        jjt.flat[::7] += self.damping * self.damping
+        jjt = jac @ jac.T + self._damping_eye
         null = self.null_gain * (self._rest - q)
         # J^+ (e - J n) + n with J^+ = J^T (J J^T + lambda^2 I)^-1: one 6x6 solve with one right-hand side.
         dq = jac.T @ np.linalg.solve(jjt, err - jac @ null) + null
@@ -264,7 +271,7 @@ class Panda:
         """Read the robot state into ``ee_pos``, ``ee_vel``, ``ee_rot``, ``q``, ``width``.
 
         The env calls this after every physics update; ``ee_pos`` and ``ee_vel`` are ``(3,)`` float64
-        [m], [m/s], world frame; ``ee_rot`` the end-effector rotation matrix (row-major nested tuples);
+        [m], [m/s], world frame; ``ee_rot`` the end-effector rotation matrix (row-major, a flat 9-tuple);
         ``q`` the arm joint positions ``(7,)`` [rad]; ``width`` the finger opening [m].
 
         Args:
@@ -276,8 +283,13 @@ class Panda:
         self.ee_pos = np.array(s[4])
         self.ee_vel_t = s[6]
         self.ee_vel = np.array(s[6])
-        m = p.getMatrixFromQuaternion(s[5])
-        self.ee_rot = ((m[0], m[1], m[2]), (m[3], m[4], m[5]), (m[6], m[7], m[8]))
+        # Rotation matrix of the end-effector quaternion (x, y, z, w), row-major, flat (9,).
+        x, y, z, w = s[5]
+        self.ee_rot = (
+            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+        )  # fmt: skip
         states = self._arm_states()
         self.q_all = [st[0] for st in states]
         self.q = np.array(self.q_all[:7])

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+
 from loopsim.envs.core.env import RobotTaskEnv
 from loopsim.envs.core.panda import MAX_WIDTH, Panda
 from loopsim.envs.core.site import ParamDef, SiteSchema

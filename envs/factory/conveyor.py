@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 import pybullet as p
+
 from loopsim.envs.core.env import Evaluation
 from loopsim.envs.core.expert import Expert
 from loopsim.envs.core.panda import FINGER_JOINTS
@@ -209,6 +210,7 @@ class ConveyorTaskEnv(FactoryEnv):
         speed = float(self.site_params["conveyor_speed"])
         self._belt_speed = speed
         bc.resetJointState(self.conveyor, 0, 0.0, targetVelocity=speed)
+        self._belt_motor(targetVelocity=speed)
         y = rng.uniform(-0.25, -0.15)
         for body in self.parts:
             x = rng.uniform(BELT_X - 0.06, BELT_X + 0.06)
@@ -226,9 +228,10 @@ class ConveyorTaskEnv(FactoryEnv):
 
     def _before_physics(self) -> None:
         jitter = self.np_random.normal()  # one draw per step, whatever the site
-        speed = self._speed + jitter * self._jitter
-        self._belt_speed = min(max(speed, 0.0), 0.3)
-        self._belt_motor(targetVelocity=self._belt_speed)
+        speed = min(max(self._speed + jitter * self._jitter, 0.0), 0.3)
+        if speed != self._belt_speed:  # the motor keeps its target until told otherwise
+            self._belt_speed = speed
+            self._belt_motor(targetVelocity=speed)
 
     def _read_task_state(self) -> None:
         get_pose, get_vel = self._get_pose, self._get_vel

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+
 from loopsim.envs.factory.conveyor import KIND_COLORS, Bin, ConveyorExpert, ConveyorTaskEnv
 
 __all__ = ["FactorySortEnv", "FactorySortExpert"]

@@ -90,9 +90,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pybullet as p
-from loopsim.envs import ENV_ENTRY_POINTS  # importing loopsim registers its env ids
 from rich.console import Console
 from rich.table import Table
+
+from loopsim.envs import ENV_ENTRY_POINTS  # importing loopsim registers its env ids
 
 PANDA_ID = "PandaPickAndPlace-v3"
 IMAGE_SIZE = 84

@@ -19,9 +19,9 @@ from typing import Any
 
 import gymnasium as gym
 import pytest
-from loopsim.envs import ENV_ENTRY_POINTS, env_class
 
 import loopsim  # noqa: F401  (registers the env ids)
+from loopsim.envs import ENV_ENTRY_POINTS, env_class
 
 ENV_IDS = sorted(ENV_ENTRY_POINTS)
 HELPERS_PATH = Path(__file__).with_name("_helpers.py")

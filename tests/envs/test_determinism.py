@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from loopsim.envs import available_sites
 
 # Sites whose parameters are drawn at reset and, for some, every step (fast_conveyor: belt jitter;

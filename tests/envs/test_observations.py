@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pybullet as p
 import pytest
+
 from loopsim.envs.core.panda import ARM_JOINTS, ARM_LOWER, ARM_UPPER
 from loopsim.envs.factory.conveyor import BELT_TOP, ConveyorTaskEnv
 

@@ -7,10 +7,10 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
-from loopsim.envs import ENV_ENTRY_POINTS, env_class, make_expert, register_envs
-from loopsim.envs.core.env import RobotTaskEnv
 
 import loopsim
+from loopsim.envs import ENV_ENTRY_POINTS, env_class, make_expert, register_envs
+from loopsim.envs.core.env import RobotTaskEnv
 
 ENV_IDS = sorted(ENV_ENTRY_POINTS)
 

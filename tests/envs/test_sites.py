@@ -10,6 +10,7 @@ import numpy as np
 import pybullet as p
 import pytest
 import yaml
+
 from loopsim.envs import Site, SiteError, available_sites, env_class, load_site, make_expert
 
 EXPECTED_FACTORY_SITES = {"lab", "fast_conveyor", "gripper_faults", "heavy_slippery", "noisy_sensors"}
