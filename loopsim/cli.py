@@ -29,8 +29,8 @@ def _space_str(space) -> str:
     import gymnasium as gym
 
     if isinstance(space, gym.spaces.Dict):
-        return "Dict(" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in space.spaces.items()) + ")"
-    return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
+        return "Dict " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in space.spaces.items())
+    return f"Box{tuple(space.shape)} {space.dtype}"
 
 
 @app.command()
@@ -38,12 +38,10 @@ def envs() -> None:
     """List every registered env id with its observation and action spaces and its sites."""
     import gymnasium as gym
 
-    table = Table(title="loopsim environments")
-    table.add_column("env id", style="bold")
-    table.add_column("observation (state / goal / rgb)")
-    table.add_column("action")
-    table.add_column("control")
-    table.add_column("sites")
+    table = Table(title="loopsim environments", show_lines=True)
+    table.add_column("env id", style="bold", no_wrap=True)
+    table.add_column("obs_mode: observation space")
+    table.add_column("action, control, sites")
     for env_id in ENV_ENTRY_POINTS:
         cls = env_class(env_id)
         spaces = []
@@ -51,11 +49,10 @@ def envs() -> None:
             env = gym.make(env_id, obs_mode=mode)
             spaces.append(f"{mode}: {_space_str(env.observation_space)}")
             action = _space_str(env.action_space)
-            control = f"{env.metadata['render_fps']} Hz, {env.unwrapped.max_steps} steps"
+            control = f"{env.metadata['render_fps']} Hz, limit {env.unwrapped.max_steps} steps"
             env.close()
-        table.add_row(
-            env_id, "\n".join(spaces), action, control, ", ".join(available_sites(cls.site_schema.domain))
-        )
+        site_names = ", ".join(available_sites(cls.site_schema.domain))
+        table.add_row(env_id, "\n".join(spaces), f"{action}\n{control}\nsites: {site_names}")
     console.print(table)
 
 

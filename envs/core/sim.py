@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -17,6 +19,26 @@ import pybullet_data
 from pybullet_utils import bullet_client
 
 __all__ = ["Simulation"]
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null for the block (PyBullet prints ``argv[0]=`` on connect)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured by a test runner)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 class Simulation:
@@ -38,7 +60,8 @@ class Simulation:
     ) -> None:
         mode = p.GUI if gui else p.DIRECT
         try:
-            self.bc = bullet_client.BulletClient(connection_mode=mode)
+            with _stdout_to_devnull():
+                self.bc = bullet_client.BulletClient(connection_mode=mode)
         except p.error as exc:  # pragma: no cover - depends on a display
             raise RuntimeError(
                 f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}"

@@ -1,0 +1,70 @@
+"""The ``loopsim`` console commands, run through Typer's test runner and as a real console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from loopsim.cli import app
+from loopsim.envs import ENV_ENTRY_POINTS, available_sites
+
+runner = CliRunner()
+
+
+def test_envs_lists_every_env_with_spaces_and_sites():
+    result = runner.invoke(app, ["envs"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    for env_id in ENV_ENTRY_POINTS:
+        assert env_id in result.output
+    for site in available_sites("factory"):
+        assert site in result.output
+    assert "Box(4,) float32" in result.output  # the action space
+    assert "uint8" in result.output  # the rgb observation space
+    assert "25 Hz" in result.output
+
+
+def test_sites_shows_parameters_and_what_each_site_changes():
+    result = runner.invoke(app, ["sites", "factory"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    for name in ("part_mass", "conveyor_speed", "gripper_fault_prob", "heavy_slippery", "uniform"):
+        assert name in result.output
+
+
+def test_sites_refuses_unknown_domain():
+    result = runner.invoke(app, ["sites", "kitchen"])
+    assert result.exit_code == 2
+    assert "unknown domain" in result.output
+
+
+def test_expert_reports_success_per_site():
+    args = ["expert", "loopsim/FactoryPegInsert-v0", "--site", "lab", "--site", "gripper_faults", "-n", "4"]
+    result = runner.invoke(app, args, terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "lab" in result.output and "gripper_faults" in result.output
+    assert "100%" in result.output  # the peg expert solves these lab seeds
+    assert "95% CI" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["expert", "loopsim/Nope-v0"], "unknown env id"),
+        (["expert", "loopsim/FactoryPickPlace-v0", "--site", "moon"], "unknown factory site"),
+        (["expert", "loopsim/FactoryPickPlace-v0", "--episodes", "0"], "Invalid value"),
+    ],
+)
+def test_expert_refuses_bad_input_before_running(args, message):
+    result = runner.invoke(app, args, terminal_width=300)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("loopsim") or str(__import__("pathlib").Path(sys.executable).with_name("loopsim"))
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "envs" in out.stdout and "expert" in out.stdout
