@@ -353,9 +353,17 @@ class ConveyorExpert(Expert):
 
     def _act(self) -> np.ndarray:
         env: ConveyorTaskEnv = self.env
-        ee = env.robot.ee_position()
+        # Under actuator lag, act from where the queued actions will have moved the hand (the expert
+        # knows its own commands); the part keeps riding the belt meanwhile.
+        pending = env.pending_actions
+        ee = (
+            env.robot.ee_position() + MAX_DISPLACEMENT * np.sum([a[:3] for a in pending], axis=0)
+            if pending
+            else (env.robot.ee_position())
+        )
         pos, vel = env.part_positions(), env.part_velocities()
         dt = env.sim.control_dt
+        delay = len(pending)
         # 1. carrying a part
         for i in range(env.n_parts):
             if env.grasped(i) and pos[i, 2] > BELT_TOP + PART_HALF - 0.01:
@@ -382,7 +390,7 @@ class ConveyorExpert(Expert):
             goal = np.array([ee[0], ee[1], self.CARRY_Z])
             return np.append(self._move(ee, goal), 1.0)
         i = max(candidates, key=lambda j: pos[j, 1])
-        lead = vel[i] * dt * self.LEAD_STEPS
+        lead = vel[i] * dt * (self.LEAD_STEPS + delay)
         target = pos[i] + lead
         planar = np.linalg.norm(target[:2] - ee[:2])
         ff = vel[i] * dt

@@ -91,7 +91,7 @@ class FactoryPegInsertEnv(FactoryEnv):
     [-]; hole target, the point on the hole axis at the target depth (3) [m]. Positions of the peg
     tip and of the hole carry the site's sensor noise (the hole is perceived, not known); the peg axis
     is noise-free. All world frame. ``goal`` mode: ``achieved_goal`` = peg tip position,
-    ``desired_goal`` = hole target, ``(3,)`` [m]. ``rgb``: a fixed camera over the workcell.
+    ``desired_goal`` = hole target, ``(3,)`` [m]. ``rgb``: a fixed oblique camera on the fixture area.
 
     **Action** ``(4,)`` in [-1, 1]: end-effector displacement (dx, dy, dz) x 0.02 m and the gripper
     opening ``0.04 * (g + 1)`` m (keep it closed, ``g = -1``, to hold the peg).
@@ -105,6 +105,12 @@ class FactoryPegInsertEnv(FactoryEnv):
 
     expert_entry_point: ClassVar[str] = "loopsim.envs.factory.peg_insert:FactoryPegInsertExpert"
     default_max_steps: ClassVar[int] = 100
+    #: A closer, oblique camera than the conveyor tasks': the fixture and peg fill the 84 px image.
+    camera: ClassVar[tuple[tuple[float, float, float], tuple[float, float, float], float]] = (
+        (1.0, 0.25, 0.6),
+        (0.52, 0.0, 0.08),
+        40.0,
+    )
     goal_distance_threshold: ClassVar[float] = 0.006
     #: Sparse-reward tolerance around the hole target (x, y, z) [m]: the success tolerance on the axis,
     #: and the depth from the target to the hole bottom plus 2 mm (contact penetration), plus 0.1 mm
