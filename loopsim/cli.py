@@ -7,6 +7,7 @@ or more sites and report success with 95% confidence intervals).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -95,6 +96,9 @@ def expert(
 
     if env_id not in ENV_ENTRY_POINTS:
         console.print(f"[red]unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}[/red]")
+        raise typer.Exit(2)
+    if not math.isfinite(noise):
+        console.print(f"[red]--noise {noise} must be a finite number >= 0[/red]")
         raise typer.Exit(2)
     domain = env_class(env_id).site_schema.domain
     site_names = site or ["lab"]

@@ -163,7 +163,11 @@ def run_expert(
                 length += 1
                 if terminated or truncated:
                     break
-            result = EpisodeResult(s, bool(info["is_success"]), info.get("failure_mode"), ret, length, params)
+            success = bool(info["is_success"])
+            # A TimeLimit wrapper (gymnasium.make(..., max_episode_steps=N)) truncates without the env's
+            # failure_mode: that is a timeout too.
+            failure = None if success else info.get("failure_mode", "timeout" if truncated else None)
+            result = EpisodeResult(s, success, failure, ret, length, params)
             summary.episodes.append(result)
             if on_episode is not None:
                 on_episode(result)

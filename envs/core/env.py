@@ -16,6 +16,7 @@ observation modes, the action checks, actuator lag, the time limit, ``is_success
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -29,6 +30,15 @@ from loopsim.envs.core.site import Site, SiteSchema, load_site
 __all__ = ["RobotTaskEnv", "Evaluation"]
 
 OBS_MODES = ("state", "goal", "rgb")
+#: Largest ``image_size`` / ``render_size`` [px] (a 2048 x 2048 RGBA buffer is 16 MiB).
+MAX_IMAGE_SIZE = 2048
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 REWARD_TYPES = ("dense", "sparse")
 
 
@@ -100,11 +110,13 @@ class RobotTaskEnv(gym.Env):
                 f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None"
             )
         for name, value in (("image_size", image_size), ("render_size", render_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
-                raise ValueError(f"{name}={value!r} must be an integer >= 16 [px]")
+            if not _is_int(value) or not 16 <= value <= MAX_IMAGE_SIZE:
+                raise ValueError(f"{name}={value!r} must be an integer in [16, {MAX_IMAGE_SIZE}] [px]")
+        image_size, render_size = int(image_size), int(render_size)
         max_steps = self.default_max_steps if max_steps is None else max_steps
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        if not _is_int(max_steps) or max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r} must be a positive integer [control steps]")
+        max_steps = int(max_steps)
         self.site: Site = load_site(self.site_schema, site)
         self.obs_mode = obs_mode
         self.reward_type = reward_type
@@ -187,6 +199,18 @@ class RobotTaskEnv(gym.Env):
         """Desired goal, ``(G,)`` float64 [m]."""
         raise NotImplementedError
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refuse pickling and copying: the env owns a live physics client that cannot be shared.
+
+        Raises:
+            TypeError: Always; make a new env with ``gymnasium.make`` (or pickle an env factory, as
+                vector envs do) instead.
+        """
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled or copied: it owns a live PyBullet client; "
+            "create a new env with gymnasium.make (vector envs pickle the factory, not the env)"
+        )
+
     @property
     def pending_actions(self) -> list[list[float]]:
         """Actions accepted but not yet applied because of actuator lag (oldest first), each clipped."""
@@ -199,7 +223,9 @@ class RobotTaskEnv(gym.Env):
         The goal vectors are split into 3-D points (one per part). Dense: minus the largest
         point-to-point distance [m]. Sparse: 0 when every point is within the tolerance of its target
         (per-axis box ``goal_box`` [m] if the task sets one, else the Euclidean
-        ``goal_distance_threshold`` [m]), else -1. A successful state always has sparse reward 0.
+        ``goal_distance_threshold`` [m]), else -1. Goals are what the robot perceives (with the site's
+        sensor noise), while success is judged on the true state: at sites without sensor noise a
+        successful state always has sparse reward 0.
 
         Args:
             achieved_goal: ``(G,)`` or ``(B, G)``.
@@ -217,24 +243,25 @@ class RobotTaskEnv(gym.Env):
             if self.reward_type == "sparse":
                 if box is not None:
                     inside = all(abs(diff1[k]) <= box[k % 3] for k in range(len(diff1)))
-                    return -float(not inside)
+                    return 0.0 if inside else -1.0
                 dist1 = max(
                     math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
                     for k in range(0, len(diff1), 3)
                 )
-                return -float(dist1 > self.goal_distance_threshold)
+                return 0.0 if dist1 <= self.goal_distance_threshold else -1.0
             dist1 = max(
                 math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
                 for k in range(0, len(diff1), 3)
             )
             return float(np.float32(-dist1))
-        diff = (a - d).reshape(a.shape[:-1] + (-1, 3))
+        diff = a - d  # broadcasts a single goal against a batch
+        diff = diff.reshape(diff.shape[:-1] + (-1, 3))
         if self.reward_type == "sparse":
             if box is not None:
                 inside = (np.abs(diff) <= np.asarray(box)).all(axis=(-1, -2))
             else:
                 inside = np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1) <= self.goal_distance_threshold
-            r = -(~inside).astype(np.float32)
+            r = np.where(inside, np.float32(0.0), np.float32(-1.0))
         else:
             r = -np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1).astype(np.float32)
         return float(r) if np.ndim(r) == 0 else r
@@ -286,15 +313,17 @@ class RobotTaskEnv(gym.Env):
             episode (``None`` after a success).
 
         Raises:
-            ValueError: If the action has the wrong shape or holds NaN or infinite values; nothing is
-                passed to the physics in that case.
+            ValueError: If the action has the wrong shape, is not numeric (strings, bools, complex) or
+                holds NaN or infinite values; nothing is passed to the physics in that case.
             RuntimeError: If called before ``reset()`` or after ``close()``.
         """
         if self.sim.closed:
             raise RuntimeError("step() on a closed env")
         if not self._has_reset:
             raise RuntimeError("call reset() before step()")
-        a = np.asarray(action, dtype=np.float64)
+        a = np.asarray(action)
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
         if a.shape != (self.action_dim,):
             raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
         values = a.tolist()  # plain floats: cheaper than numpy for a handful of numbers

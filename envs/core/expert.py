@@ -8,6 +8,8 @@ policy mid-episode (interventions).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import gymnasium as gym
@@ -34,7 +36,12 @@ class Expert:
     env_type: type = gym.Env
 
     def __init__(self, env: gym.Env, noise_std: float = 0.0, seed: int | None = None) -> None:
-        if not np.isfinite(noise_std) or noise_std < 0:
+        if (
+            isinstance(noise_std, bool)
+            or not isinstance(noise_std, numbers.Real)
+            or not math.isfinite(noise_std)
+            or noise_std < 0
+        ):
             raise ValueError(f"noise_std={noise_std!r} must be a finite number >= 0")
         self.env = env.unwrapped
         if not isinstance(self.env, self.env_type):

@@ -7,6 +7,7 @@ per 84x84 frame, measured here) and carry no information a policy needs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -54,8 +55,8 @@ MIN_RADIUS = 0.28
 def panda_urdf_path() -> str:
     """Path of the Panda URDF with collision meshes as visuals, generated from ``pybullet_data``.
 
-    The file is written once per machine into the temp directory (atomically, so concurrent
-    processes are safe) and names the ``pybullet_data`` meshes by absolute path.
+    The file is written into the temp directory once per user (atomically, so concurrent processes
+    are safe; rewritten if missing or damaged) and names the ``pybullet_data`` meshes by absolute path.
 
     Returns:
         Absolute path of the generated URDF.
@@ -65,12 +66,23 @@ def panda_urdf_path() -> str:
     text = text.replace("package://meshes/visual/", "package://meshes/collision/")
     text = text.replace("package://meshes/", f"{(src_dir / 'meshes').as_posix()}/")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    out = Path(tempfile.gettempdir()) / f"loopsim-panda-{digest}.urdf"
-    if not out.exists():
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".urdf")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    out = Path(tempfile.gettempdir()) / f"loopsim-panda-{uid}-{digest}.urdf"
+    try:
+        if out.read_text() == text:
+            return str(out)
+    except (OSError, UnicodeDecodeError):
+        pass  # missing, unreadable or damaged: (re)write it
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".loopsim-panda-", suffix=".urdf")
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, out)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)  # atomic: concurrent processes see the old file or the whole new one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return str(out)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -21,24 +22,32 @@ from pybullet_utils import bullet_client
 __all__ = ["Simulation"]
 
 
+_STDOUT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _stdout_to_devnull() -> Iterator[None]:
-    """Send file descriptor 1 to /dev/null for the block (PyBullet prints ``argv[0]=`` on connect)."""
+    """Send file descriptor 1 to /dev/null for the block (PyBullet prints ``argv[0]=`` on connect).
+
+    Serialised by a lock, so envs created from several threads restore stdout correctly; output
+    another thread writes to fd 1 during the (sub-millisecond) connect is lost.
+    """
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured by a test runner)
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
+    with _STDOUT_LOCK:
+        sys.stdout.flush()
+        saved = os.dup(fd)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.close(devnull)
 
 
 class Simulation:
@@ -58,6 +67,13 @@ class Simulation:
     def __init__(
         self, timestep: float, substeps: int, gui: bool = False, solver_iterations: int = 50
     ) -> None:
+        if (
+            gui
+            and sys.platform.startswith("linux")
+            and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+        ):
+            # PyBullet would print "cannot connect to X server" and exit the interpreter.
+            raise RuntimeError('render_mode="human" needs a display (DISPLAY is not set); use "rgb_array"')
         mode = p.GUI if gui else p.DIRECT
         try:
             with _stdout_to_devnull():
@@ -214,7 +230,12 @@ class Simulation:
 
         Returns:
             Image of shape ``(height, width, 3)``, dtype ``uint8``.
+
+        Raises:
+            RuntimeError: If the simulation was closed.
         """
+        if self._closed:
+            raise RuntimeError("render() on a closed env")
         view = self.bc.computeViewMatrix(list(eye), list(target), list(up))
         proj = self.bc.computeProjectionMatrixFOV(fov, width / height, 0.05, 5.0)
         _, _, rgba, _, _ = self.bc.getCameraImage(

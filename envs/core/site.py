@@ -23,6 +23,7 @@ Site files live in the ``loopsim.configs`` package data at ``sites/<domain>/<nam
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -93,9 +94,15 @@ class SiteSchema:
 
 
 def _check_number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise SiteError(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise SiteError(f"{where}: expected a finite number, got {value!r}")
+    return out
 
 
 class _Dist:
@@ -147,13 +154,14 @@ class _Dist:
             v = float(np.clip(rng.normal(self.args[0], self.args[1]), p.low, p.high))
         else:
             v = self.args[int(rng.integers(len(self.args)))]
-        return int(round(v)) if p.integer else float(v)
+        return int(math.floor(v + 0.5)) if p.integer else float(v)
 
     def to_spec(self) -> Any:
         """Return the spec in its YAML form."""
+        args = [int(a) for a in self.args] if self.pdef.integer and self.kind != "normal" else list(self.args)
         if self.kind == "constant":
-            return self.args[0]
-        return {self.kind: list(self.args)}
+            return args[0]
+        return {self.kind: args}
 
 
 class Site:
@@ -177,7 +185,14 @@ class Site:
         params: Mapping[str, Any] | None = None,
         description: str = "",
     ) -> None:
+        if params is not None and not isinstance(params, Mapping):
+            raise SiteError(f"site {name!r}: params must be a mapping of parameter names, got {params!r}")
         params = dict(params or {})
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise SiteError(f"site name and description must be strings, got {name!r}, {description!r}")
+        bad_keys = [k for k in params if not isinstance(k, str)]
+        if bad_keys:
+            raise SiteError(f"site {name!r}: parameter names must be strings, got {bad_keys}")
         unknown = sorted(set(params) - set(schema.params))
         if unknown:
             raise SiteError(

@@ -87,6 +87,7 @@ class FactoryEnv(RobotTaskEnv):
         bc.changeVisualShape(floor, -1, rgbaColor=[0.75, 0.75, 0.72, 1])
         self.robot = Panda(self.sim, max_displacement=MAX_DISPLACEMENT)
         self._fault_steps = 0
+        self._sensor_noise = 0.0
         self._load_task_scene()
 
     def _load_task_scene(self) -> None:

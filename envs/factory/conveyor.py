@@ -12,6 +12,7 @@ Parts: ``cube`` (kind 0, red, 40 mm) and ``cylinder`` (kind 1, blue, 40 mm diame
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -99,9 +100,13 @@ class ConveyorTaskEnv(FactoryEnv):
 
     def __init__(self, n_parts: int | None = None, **kwargs) -> None:
         n_parts = self.n_parts_default if n_parts is None else n_parts
-        if isinstance(n_parts, bool) or not isinstance(n_parts, int) or not 1 <= n_parts <= 4:
+        if (
+            isinstance(n_parts, bool | np.bool_)
+            or not isinstance(n_parts, numbers.Integral)
+            or not 1 <= n_parts <= 4
+        ):
             raise ValueError(f"n_parts={n_parts!r} must be an integer in [1, 4]")
-        self.n_parts = n_parts
+        self.n_parts = int(n_parts)
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ scene
@@ -238,6 +243,8 @@ class ConveyorTaskEnv(FactoryEnv):
         self._pos_t = [get_pose(b)[0] for b in self.parts]  # tuples of floats: cheap to read per step
         self._vel_t = [get_vel(b)[0] for b in self.parts]
         self._pos = np.array(self._pos_t)
+        # What the robot perceives: part positions with the site's sensor noise, drawn once per step.
+        self._seen_pos = self._noisy(self._pos) if self._sensor_noise > 0 else self._pos
 
     # ------------------------------------------------------------------ state
     def part_positions(self) -> np.ndarray:
@@ -282,7 +289,8 @@ class ConveyorTaskEnv(FactoryEnv):
                     else:
                         failures[i] = "wrong_bin"
             elif z < BELT_TOP - 0.03 or abs(x) > 1.5 or abs(y) > 1.5 or (y > BELT_END and z < BELT_TOP + 0.1):
-                failures[i] = "dropped" if self._lifted[i] else "missed"
+                if not self.grasped(i):  # a part still in the hand is carried low, not lost
+                    failures[i] = "dropped" if self._lifted[i] else "missed"
         return placed, failures
 
     def _evaluate(self) -> Evaluation:
@@ -293,8 +301,7 @@ class ConveyorTaskEnv(FactoryEnv):
 
     def _state_observation(self) -> np.ndarray:
         ex, ey, ez = self.robot.ee_pos_list
-        noisy = self._sensor_noise > 0
-        pos_all = self._noisy(self._pos).tolist() if noisy else self._pos_t
+        pos_all = self._seen_pos.tolist()
         obs = self._robot_observation()
         for i in range(self.n_parts):
             x, y, z = pos_all[i]
@@ -313,8 +320,8 @@ class ConveyorTaskEnv(FactoryEnv):
         return np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32)
 
     def achieved_goal(self) -> np.ndarray:
-        """Positions of the parts, ``(3 * n_parts,)`` float64 [m]."""
-        return self._pos.reshape(-1)
+        """Perceived positions of the parts (with the site's sensor noise), ``(3 * n_parts,)`` float64 [m]."""
+        return self._seen_pos.reshape(-1)
 
     def desired_goal(self) -> np.ndarray:
         """Resting positions at the centre of each part's bin, ``(3 * n_parts,)`` float64 [m]."""

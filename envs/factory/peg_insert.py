@@ -193,6 +193,11 @@ class FactoryPegInsertEnv(FactoryEnv):
         self._axis = (ax, ay, az)
         self._tip_t = (cx - h * ax, cy - h * ay, cz - h * az)  # floats: cheap to use every step
         self._tip = np.array(self._tip_t)
+        # What the robot perceives: tip and hole target with the site's sensor noise, drawn once per step.
+        if self._sensor_noise > 0:
+            self._seen_tip, self._seen_goal = self._noisy(np.array([self._tip_t, self._desired_t]))
+        else:
+            self._seen_tip, self._seen_goal = self._tip, self._desired
 
     # ------------------------------------------------------------------ state
     def peg_tip(self) -> np.ndarray:
@@ -243,10 +248,8 @@ class FactoryPegInsertEnv(FactoryEnv):
         return "timeout"
 
     def _state_observation(self) -> np.ndarray:
-        if self._sensor_noise > 0:
-            (tx, ty, tz), (gx, gy, gz) = self._noisy(np.array([self._tip_t, self._desired_t])).tolist()
-        else:
-            (tx, ty, tz), (gx, gy, gz) = self._tip_t, self._desired_t
+        tx, ty, tz = self._seen_tip.tolist()
+        gx, gy, gz = self._seen_goal.tolist()
         ex, ey, ez = self.robot.ee_pos_list
         obs = self._robot_observation()
         obs += (tx, ty, tz, tx - gx, ty - gy, tz - gz, tx - ex, ty - ey, tz - ez, *self._axis, gx, gy, gz)
@@ -259,12 +262,15 @@ class FactoryPegInsertEnv(FactoryEnv):
         return np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32)
 
     def achieved_goal(self) -> np.ndarray:
-        """Position of the peg tip, ``(3,)`` float64 [m]."""
-        return self._tip
+        """Perceived position of the peg tip (with the site's sensor noise), ``(3,)`` float64 [m]."""
+        return self._seen_tip
 
     def desired_goal(self) -> np.ndarray:
-        """The hole target: on the hole axis, ``TARGET_DEPTH`` below the fixture top, ``(3,)`` float64 [m]."""
-        return self._desired
+        """Perceived hole target, ``(3,)`` float64 [m].
+
+        On the hole axis, ``TARGET_DEPTH`` below the fixture top, with the site's sensor noise.
+        """
+        return self._seen_goal
 
     def _hold_action(self) -> np.ndarray:
         return np.array([0.0, 0.0, 0.0, -1.0], dtype=np.float32)
