@@ -1,0 +1,151 @@
+"""Regression tests for misuse found by adversarial testing: each case must fail loudly and lose nothing."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import loopsim  # noqa: F401
+from loopsim.envs import SiteError, make_expert
+from loopsim.envs.core import panda
+
+
+def test_env_refuses_pickle_and_copy(make_env):
+    env = make_env("loopsim/FactoryPickPlace-v0")
+    env.reset(seed=0)
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            copier(env)
+    env.step(np.zeros(4))  # the original still works
+
+
+@pytest.mark.parametrize(
+    "action", [["0.5", "0", "0", "0"], [True, False, True, False], np.array([1, 0, 0, 1j]), [None] * 4]
+)
+def test_non_numeric_actions_are_refused(make_env, action):
+    env = make_env("loopsim/FactoryPickPlace-v0")
+    env.reset(seed=0)
+    before = env.unwrapped.robot.ee_position()
+    with pytest.raises(ValueError, match="action must"):
+        env.step(action)
+    np.testing.assert_array_equal(before, env.unwrapped.robot.ee_position())
+
+
+def test_numpy_integers_are_accepted_for_sizes_and_params(make_env):
+    env = make_env(
+        "loopsim/FactorySort-v0", image_size=np.int64(32), max_steps=np.int32(7), n_parts=np.int64(2),
+        obs_mode="rgb", site={"part_mass": np.float32(0.25), "action_delay": np.int64(1)},
+    )
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (32, 32, 3)
+    assert info["site_params"]["action_delay"] == 1
+    assert info["site_params"]["part_mass"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        ({"part_mass": 10**400}, "finite number"),
+        ({1: 2, "part_mass": 0.3}, "names must be strings"),
+        ({"params": [("part_mass", 0.3)]}, "must be a mapping"),
+        ({"params": {}, "description": 3}, "must be strings"),
+        ({"part_mass": True}, "finite number"),
+    ],
+)
+def test_malformed_sites_are_refused_with_the_key(site, message):
+    with pytest.raises(SiteError, match=message):
+        gym.make("loopsim/FactoryPickPlace-v0", site=site)
+
+
+@pytest.mark.parametrize("size", [15, 2049])
+def test_image_size_bounds(size):
+    with pytest.raises(ValueError, match=r"image_size.*\[16, 2048\]"):
+        gym.make("loopsim/FactoryPickPlace-v0", image_size=size)
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf"), -0.1, "0.1", None, True])
+def test_expert_noise_must_be_a_finite_non_negative_number(make_env, noise):
+    env = make_env("loopsim/FactoryPickPlace-v0")
+    with pytest.raises(ValueError, match="noise_std"):
+        make_expert(env, noise_std=noise)
+
+
+def test_compute_reward_broadcasts_one_goal_against_a_batch(make_env):
+    env = make_env("loopsim/FactoryPickPlace-v0", obs_mode="goal", reward_type="sparse")
+    desired = np.array([[0.3, 0.38, 0.03], [1.0, 1.0, 1.0], [0.3, 0.38, 0.05]])
+    rewards = env.unwrapped.compute_reward(np.array([0.3, 0.38, 0.03]), desired, None)
+    np.testing.assert_array_equal(rewards, np.array([0.0, -1.0, 0.0], dtype=np.float32))
+    assert env.unwrapped.compute_reward(desired[0], desired[0], None) == 0.0
+
+
+def test_gui_without_a_display_is_a_clear_error(tmp_path):
+    code = (
+        "import gymnasium as gym, loopsim\n"
+        "try:\n"
+        "    gym.make('loopsim/FactoryPickPlace-v0', render_mode='human')\n"
+        "except RuntimeError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "needs a display" in out.stdout
+
+
+def test_envs_created_in_threads_leave_stdout_working(tmp_path):
+    code = (
+        "import threading, gymnasium as gym, loopsim\n"
+        "def work():\n"
+        "    for _ in range(3):\n"
+        "        gym.make('loopsim/FactoryPegInsert-v0').close()\n"
+        "threads = [threading.Thread(target=work) for _ in range(6)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('stdout still works')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "stdout still works" in out.stdout
+    assert "argv[0]=" not in out.stdout
+
+
+def test_damaged_urdf_cache_is_rewritten_readable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    path = panda.panda_urdf_path()
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    with open(path, "w") as f:
+        f.write("<robot")  # damaged, e.g. by a full disk
+    assert panda.panda_urdf_path() == path
+    text = open(path).read()
+    assert len(text) > 5000 and "panda_link0" in text and "meshes/collision/link1.obj" in text
+    env = gym.make("loopsim/FactoryPickPlace-v0")  # loads the rewritten file
+    env.reset(seed=0)
+    env.close()
+
+
+def test_threads_stepping_their_own_envs_agree_with_serial_runs():
+    actions = np.random.default_rng(0).uniform(-1, 1, (40, 4))
+
+    def run(out, seed):
+        env = gym.make("loopsim/FactoryPickPlace-v0")
+        env.reset(seed=seed)
+        out[seed] = np.array([env.step(a)[0] for a in actions])
+        env.close()
+
+    threaded: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=run, args=(threaded, s)) for s in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    serial: dict[int, np.ndarray] = {}
+    for s in range(3):
+        run(serial, s)
+    for s in range(3):
+        np.testing.assert_array_equal(threaded[s], serial[s])
