@@ -86,7 +86,9 @@ def sites(domain: Annotated[str, typer.Argument(help="Domain, e.g. factory.")] =
 @app.command()
 def expert(
     env_id: Annotated[str, typer.Argument(help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
-    site: Annotated[list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable).")] = None,
+    site: Annotated[
+        list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable). [default: lab]")
+    ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the first episode; episode i uses seed+i.")] = 0,
     noise: Annotated[float, typer.Option(min=0.0, help="Std of the expert's action noise.")] = 0.0,
@@ -120,8 +122,13 @@ def expert(
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(2) from exc
             summaries.append(summary)
-    seeds = f"seeds {seed}..{seed + episodes - 1}"
-    table = Table(title=f"scripted expert on {env_id} ({episodes} episodes per site, {seeds})")
+    table = Table(
+        title=f"scripted expert, {env_id}",
+        caption=(
+            f"{episodes} episodes per site, seeds {seed}..{seed + episodes - 1}; 95% CI: Wilson interval; "
+            "return: sum of the dense reward; length: control steps"
+        ),
+    )
     for col in ("site", "success", "95% CI", "return", "length", "failure modes"):
         table.add_column(col)
     for s in summaries:
