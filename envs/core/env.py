@@ -57,8 +57,10 @@ class RobotTaskEnv(gym.Env):
     Args:
         obs_mode: ``"state"`` (Box float32), ``"goal"`` (Dict with ``observation``, ``achieved_goal``,
             ``desired_goal``, for HER) or ``"rgb"`` (Box uint8 image ``(image_size, image_size, 3)``).
-        reward_type: ``"dense"`` (negative distance between achieved and desired goal [m]) or
-            ``"sparse"`` (0 when the goal is within ``goal_distance_threshold``, else -1).
+        reward_type: ``"dense"`` (minus the largest distance between achieved and desired goal
+            points [m]) or ``"sparse"`` (0 when every point is within the task's tolerance, else -1);
+            see :meth:`_goal_reward`, exposed as ``compute_reward`` in ``goal`` mode only (SB3 treats
+            any env with ``compute_reward`` as goal-conditioned).
         site: Site name (see ``loopsim envs``), an inline mapping of parameter specs, or a ``Site``.
         render_mode: ``None``, ``"rgb_array"`` (``render()`` returns ``(render_size, render_size, 3)``
             uint8) or ``"human"`` (PyBullet GUI; needs a display).
@@ -68,8 +70,9 @@ class RobotTaskEnv(gym.Env):
             ``None`` uses the task's default.
 
     Raises:
-        ValueError: For an unknown ``obs_mode``, ``reward_type`` or ``render_mode``, a non-positive
-            size or time limit.
+        ValueError: For an unknown ``obs_mode``, ``reward_type`` or ``render_mode``, an image size
+            outside ``[16, 2048]`` or a non-positive time limit.
+        RuntimeError: For ``render_mode="human"`` without a display.
         loopsim.envs.SiteError: For an unknown site or site parameter.
     """
 
