@@ -292,9 +292,7 @@ class Panda:
         """
         s = self._link_state(computeForwardKinematics=int(forward_kinematics))
         self.ee_pos_list = s[4]
-        self.ee_pos = np.array(s[4])
         self.ee_vel_t = s[6]
-        self.ee_vel = np.array(s[6])
         # Rotation matrix of the end-effector quaternion (x, y, z, w), row-major, flat (9,).
         x, y, z, w = s[5]
         self.ee_rot = (
@@ -306,6 +304,16 @@ class Panda:
         self.q_all = [st[0] for st in states]
         self.q = np.array(self.q_all[:7])
         self.width = self.q_all[7] + self.q_all[8]
+
+    @property
+    def ee_pos(self) -> np.ndarray:
+        """End-effector position (x, y, z) [m] read by the last :meth:`read_state`, ``(3,)`` float64."""
+        return np.array(self.ee_pos_list)
+
+    @property
+    def ee_vel(self) -> np.ndarray:
+        """End-effector linear velocity [m/s] read by the last :meth:`read_state`, ``(3,)`` float64."""
+        return np.array(self.ee_vel_t)
 
     def ee_position(self) -> np.ndarray:
         """End-effector position (x, y, z) [m], world frame, ``(3,)`` float64, read from the simulator now."""

@@ -7,38 +7,25 @@ import pytest
 
 from loopsim.envs import make_expert
 from loopsim.envs.core.expert import Expert
+from loopsim.evaluation import run_expert
 
-QUICK_SEEDS = list(range(1000, 1010))
-
-
-def _success_rate(env, expert, seeds):
-    wins, failures = 0, {}
-    for seed in seeds:
-        env.reset(seed=seed)
-        expert.reset(seed=seed)
-        while True:
-            _, _, terminated, truncated, info = env.step(expert.act())
-            if terminated or truncated:
-                break
-        if info["is_success"]:
-            wins += 1
-        else:
-            failures[seed] = info["failure_mode"]
-    return wins / len(seeds), failures
+QUICK_FIRST_SEED, QUICK_EPISODES = 1000, 10
 
 
-def test_expert_solves_lab_quick(env_id, make_env):
-    env = make_env(env_id, site="lab")
-    rate, failures = _success_rate(env, make_expert(env), QUICK_SEEDS)
-    assert rate >= 0.9, f"expert success {rate:.0%} at lab; failures {failures}"
+def test_expert_solves_lab_quick(env_id):
+    summary = run_expert(env_id, "lab", episodes=QUICK_EPISODES, seed=QUICK_FIRST_SEED)
+    assert summary.success_rate >= 0.9, (
+        f"expert success {summary.success_rate:.0%} at lab; {summary.failure_modes}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_expert_solves_lab_200_episodes(env_id, make_env):
-    env = make_env(env_id, site="lab")
-    rate, failures = _success_rate(env, make_expert(env), range(200))
-    assert rate >= 0.95, f"expert success {rate:.1%} over 200 episodes at lab; failures {failures}"
+def test_expert_solves_lab_200_episodes(env_id):
+    summary = run_expert(env_id, "lab", episodes=200, seed=0)
+    assert summary.success_rate >= 0.95, (
+        f"expert success {summary.success_rate:.1%} over 200 episodes at lab; {summary.failure_modes}"
+    )
 
 
 def test_make_expert_returns_bound_expert(env_id, make_env):
@@ -68,8 +55,12 @@ def _actions(env, expert, seed, n=25):
 
 def test_expert_noise(env_id, make_env):
     runs = {}
-    variants = {"clean": {}, "a": {"noise_std": 0.3, "seed": 0}, "b": {"noise_std": 0.3, "seed": 0},
-                "c": {"noise_std": 0.3, "seed": 1}}
+    variants = {
+        "clean": {},
+        "a": {"noise_std": 0.3, "seed": 0},
+        "b": {"noise_std": 0.3, "seed": 0},
+        "c": {"noise_std": 0.3, "seed": 1},
+    }
     for name, kwargs in variants.items():
         env = make_env(env_id)  # a fresh env per run: only the expert's noise may differ
         runs[name] = _actions(env, make_expert(env, **kwargs), 0)
