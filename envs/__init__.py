@@ -19,9 +19,11 @@ from typing import Any
 import gymnasium as gym
 
 from loopsim.envs.core.site import Site, SiteError, available_sites, load_site
+from loopsim.envs.core.wrappers import ExpertActionInfo
 
 __all__ = [
     "ENV_ENTRY_POINTS",
+    "ExpertActionInfo",
     "Site",
     "SiteError",
     "available_sites",

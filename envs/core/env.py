@@ -138,6 +138,9 @@ class RobotTaskEnv(gym.Env):
         self._apply_site(self.site_params)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(self.action_dim,), dtype=np.float32)
         self._state_low, self._state_high = self._state_bounds()
+        # float64 copies (the same values) for clipping the float64 state without mixed-type loops
+        self._state_low64 = self._state_low.astype(np.float64)
+        self._state_high64 = self._state_high.astype(np.float64)
         state_space = gym.spaces.Box(self._state_low, self._state_high, dtype=np.float32)
         if obs_mode == "state":
             self.observation_space = state_space
@@ -238,25 +241,21 @@ class RobotTaskEnv(gym.Env):
         Returns:
             ``float`` for a single goal, else ``(B,)`` float32.
         """
+        if (
+            type(achieved_goal) is np.ndarray
+            and type(desired_goal) is np.ndarray
+            and achieved_goal.ndim == 1
+            and achieved_goal.shape == desired_goal.shape
+            and achieved_goal.dtype.char in "fd"
+            and desired_goal.dtype.char in "fd"
+        ):  # one float goal (what step() passes): plain floats give the float64 result with no copies
+            diff = [x - y for x, y in zip(achieved_goal.tolist(), desired_goal.tolist(), strict=True)]
+            return self._single_goal_reward(diff)
         a = np.asarray(achieved_goal, dtype=np.float64)
         d = np.asarray(desired_goal, dtype=np.float64)
         box = self.goal_box
         if a.ndim == 1 and d.ndim == 1 and a.shape == d.shape:  # one goal: the same IEEE arithmetic, faster
-            diff1 = (a - d).tolist()
-            if self.reward_type == "sparse":
-                if box is not None:
-                    inside = all(abs(diff1[k]) <= box[k % 3] for k in range(len(diff1)))
-                    return 0.0 if inside else -1.0
-                dist1 = max(
-                    math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
-                    for k in range(0, len(diff1), 3)
-                )
-                return 0.0 if dist1 <= self.goal_distance_threshold else -1.0
-            dist1 = max(
-                math.sqrt(diff1[k] * diff1[k] + diff1[k + 1] * diff1[k + 1] + diff1[k + 2] * diff1[k + 2])
-                for k in range(0, len(diff1), 3)
-            )
-            return float(np.float32(-dist1))
+            return self._single_goal_reward((a - d).tolist())
         diff = a - d  # broadcasts a single goal against a batch
         diff = diff.reshape(diff.shape[:-1] + (-1, 3))
         if self.reward_type == "sparse":
@@ -269,10 +268,32 @@ class RobotTaskEnv(gym.Env):
             r = -np.sqrt(np.sum(diff * diff, axis=-1)).max(axis=-1).astype(np.float32)
         return float(r) if np.ndim(r) == 0 else r
 
+    def _single_goal_reward(self, diff: list[float]) -> float:
+        """:meth:`_goal_reward` of one goal from ``achieved - desired`` (``G`` floats [m], float64)."""
+        box = self.goal_box
+        if self.reward_type == "sparse" and box is not None:
+            inside = all(abs(diff[k]) <= box[k % 3] for k in range(len(diff)))
+            return 0.0 if inside else -1.0
+        # The largest point-to-point distance, as max() picks it (first one, then any larger), in a
+        # loop: max() of a generator costs more.
+        dist = math.sqrt(diff[0] * diff[0] + diff[1] * diff[1] + diff[2] * diff[2])
+        for k in range(3, len(diff), 3):
+            d = math.sqrt(diff[k] * diff[k] + diff[k + 1] * diff[k + 1] + diff[k + 2] * diff[k + 2])
+            if d > dist:
+                dist = d
+        if self.reward_type == "sparse":
+            return 0.0 if dist <= self.goal_distance_threshold else -1.0
+        return float(np.float32(-dist))
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[Any, dict[str, Any]]:
         """Start a new episode.
+
+        Every episode has its own seed: without ``seed``, one is drawn from ``self.np_random`` (so
+        ``reset(seed=s)`` then ``reset()`` is reproducible) and the generator is re-seeded with it.
+        ``info["seed"]`` reports it, and ``reset(seed=info["seed"])`` replays the same episode (this
+        is what episode stores record, also for episodes started by a vector env's auto-reset).
 
         Args:
             seed: Seeds ``self.np_random``; the same seed gives a bit-identical episode for the same
@@ -280,7 +301,8 @@ class RobotTaskEnv(gym.Env):
             options: Unused; accepted for API compatibility.
 
         Returns:
-            ``(observation, info)`` with ``info["is_success"]`` (False), ``info["site"]`` (name) and
+            ``(observation, info)`` with ``info["is_success"]`` (False), ``info["seed"]`` (this
+            episode's seed, int in ``[0, 2**31)`` when drawn), ``info["site"]`` (name) and
             ``info["site_params"]`` (the parameters sampled for this episode).
 
         Raises:
@@ -288,6 +310,8 @@ class RobotTaskEnv(gym.Env):
         """
         if self.sim.closed:
             raise RuntimeError("reset() on a closed env")
+        if seed is None:
+            seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)
         self.sim.restore_base_state()
         self.site_params = self.site.sample(self.np_random)
@@ -298,7 +322,8 @@ class RobotTaskEnv(gym.Env):
         hold = [float(v) for v in self._hold_action()]
         self._actions = deque([list(hold) for _ in range(int(self.site_params.get("action_delay", 0)))])
         self._has_reset = True
-        info = {"is_success": False, "site": self.site.name, "site_params": dict(self.site_params)}
+        info = {"is_success": False, "seed": int(seed), "site": self.site.name,
+                "site_params": dict(self.site_params)}
         return self._get_obs(), info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -359,8 +384,8 @@ class RobotTaskEnv(gym.Env):
         if self.obs_mode == "rgb":
             eye, target, fov = self._camera()
             return self.sim.render(self.image_size, self.image_size, eye, target, fov)
-        state = np.minimum(np.maximum(self._state_observation(), self._state_low), self._state_high)
-        state = state.astype(np.float32)
+        state = np.maximum(self._state_observation(), self._state_low64)
+        state = np.minimum(state, self._state_high64, out=state).astype(np.float32)
         if self.obs_mode == "state":
             return state
         return {

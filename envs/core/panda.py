@@ -155,11 +155,12 @@ class Panda:
         self._arm_states = functools.partial(
             p.getJointStates, self.body, list(ARM_JOINTS) + list(FINGER_JOINTS), physicsClientId=cid
         )
-        self._lower = np.array(ARM_LOWER)
-        self._upper = np.array(ARM_UPPER)
-        self._rest = np.array(NEUTRAL)
         self._zeros = [0.0] * 9
         self._damping_eye = np.eye(6) * self.damping**2
+        self._solve = np.linalg.solve
+        self._arm_joints = list(ARM_JOINTS)
+        self._neutral: tuple | None = None  # end-effector kinematics at NEUTRAL, see reset_joints
+        self._all_joints = list(ARM_JOINTS) + list(FINGER_JOINTS)
         self._forces = list(ARM_FORCES)
         self._base = [float(v) for v in base_position]
         self._ws_low = [float(v) for v in self.workspace_low]
@@ -188,14 +189,33 @@ class Panda:
             finger_width: Opening between the fingers [m], in [0, 0.08].
         """
         half = finger_width / 2
-        self._reset_joints(list(ARM_JOINTS) + list(FINGER_JOINTS), [[q] for q in NEUTRAL] + [[half], [half]])
-        target = np.asarray(ee_position, dtype=np.float64)
-        self.read_state(forward_kinematics=True)
-        for _ in range(50):  # iterate the IK step on the kinematic state until it converges
-            q = self._ik_step((target - self.ee_pos).tolist(), max_step=0.3)
-            self._reset_joints(list(ARM_JOINTS), [[v] for v in q.tolist()])
-            self.read_state(forward_kinematics=True)
-            if np.abs(target - self.ee_pos).max() < 1e-4:
+        fingers = [half, half]
+        self._reset_joints(self._all_joints, [[q] for q in NEUTRAL] + [[half], [half]])
+        tx, ty, tz = (float(v) for v in np.asarray(ee_position, dtype=np.float64).tolist())
+        # Joint positions are what was just written (PyBullet stores and returns the same doubles), so
+        # only the end-effector pose is read back; plain floats, as these are 3-vectors. The pose and
+        # the Jacobian at NEUTRAL depend on nothing else (the fixed base is restored with the scene,
+        # the fingers are not on the chain to the end effector): computed once, reused at every reset.
+        if self._neutral is None:
+            self._read_kinematic_state(list(NEUTRAL) + fingers)
+            lin, ang = self._jacobian(self.q_all, self._zeros, self._zeros)
+            jac = np.array(lin + ang, dtype=np.float64)[:, :7]
+            jjt = jac @ jac.T
+            jjt += self._damping_eye
+            jac.flags.writeable = jjt.flags.writeable = False
+            self._neutral = (self.ee_pos_list, self._ee_quat, self.ee_vel_t, jac, jjt)
+        ee_pos, self._ee_quat, self.ee_vel_t, jac, jjt = self._neutral
+        self.ee_pos_list = ee_pos
+        self.q_all = list(NEUTRAL) + fingers
+        self.width = half + half
+        for i in range(50):  # iterate the IK step on the kinematic state until it converges
+            ex, ey, ez = self.ee_pos_list
+            error = (tx - ex, ty - ey, tz - ez)
+            q = self._ik_step(error, max_step=0.3) if i else self._ik_solve(jac, jjt, error, 0.3)
+            self._reset_joints(self._arm_joints, [[v] for v in q])
+            self._read_kinematic_state(q + fingers)
+            ex, ey, ez = self.ee_pos_list
+            if max(abs(tx - ex), abs(ty - ey), abs(tz - ez)) < 1e-4:
                 break
         self.command((0.0, 0.0, 0.0), finger_width, 40.0)
 
@@ -210,13 +230,13 @@ class Panda:
             gripper_force: Force of each finger motor [N]; 0 means the gripper holds nothing (a fault).
         """
         # Plain floats: this runs every control step and the vectors are tiny.
-        x, y, z = self.reachable(*(c + d for c, d in zip(self.ee_pos_list, displacement, strict=True)))
         cx, cy, cz = self.ee_pos_list
+        dx, dy, dz = displacement
+        x, y, z = self.reachable(cx + dx, cy + dy, cz + dz)
         q = self._ik_step((x - cx, y - cy, z - cz))
         half = 0.5 * finger_width
-        self._motors(
-            targetPositions=q.tolist() + [half, half], forces=self._forces + [gripper_force, gripper_force]
-        )
+        q += (half, half)
+        self._motors(targetPositions=q, forces=self._forces + [gripper_force, gripper_force])
 
     def reachable(self, x: float, y: float, z: float) -> tuple[float, float, float]:
         """Project an end-effector target onto the workspace the arm can reach pointing down.
@@ -249,35 +269,71 @@ class Panda:
             x, y, z = x * k, y * k, wz * k - WRIST_OFFSET + SHOULDER
         return x + b[0], y + b[1], z + b[2]
 
-    def _ik_step(self, position_error, max_step: float | None = None) -> np.ndarray:
+    def _ik_step(self, position_error, max_step: float | None = None) -> list[float]:
         """One damped-least-squares IK step from the configuration read by :meth:`read_state`.
 
         Solves ``dq = J^T (J J^T + lambda^2 I)^-1 e`` for the 6-D error ``e`` (position error and the
         orientation error towards ``EE_DOWN``, Siciliano et al. 2009, "Robotics", eq. 3.85), plus a
         null-space pull towards ``NEUTRAL`` that keeps the redundant joint away from its limits.
 
+        Only the matrix products and the solve use NumPy; the element-wise steps (null-space pull,
+        step limit, joint limits) run on plain floats, which gives the same IEEE results with far
+        less call overhead for 7 numbers.
+
         Args:
             position_error: Target minus current end-effector position, 3 floats [m].
             max_step: Largest joint change [rad] per call (``None``: no limit beyond the joint limits).
 
         Returns:
-            Target arm joint positions, ``(7,)`` float64 [rad], inside the joint limits.
+            Target arm joint positions, 7 floats [rad], inside the joint limits.
         """
-        q = self.q
         lin, ang = self._jacobian(self.q_all, self._zeros, self._zeros)
-        jac = np.array(lin + ang)[:, :7]
-        # Orientation error 0.5 * sum_i c_i x d_i, with c_i the columns of the current rotation and d_i
-        # those of the target diag(1, -1, -1) (gripper pointing down).
-        r = self.ee_rot
-        e_rot = (0.5 * (r[7] - r[5]), 0.5 * (r[6] + r[2]), -0.5 * (r[3] + r[1]))
-        err = np.array([*position_error, *e_rot])
-        jjt = jac @ jac.T + self._damping_eye
-        null = self.null_gain * (self._rest - q)
+        jac = np.array(lin + ang, dtype=np.float64)[:, :7]
+        jjt = jac @ jac.T
+        jjt += self._damping_eye
+        return self._ik_solve(jac, jjt, position_error, max_step)
+
+    def _ik_solve(
+        self, jac: np.ndarray, jjt: np.ndarray, position_error, max_step: float | None
+    ) -> list[float]:
+        """The rest of :meth:`_ik_step`, given the arm Jacobian ``(6, 7)`` and ``J J^T + lambda^2 I``."""
+        q_all = self.q_all
+        jac_t = jac.T
+        # Orientation error 0.5 * sum_i c_i x d_i, with c_i the columns of the current rotation R (the
+        # entries r1 .. r7 of :attr:`ee_rot`, row-major) and d_i those of the target diag(1, -1, -1).
+        x, y, z, w = self._ee_quat
+        r1, r2, r3 = 2 * (x * y - z * w), 2 * (x * z + y * w), 2 * (x * y + z * w)
+        r5, r6, r7 = 2 * (y * z - x * w), 2 * (x * z - y * w), 2 * (y * z + x * w)
+        err = (*position_error, 0.5 * (r7 - r5), 0.5 * (r6 + r2), -0.5 * (r3 + r1))
+        gain = self.null_gain
+        q = q_all[:7]
+        null = [gain * (rest - v) for rest, v in zip(NEUTRAL, q, strict=True)]
         # J^+ (e - J n) + n with J^+ = J^T (J J^T + lambda^2 I)^-1: one 6x6 solve with one right-hand side.
-        dq = jac.T @ np.linalg.solve(jjt, err - jac @ null) + null
-        if max_step is not None:
-            dq = np.minimum(np.maximum(dq, -max_step), max_step)
-        return np.minimum(np.maximum(q + dq, self._lower), self._upper)
+        rhs = np.array(err)
+        rhs -= jac @ np.array(null)
+        dq = (jac_t @ self._solve(jjt, rhs)).tolist()
+        out = []
+        for i in range(7):  # q + dq, dq clipped to max_step, inside the joint limits (min(max(.)) order)
+            d = dq[i] + null[i]
+            if max_step is not None:
+                d = -max_step if d < -max_step else max_step if d > max_step else d
+            v = q[i] + d
+            lo, hi = ARM_LOWER[i], ARM_UPPER[i]
+            out.append(lo if v < lo else hi if v > hi else v)
+        return out
+
+    def _read_kinematic_state(self, q_all: list[float]) -> None:
+        """:meth:`read_state` after teleporting the joints to ``q_all`` (9 floats [rad], [m]).
+
+        Recomputes the link poses and reads the end effector only: the joint positions are the ones
+        just written, which PyBullet returns unchanged.
+        """
+        s = self._link_state(computeForwardKinematics=1)
+        self.ee_pos_list = s[4]
+        self._ee_quat = s[5]
+        self.ee_vel_t = s[6]
+        self.q_all = q_all
+        self.width = q_all[7] + q_all[8]
 
     def read_state(self, forward_kinematics: bool = False) -> None:
         """Read the robot state into ``ee_pos``, ``ee_vel``, ``ee_rot``, ``q``, ``width``.
@@ -292,18 +348,26 @@ class Panda:
         """
         s = self._link_state(computeForwardKinematics=int(forward_kinematics))
         self.ee_pos_list = s[4]
+        self._ee_quat = s[5]
         self.ee_vel_t = s[6]
-        # Rotation matrix of the end-effector quaternion (x, y, z, w), row-major, flat (9,).
-        x, y, z, w = s[5]
-        self.ee_rot = (
+        q_all = [st[0] for st in self._arm_states()]
+        self.q_all = q_all
+        self.width = q_all[7] + q_all[8]
+
+    @property
+    def q(self) -> np.ndarray:
+        """Arm joint positions [rad] read by the last :meth:`read_state`, ``(7,)`` float64."""
+        return np.array(self.q_all[:7])
+
+    @property
+    def ee_rot(self) -> tuple[float, ...]:
+        """End-effector rotation matrix read by the last :meth:`read_state`, row-major, a flat 9-tuple."""
+        x, y, z, w = self._ee_quat
+        return (
             1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
             2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
             2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
         )  # fmt: skip
-        states = self._arm_states()
-        self.q_all = [st[0] for st in states]
-        self.q = np.array(self.q_all[:7])
-        self.width = self.q_all[7] + self.q_all[8]
 
     @property
     def ee_pos(self) -> np.ndarray:

@@ -97,6 +97,11 @@ class Simulation:
         if gui:  # pragma: no cover - needs a display
             self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_GUI, 0)
         self._step_once = functools.partial(p.stepSimulation, physicsClientId=self.id)
+        # The reset path too: BulletClient's attribute lookup builds a new partial on every call.
+        self._reset_pose = functools.partial(p.resetBasePositionAndOrientation, physicsClientId=self.id)
+        self._num_bodies = functools.partial(p.getNumBodies, physicsClientId=self.id)
+        self._collide = functools.partial(p.performCollisionDetection, physicsClientId=self.id)
+        self._restore = functools.partial(p.restoreState, physicsClientId=self.id)
 
     @property
     def control_dt(self) -> float:
@@ -139,11 +144,11 @@ class Simulation:
         # restoreState puts bodies back but keeps Bullet's persistent contact manifolds, whose cached
         # points and impulses would then depend on the previous episode. Pulling every body far apart
         # and running collision detection empties them first.
-        bc = self.bc
-        for body in range(bc.getNumBodies()):
-            bc.resetBasePositionAndOrientation(body, [0.0, 0.0, 1.0e4 + 100.0 * body], [0.0, 0.0, 0.0, 1.0])
-        bc.performCollisionDetection()
-        bc.restoreState(self._base_state)
+        reset_pose = self._reset_pose
+        for body in range(self._num_bodies()):
+            reset_pose(body, [0.0, 0.0, 1.0e4 + 100.0 * body], [0.0, 0.0, 0.0, 1.0])
+        self._collide()
+        self._restore(self._base_state)
 
     def create_box(
         self,

@@ -144,6 +144,9 @@ class FactoryPegInsertEnv(FactoryEnv):
         )
         cid = self.sim.id
         self._get_pose = functools.partial(p.getBasePositionAndOrientation, self.peg, physicsClientId=cid)
+        self._reset_pose = functools.partial(p.resetBasePositionAndOrientation, physicsClientId=cid)
+        self._reset_velocity = functools.partial(p.resetBaseVelocity, physicsClientId=cid)
+        self._change_dynamics = functools.partial(p.changeDynamics, physicsClientId=cid)
         # A placeholder episode so spaces and goals can be computed before the first reset.
         self._set_hole(FIXTURE_PARK[0], FIXTURE_PARK[1])
         self._read_task_state()
@@ -156,7 +159,7 @@ class FactoryPegInsertEnv(FactoryEnv):
         self._desired = np.array(self._desired_t)
 
     def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
-        self.sim.bc.changeDynamics(
+        self._change_dynamics(
             self.peg,
             -1,
             mass=float(params["part_mass"]),
@@ -166,21 +169,16 @@ class FactoryPegInsertEnv(FactoryEnv):
         )
 
     def _initialize_episode(self, rng: np.random.Generator) -> None:
-        bc = self.sim.bc
         hx, hy = rng.uniform(*FIXTURE_X), rng.uniform(*FIXTURE_Y)
-        bc.resetBasePositionAndOrientation(self.fixture, [hx, hy, FIXTURE_TOP], [0.0, 0.0, 0.0, 1.0])
+        self._reset_pose(self.fixture, [hx, hy, FIXTURE_TOP], [0.0, 0.0, 0.0, 1.0])
         self._set_hole(hx, hy)
-        ee = np.array(
-            [hx + rng.uniform(-0.1, 0.1), hy + rng.uniform(-0.1, 0.1), FIXTURE_TOP + rng.uniform(0.08, 0.15)]
-        )
+        ee = (hx + rng.uniform(-0.1, 0.1), hy + rng.uniform(-0.1, 0.1), FIXTURE_TOP + rng.uniform(0.08, 0.15))
         self.robot.reset_joints(ee, finger_width=2 * PEG_HALF - GRIP_SQUEEZE)
-        ee = self.robot.ee_pos
+        ex, ey, ez = self.robot.ee_pos_list
         grasp_x = rng.uniform(-0.004, 0.004)
         top = rng.uniform(0.02, 0.035)
-        bc.resetBasePositionAndOrientation(
-            self.peg, [ee[0] + grasp_x, ee[1], ee[2] + top - PEG_HALF_LENGTH], [0.0, 0.0, 0.0, 1.0]
-        )
-        bc.resetBaseVelocity(self.peg, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+        self._reset_pose(self.peg, [ex + grasp_x, ey, ez + top - PEG_HALF_LENGTH], [0.0, 0.0, 0.0, 1.0])
+        self._reset_velocity(self.peg, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
 
     def _read_task_state(self) -> None:
         (cx, cy, cz), (qx, qy, qz, qw) = self._get_pose()
