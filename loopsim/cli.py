@@ -1,14 +1,26 @@
 """The ``loopsim`` command line (Typer).
 
 Commands so far: ``loopsim envs`` (registered envs, spaces, sites), ``loopsim sites`` (site
-parameters and bundled sites of a domain) and ``loopsim expert`` (run a task's scripted expert at one
-or more sites and report success with 95% confidence intervals).
+parameters and bundled sites of a domain), ``loopsim expert`` (run a task's scripted expert at one
+or more sites and report success with 95% confidence intervals), ``loopsim info STORE`` (summary of
+an episode store), ``loopsim store check STORE [--repair]`` (verify a store, drop a killed writer's
+uncommitted tail), ``loopsim export STORE --to minari NAME`` and ``loopsim import NAME STORE --from
+minari`` (Minari datasets).
+
+Exit codes of the store commands: 0 done (for ``check``: the store is ok), 1 ``check`` found
+problems or an uncommitted tail that remain, 2 the command could not run (missing path, not a store,
+locked, newer schema, bad arguments), reported as one red line without a traceback.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +36,13 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+store_app = typer.Typer(
+    name="store",
+    help="Episode stores: verify and repair.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(store_app)
 
 
 def _space_str(space) -> str:
@@ -31,7 +50,7 @@ def _space_str(space) -> str:
 
     if isinstance(space, gym.spaces.Dict):
         return "Dict " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in space.spaces.items())
-    return f"Box{tuple(space.shape)} {space.dtype}"
+    return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
 
 
 @app.command()
@@ -92,8 +111,16 @@ def expert(
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the first episode; episode i uses seed+i.")] = 0,
     noise: Annotated[float, typer.Option(min=0.0, help="Std of the expert's action noise.")] = 0.0,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Record every episode into this episode store (created, or appended to)."),
+    ] = None,
 ) -> None:
-    """Run the task's scripted expert at one or more sites and report success with 95% intervals."""
+    """Run the task's scripted expert at one or more sites and report success with 95% intervals.
+
+    With ``--store``, every episode is recorded (with the expert's action at each state and
+    ``is_success`` as step extras, policy id ``expert``); see ``loopsim info STORE``.
+    """
     from loopsim.evaluation import run_expert
 
     if env_id not in ENV_ENTRY_POINTS:
@@ -110,18 +137,33 @@ def expert(
         console.print(f"[red]unknown {domain} site(s) {bad}; available sites are {valid}[/red]")
         raise typer.Exit(2)
     summaries = []
+    episode_store = _open_expert_store(store, env_id) if store else None
+    wrap = None
+    if episode_store is not None:
+        from loopsim.datasets import RecordEpisodes
+        from loopsim.envs import ExpertActionInfo
+
+        def wrap(env: Any) -> Any:
+            return RecordEpisodes(ExpertActionInfo(env), episode_store, policy_id="expert",
+                                  policy_version=f"noise_std={noise:g}")
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        for name in site_names:
-            task = progress.add_task(f"{env_id} @ {name}", total=episodes)
-            try:
-                summary = run_expert(
-                    env_id, name, episodes, seed, noise, on_episode=lambda _r, t=task: progress.advance(t)
-                )
-            except SiteError as exc:  # pragma: no cover - names were checked above
-                console.print(f"[red]{exc}[/red]")
-                raise typer.Exit(2) from exc
-            summaries.append(summary)
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            for name in site_names:
+                task = progress.add_task(f"{env_id} @ {name}", total=episodes)
+                try:
+                    summary = run_expert(
+                        env_id, name, episodes, seed, noise,
+                        on_episode=lambda _r, t=task: progress.advance(t), wrap=wrap,
+                    )
+                except SiteError as exc:  # pragma: no cover - names were checked above
+                    console.print(f"[red]{exc}[/red]")
+                    raise typer.Exit(2) from exc
+                summaries.append(summary)
+    finally:
+        if episode_store is not None:
+            episode_store.close()
     table = Table(
         title=f"scripted expert, {env_id}",
         caption=(
@@ -143,6 +185,294 @@ def expert(
             modes,
         )
     console.print(table)
+    if episode_store is not None:
+        console.print(f"recorded {sum(x.n for x in summaries)} episodes into {store} "
+                      f"({len(episode_store)} in total); see: loopsim info {store}")
+
+
+# ----------------------------------------------------------------------------- episode stores
+
+
+def _open_expert_store(url: str, env_id: str) -> Any:
+    """Create the store for ``loopsim expert --store`` (or open it to append, if it is one for ``env_id``)."""
+    import gymnasium as gym
+
+    from loopsim.datasets import EpisodeStore
+
+    with _store_errors():
+        try:
+            existing = EpisodeStore.open(url, mode="a")
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            if existing.env_id != env_id or "expert_action" not in existing.step_extras:
+                found, extras = existing.env_id, existing.step_extras
+                existing.close()
+                raise _error(f"{url} holds episodes of {found!r} (step extras {extras}); --store needs a new "
+                             f"path or a store of {env_id!r} with the expert_action extra")
+            return existing
+        env = gym.make(env_id)
+        try:
+            return EpisodeStore.create(url, observation_space=env.observation_space,
+                                       action_space=env.action_space, env_id=env_id,
+                                       step_extras=["expert_action", "is_success"])
+        finally:
+            env.close()
+
+
+class ExportFormat(StrEnum):
+    """Formats ``loopsim export`` writes."""
+
+    minari = "minari"
+
+
+class ImportFormat(StrEnum):
+    """Formats ``loopsim import`` reads."""
+
+    minari = "minari"
+
+
+def _error(message: str) -> typer.Exit:
+    """Print one red line (no markup, no wrapping) and return the exit-code-2 exception to raise."""
+    console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+@contextmanager
+def _store_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Turn the expected failures of a store command into one red line and exit code 2."""
+    from loopsim.datasets import StoreError
+
+    try:
+        yield
+    except (StoreError, OSError, *extra) as exc:
+        raise _error(str(exc) or type(exc).__name__) from None
+
+
+def _disk_size(url: str) -> int | None:
+    """Bytes of all files under a local store (``None`` for a remote URL)."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    root = Path(url.removeprefix("file://")).expanduser()
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover - unreachable
+
+
+def _pending_count(store: Any) -> int:
+    """Committed episodes not yet merged into the arrays (write-ahead ``pending/`` objects)."""
+    return int(store.n_pending)
+
+
+def _rate(successes: int, n: int) -> tuple[str, str]:
+    """Success rate and its 95% Wilson interval, formatted (``-`` for no episodes)."""
+    from loopsim.evaluation import wilson_interval
+
+    if n == 0:
+        return "-", "-"
+    lo, hi = wilson_interval(successes, n)
+    return f"{successes / n:.1%}", f"[{lo:.1%}, {hi:.1%}]"
+
+
+def _failure_counts(failure_modes: Any, success: Any) -> dict[str, int]:
+    """Count of each failure mode among failed episodes (``unknown`` if none recorded), most common first."""
+    counts = Counter(str(m) or "unknown" for m, ok in zip(failure_modes, success, strict=True) if not ok)
+    return dict(counts.most_common())
+
+
+@app.command()
+def info(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL (s3://...).")],
+) -> None:
+    """Summarise an episode store: episodes, transitions, sites, success rates, failure modes, size."""
+    import json
+
+    import numpy as np
+
+    from loopsim.datasets import EpisodeStore
+
+    with _store_errors():
+        opened = EpisodeStore.open(store, mode="r")
+    with opened as s, _store_errors():
+        cols = s.metadata()
+        n = len(s)
+        lengths = cols["length"]
+        success = cols["success"].astype(bool)
+        overview = Table(title=f"episode store {s.url}", show_header=False)
+        overview.add_column("", style="bold")
+        overview.add_column("")
+        size = _disk_size(s.url)
+        rate, ci = _rate(int(success.sum()), n)
+        rows = [
+            ("env id", s.env_id or "-"),
+            ("env kwargs", json.dumps(s.env_kwargs) if s.env_kwargs else "-"),
+            ("schema version", str(s.schema_version)),
+            ("loopsim version", f"{s.loopsim_version} (created {s.info.get('created', '?')})"),
+            ("observation space", _space_str(s.observation_space)),
+            ("action space", _space_str(s.action_space)),
+            ("step extras", ", ".join(s.step_extras) or "-"),
+            ("episodes", str(n)),
+            ("transitions", str(s.n_transitions)),
+            ("pending episodes", f"{_pending_count(s)} (committed, not yet merged into the arrays)"),
+            ("success", f"{rate} {ci} (95% Wilson)" if n else "-"),
+            ("size on disk", "n/a (remote store)" if size is None
+             else f"{_human_bytes(size)} ({size} bytes)"),
+        ]
+        for key, value in rows:
+            overview.add_row(key, value)
+        console.print(overview)
+        if n == 0:
+            console.print("no episodes yet")
+            return
+
+        sites = Table(title="sites", caption="steps: transitions; 95% CI: Wilson interval; return: mean "
+                      "per episode")
+        for col in ("site", "episodes", "steps", "success", "95% CI", "return", "failure modes"):
+            sites.add_column(col, justify="right" if col in ("episodes", "steps") else "left",
+                             no_wrap=col in ("success", "95% CI"),
+                             min_width=12 if col == "failure modes" else None)
+        names = sorted(set(cols["site"].tolist()))
+        for name in [*names, None]:
+            mask = np.ones(n, dtype=bool) if name is None else cols["site"] == name
+            k = int(mask.sum())
+            rate, ci = _rate(int(success[mask].sum()), k)
+            modes = _failure_counts(cols["failure_mode"][mask], success[mask])
+            sites.add_row(
+                "(all)" if name is None else (name or "(none)"), str(k), str(int(lengths[mask].sum())),
+                rate, ci, f"{cols['return'][mask].mean():.3f}",
+                ", ".join(f"{m}: {c}" for m, c in modes.items()) or "-",
+                style="bold" if name is None else None,
+            )
+        console.print(sites)
+
+        modes = _failure_counts(cols["failure_mode"], success)
+        failures = Table(title="failure modes (failed episodes)")
+        for col in ("failure mode", "episodes", "share of failures"):
+            failures.add_column(col)
+        total_failed = int((~success).sum())
+        for mode, count in modes.items():
+            failures.add_row(mode, str(count), f"{count / total_failed:.1%}")
+        if not modes:
+            failures.add_row("-", "0", "-")
+        console.print(failures)
+
+        policies = Table(title="policies and loop iterations")
+        for col in ("policy id", "version", "iteration", "episodes", "success", "95% CI"):
+            policies.add_column(col, no_wrap=col == "95% CI")
+        keys = sorted(set(zip(cols["policy_id"].tolist(), cols["policy_version"].tolist(),
+                              cols["iteration"].tolist(), strict=True)), key=lambda t: (t[2], t[0], t[1]))
+        for pid, pver, it in keys:
+            mask = (cols["policy_id"] == pid) & (cols["policy_version"] == pver) & (cols["iteration"] == it)
+            k = int(mask.sum())
+            rate, ci = _rate(int(success[mask].sum()), k)
+            policies.add_row(pid or "-", pver or "-", str(it), str(k), rate, ci)
+        console.print(policies)
+
+
+@store_app.command("check")
+def store_check(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL.")],
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Drop a killed writer's uncommitted tail (takes the writer lock)."),
+    ] = False,
+) -> None:
+    """Verify a store (index, lengths, flags, metadata vs data); exit 1 if anything is wrong.
+
+    With --repair, the uncommitted leftovers of a killed writer are removed; committed episodes are
+    never changed. Damage (data and metadata disagreeing) is reported, not repaired.
+    """
+    from loopsim.datasets import EpisodeStore, StoreDamagedError
+
+    with _store_errors():
+        try:
+            opened = EpisodeStore.open(store, mode="a" if repair else "r")
+        except StoreDamagedError as exc:
+            console.print(f"problem: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+            console.print("the store cannot be opened; --repair cannot fix this", style="red")
+            raise typer.Exit(1) from None
+        with opened as s:
+            found = s.check()
+            console.print(f"{s.url}: {found.episodes} committed episodes, {s.n_transitions} transitions",
+                          markup=False, highlight=False, soft_wrap=True)
+            for item in found.uncommitted:
+                console.print(f"uncommitted: {item}", style="yellow", markup=False, soft_wrap=True)
+            for item in found.problems:
+                console.print(f"problem: {item}", style="red", markup=False, soft_wrap=True)
+            result = found
+            if repair and found.uncommitted:
+                result = s.repair()
+                dropped = len(found.uncommitted) - len(result.uncommitted)
+                console.print(f"repaired: removed {dropped} uncommitted leftover(s); "
+                              f"{result.episodes} committed episodes kept", style="green")
+                for item in result.uncommitted:
+                    console.print(f"still uncommitted: {item}", style="yellow", markup=False,
+                                  soft_wrap=True)
+    if result.ok:
+        console.print("ok", style="bold green")
+        return
+    if result.uncommitted and not repair:
+        console.print("run `loopsim store check STORE --repair` to drop the uncommitted leftovers",
+                      markup=False, soft_wrap=True)
+    if result.problems:
+        console.print(f"{len(result.problems)} problem(s): the store's data and metadata disagree; "
+                      "--repair does not change committed episodes", style="red", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    """A transient progress bar, shown only on a terminal (nothing in pipes, logs and tests)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL.")],
+    name: Annotated[str, typer.Argument(help="Minari dataset id, (namespace/)name-v<version>.")],
+    to: Annotated[ExportFormat, typer.Option("--to", help="Format to export to.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset NAME.")] = False,
+) -> None:
+    """Export a store's committed episodes to a Minari dataset (under $MINARI_DATASETS_PATH)."""
+    from loopsim.datasets import EpisodeStore
+    from loopsim.datasets.minari_io import export_to_minari, minari_dataset_path
+
+    with _store_errors(ValueError, TypeError, IndexError):
+        path = minari_dataset_path(name)
+        with EpisodeStore.open(store, mode="r") as s, _progress() as progress:
+            task = progress.add_task(f"{to.value} {name}", total=len(s))
+            dataset = export_to_minari(s, name, overwrite=overwrite,
+                                       on_episodes=lambda k: progress.advance(task, k))
+            episodes, steps = len(s), s.n_transitions
+    console.print(f"exported {episodes} episodes ({steps} transitions) to Minari dataset {dataset.id} "
+                  f"at {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("import")
+def import_(
+    name: Annotated[str, typer.Argument(help="Minari dataset id (a local dataset).")],
+    store: Annotated[str, typer.Argument(help="Episode store to create: a directory or an fsspec URL.")],
+    from_: Annotated[ImportFormat, typer.Option("--from", help="Format to import from.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store STORE.")] = False,
+) -> None:
+    """Create an episode store from a local Minari dataset (from $MINARI_DATASETS_PATH)."""
+    from loopsim.datasets.minari_io import import_from_minari
+
+    with _store_errors(ValueError, TypeError), _progress() as progress:
+        task = progress.add_task(f"{from_.value} {name}", total=None)
+        s = import_from_minari(name, store, overwrite=overwrite,
+                               on_episodes=lambda k: progress.advance(task, k))
+    with s:
+        console.print(f"imported {len(s)} episodes ({s.n_transitions} transitions) from Minari dataset "
+                      f"{name} into {s.url} (env id {s.env_id or 'unknown'})",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

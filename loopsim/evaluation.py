@@ -119,6 +119,7 @@ def run_expert(
     noise_std: float = 0.0,
     env_kwargs: Mapping[str, Any] | None = None,
     on_episode: Callable[[EpisodeResult], None] | None = None,
+    wrap: Callable[[gym.Env], gym.Env] | None = None,
 ) -> SiteSummary:
     """Run a task's scripted expert for ``episodes`` episodes at one site.
 
@@ -133,6 +134,8 @@ def run_expert(
         noise_std: Expert action noise std (action units).
         env_kwargs: Extra keyword arguments for ``gymnasium.make``.
         on_episode: Called with each finished episode (e.g. to advance a progress bar).
+        wrap: Applied to the env before the episodes run (e.g. an episode recorder,
+            :class:`loopsim.datasets.RecordEpisodes`); the expert still acts on the env underneath.
 
     Returns:
         The per-site summary.
@@ -148,6 +151,12 @@ def run_expert(
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0")
     env = gym.make(env_id, site=site, **dict(env_kwargs or {}))
+    if wrap is not None:
+        try:
+            env = wrap(env)
+        except BaseException:
+            env.close()
+            raise
     try:
         expert = make_expert(env, noise_std=noise_std, seed=seed)
         summary = SiteSummary(env_id, env.unwrapped.site.name)
