@@ -75,7 +75,7 @@ from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
 from loopsim.datasets.schema import STEP_EXTRAS, Episode, EpisodeMetadata, check_space
-from loopsim.datasets.store import EpisodeStore
+from loopsim.datasets.store import EpisodeStore, _is_local, _local_path
 
 __all__ = ["export_to_minari", "import_from_minari", "minari_dataset_path"]
 
@@ -404,7 +404,7 @@ def import_from_minari(
         flag = np.asarray(info.get("is_success", ()))
         extras = ["is_success"] if first is not None and flag.shape == (len(first) + 1,) else []
         attrs = {"minari_dataset_id": dataset.id, "minari_version": dataset.minari_version}
-    existed = _is_local(url) and Path(os.fspath(url)).exists()
+    existed = _is_local(url) and _local_path(url).exists()
     out = EpisodeStore.create(url, observation_space=dataset.observation_space,
                               action_space=dataset.action_space, env_id=env_id, env_kwargs=env_kwargs,
                               step_extras=extras, overwrite=overwrite, flush_every=flush_every,
@@ -424,13 +424,9 @@ def import_from_minari(
     except BaseException:
         out.close()
         if not existed and _is_local(url):
-            shutil.rmtree(Path(os.fspath(url)), ignore_errors=True)
+            shutil.rmtree(_local_path(url), ignore_errors=True)
         raise
     return EpisodeStore.open(url, mode="r")
-
-
-def _is_local(url: str | os.PathLike) -> bool:
-    return isinstance(url, os.PathLike) or "://" not in str(url)
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterable[Any]:

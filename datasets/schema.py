@@ -8,6 +8,7 @@ then one per step).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +175,46 @@ class EpisodeMetadata:
     wall_time: float = 0.0
     tags: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Check that every field fits its ``meta/`` column; normalises numpy integers to ``int``.
+
+        Raises:
+            ValueError: For a seed outside ``[0, 2**63)``, an iteration outside int64, a string that is
+                not valid Unicode (e.g. a lone surrogate), a non-finite wall time, or metadata
+                (``site_params``, ``tags``) that is not JSON-able.
+        """
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+                raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            if not 0 <= int(self.seed) < 2**63:
+                raise ValueError(f"seed {self.seed} is outside [0, 2**63) (stored as int64; -1 means "
+                                 "unknown)")
+            self.seed = int(self.seed)
+        if isinstance(self.iteration, bool) or not isinstance(self.iteration, (int, np.integer)) or not (
+                -(2**63) <= int(self.iteration) < 2**63):
+            raise ValueError(f"iteration must be an int64, got {self.iteration!r}")
+        self.iteration = int(self.iteration)
+        for name in ("site", "policy_id", "policy_version", "failure_mode"):
+            value = getattr(self, name)
+            if value is None and name == "failure_mode":
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a str, got {value!r}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{name} {value!r} is not valid Unicode text") from None
+        if not math.isfinite(float(self.wall_time)):
+            raise ValueError(f"wall_time must be finite, got {self.wall_time!r}")
+        for name in ("site_params", "tags"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+            try:
+                _jsonable(value)
+            except TypeError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
     def to_json(self) -> str:
         """The metadata as one JSON object (used in the write-ahead files)."""
         return json.dumps({
@@ -243,8 +284,8 @@ class Episode:
         spaces = (observation_space.spaces if isinstance(observation_space, gym.spaces.Dict)
                   else {"": observation_space})
         for (name, arr), sub in zip(obs.items(), spaces.values(), strict=True):
-            _check_array(name, arr, (t + 1, *sub.shape), sub.dtype)
-        _check_array("actions", self.actions, (t, *action_space.shape), action_space.dtype)
+            _check_array(name, arr, (t + 1, *sub.shape), sub.dtype, sub)
+        _check_array("actions", self.actions, (t, *action_space.shape), action_space.dtype, action_space)
         _check_array("rewards", self.rewards, (t,), None)
         for flag in ("terminated", "truncated"):
             arr = np.asarray(getattr(self, flag))
@@ -257,16 +298,45 @@ class Episode:
                              f"step_extras {sorted(step_extras)}")
         for name, arr in self.extras.items():
             if name == "expert_action":
-                _check_array(name, arr, (t, *action_space.shape), action_space.dtype)
+                _check_array(name, arr, (t, *action_space.shape), action_space.dtype, action_space)
             else:
                 _check_array(name, arr, (t,), None)
         if not np.all(np.isfinite(np.asarray(self.rewards, dtype=np.float64))):
             raise ValueError("rewards contain NaN or infinite values")
+        self.metadata.validate()
 
 
-def _check_array(name: str, arr: Any, shape: tuple[int, ...], dtype: np.dtype | None) -> None:
+def _check_array(name: str, arr: Any, shape: tuple[int, ...], dtype: np.dtype | None,
+                 space: gym.Space | None = None) -> None:
+    """Shape, dtype, and values the stored dtype can hold (no silent wrap-around or overflow to inf)."""
     arr = np.asarray(arr)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
-    if dtype is not None and not np.can_cast(arr.dtype, dtype, casting="same_kind"):
-        raise ValueError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if dtype is None:
+        return
+    dtype = np.dtype(dtype)
+    if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+        raise ValueError(f"{name} has dtype {arr.dtype}, expected {dtype}")
+    if arr.size == 0 or arr.dtype == dtype:
+        pass
+    elif dtype.kind in "iu" and arr.dtype.kind in "iub":
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise ValueError(f"{name} has values in [{arr.min()}, {arr.max()}], outside what the stored "
+                             f"dtype {dtype} holds [{info.min}, {info.max}]")
+    elif dtype.kind == "f" and arr.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            overflow = np.isfinite(arr) & ~np.isfinite(arr.astype(dtype))
+        if overflow.any():
+            raise ValueError(f"{name} has finite values too large for the stored dtype {dtype} "
+                             f"(e.g. {arr[overflow].flat[0]!r})")
+    integer_spaces = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+    if isinstance(space, integer_spaces) and arr.size:
+        if isinstance(space, gym.spaces.Discrete):
+            low, high = np.int64(space.start), np.int64(space.start + space.n - 1)
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            low, high = space.start, space.start + space.nvec - 1
+        else:
+            low, high = 0, 1
+        if np.any(arr < low) or np.any(arr > high):
+            raise ValueError(f"{name} has values outside the space {space}")

@@ -47,6 +47,7 @@ import asyncio
 import datetime as _dt
 import functools
 import json
+import operator
 import os
 import re
 import shutil
@@ -124,8 +125,16 @@ def _is_local(url: str | os.PathLike) -> bool:
 
 
 def _local_path(url: str | os.PathLike) -> Path:
+    """The directory of a local store: a path, ``~/...``, or ``file:///abs`` / ``file://localhost/abs``."""
     text = os.fspath(url)
-    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    if text.startswith("file://"):
+        rest = text[len("file://"):]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        elif not rest.startswith("/"):
+            raise ValueError(f"{text}: a file URL must be file:///absolute/path (or file://localhost/...)")
+        text = rest
+    return Path(text).expanduser()
 
 
 def _data_keys(observation_space: gym.Space, step_extras: Sequence[str]) -> list[str]:
@@ -142,6 +151,8 @@ def _locked(method: Any) -> Any:
     """Run a reading method under the store's state lock (a writer's merge thread updates that state)."""
     @functools.wraps(method)
     def wrapper(self: EpisodeStore, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StoreError(f"{self.url}: the store is closed")
         with self._state:
             return method(self, *args, **kwargs)
     return wrapper
@@ -189,11 +200,15 @@ class EpisodeStore:
                  _flush_bytes: int = 16 << 20) -> None:
         """Use :meth:`create` or :meth:`open` instead."""
         self.url = os.fspath(url)
+        if not str(self.url).strip():
+            raise ValueError("an episode store needs a path or URL, got an empty string")
+        if isinstance(_flush_every, bool) or int(_flush_every) < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {_flush_every!r}")
         self.mode = _mode
         self.flush_every = int(_flush_every)
         self.flush_bytes = int(_flush_bytes)
         self._lock: filelock.BaseFileLock | None = None
-        self._remote_lock = False
+        self._remote_lock: str | bool = False  # the owner record we wrote, for remote stores
         self._closed = False
         self._pending: dict[int, Episode] = {}          # writer: committed, not yet merged
         self._pending_bytes = 0
@@ -276,9 +291,10 @@ class EpisodeStore:
         try:
             if existing:
                 self._wipe()
-            group = zarr.open_group(self._zstore, mode="a")  # "w" would delete the lock file
             step_extras = [e for e in STEP_EXTRAS if e in set(step_extras)]
-            group.attrs.put({"loopsim": {
+            # The root zarr.json is written once, with the loopsim attributes ("w" would delete the
+            # lock file): a kill after it leaves a recognisable store that overwrite=True replaces.
+            group = zarr.open_group(self._zstore, mode="a", attributes={"loopsim": {
                 "schema_version": SCHEMA_VERSION,
                 "loopsim_version": _loopsim_version(),
                 "env_id": env_id,
@@ -353,7 +369,8 @@ class EpisodeStore:
     def _exists(self) -> bool:
         if _is_local(self.url):
             path = _local_path(self.url)
-            return path.exists() and (not path.is_dir() or any(path.iterdir()))
+            # A directory holding only our lock file (a create killed at its start) counts as empty.
+            return path.exists() and (not path.is_dir() or any(c.name != LOCK_NAME for c in path.iterdir()))
         return bool(sync(self._zstore.exists("zarr.json")))
 
     @staticmethod
@@ -395,7 +412,8 @@ class EpisodeStore:
                     "one writer at a time. Readers may open it with mode='r'.") from None
             self._lock = lock
             return
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                            "token": uuid.uuid4().hex})
         buf = default_buffer_prototype().buffer.from_bytes(owner.encode())
         try:
             sync(self._zstore.set_if_not_exists(LOCK_NAME, buf))
@@ -406,14 +424,16 @@ class EpisodeStore:
             held = got.to_bytes().decode() if got is not None else "?"
             raise StoreLockedError(f"{self.url} is open for writing by another writer ({held}); remove "
                                    f"the key {LOCK_NAME!r} if that writer is dead")
-        self._remote_lock = True
+        self._remote_lock = owner
 
     def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
         if self._remote_lock:
-            sync(self._zstore.delete(LOCK_NAME))
+            held = sync(self._zstore.get(LOCK_NAME, prototype=default_buffer_prototype()))
+            if held is not None and held.to_bytes().decode() == self._remote_lock:  # only our own lock
+                sync(self._zstore.delete(LOCK_NAME))
             self._remote_lock = False
 
     def _wipe(self) -> None:
@@ -424,8 +444,12 @@ class EpisodeStore:
                 if child.name == LOCK_NAME:
                     continue
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        else:
-            sync(self._zstore.delete_dir(""))
+        else:  # every key but our lock
+            async def wipe() -> None:
+                keys = [k async for k in self._zstore.list_prefix("") if k != LOCK_NAME]
+                await asyncio.gather(*(self._zstore.delete(k) for k in keys))
+
+            sync(wipe())
 
     def _create_arrays(self, group: zarr.Group, obs_space: gym.Space, act_space: gym.Space,
                        step_extras: Sequence[str]) -> dict[str, zarr.Array]:
@@ -625,7 +649,10 @@ class EpisodeStore:
         """Rebuild the env the episodes came from: ``gymnasium.make(env_id, **env_kwargs)``.
 
         ``loopsim/...`` ids are made through Gymnasium's ``module:id`` form, so this works without
-        importing :mod:`loopsim.envs` first.
+        importing :mod:`loopsim.envs` first. A store may hold episodes of several sites under one set
+        of kwargs (``loopsim expert --store`` does): to replay episode ``i`` exactly, make the env at
+        its site, ``make_env(site=store.metadata_row(i).site)``, then ``reset(seed=...seed)`` and
+        step the stored actions.
 
         Args:
             **overrides: Kwargs that replace stored ones (e.g. ``render_mode="rgb_array"``).
@@ -880,11 +907,17 @@ class EpisodeStore:
         self.close()
 
     def __del__(self) -> None:
-        """Release the lock if the store is garbage collected while open (no merge)."""
-        try:
-            self._release_lock()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        """Release a local lock if the store is garbage collected while open (no merge).
+
+        A remote store's lock key is left in place: deleting it needs zarr's event loop, which may be
+        gone at interpreter shutdown (and waiting for it there would hang). Close remote writers.
+        """
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     # ----------------------------------------------------------------- reading
 
@@ -900,7 +933,10 @@ class EpisodeStore:
 
     def _check_index(self, index: int) -> int:
         n = len(self)
-        i = int(index)
+        try:
+            i = operator.index(index)  # ints and numpy integers; 1.5 or "1" are refused
+        except TypeError:
+            raise TypeError(f"episode index must be an integer, got {index!r}") from None
         if i < 0:
             i += n
         if not 0 <= i < n:
@@ -998,6 +1034,9 @@ class EpisodeStore:
                success: bool | None = None, failure_mode: str | Sequence[str] | None = None) -> np.ndarray:
         """Indices of the episodes matching every given filter (a value or a list of accepted values).
 
+        A filter left at ``None`` does not filter. ``failure_mode`` matches the stored mode; to select
+        episodes without one (successes, or failures no mode was given for) pass ``""`` or ``[None]``.
+
         Returns:
             ``(K,)`` int64 episode indices, ascending.
         """
@@ -1039,9 +1078,11 @@ class EpisodeStore:
         if bad:
             raise KeyError(f"unknown data keys {bad}; the store has {self.data_keys}")
         n_all = len(self)
-        chosen = np.arange(n_all) if episodes is None else np.asarray(episodes, dtype=np.int64)
+        chosen = np.arange(n_all) if episodes is None else np.asarray(episodes, dtype=np.int64).reshape(-1)
         if len(chosen) and (chosen.min() < 0 or chosen.max() >= n_all):
             raise IndexError(f"episode indices out of range [0, {n_all})")
+        if np.any(np.diff(chosen) <= 0):
+            raise ValueError("episodes must be strictly ascending (sort them, e.g. np.unique(indices))")
         ends_all = self.episode_ends
         starts_all = np.concatenate([[0], ends_all[:-1]]).astype(np.int64)
         merged = chosen[chosen < self._n_merged]

@@ -109,7 +109,9 @@ def expert(
         list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable). [default: lab]")
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the first episode; episode i uses seed+i.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**31 - 1, help="Seed of the first episode; episode i uses seed+i.")
+    ] = 0,
     noise: Annotated[float, typer.Option(min=0.0, help="Std of the expert's action noise.")] = 0.0,
     store: Annotated[
         str | None,
@@ -232,6 +234,13 @@ class ImportFormat(StrEnum):
     minari = "minari"
 
 
+def _folded(table: Table) -> Table:
+    """Fold long cells onto more lines instead of cutting them (a narrow or piped console is 80 wide)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
+
+
 def _error(message: str) -> typer.Exit:
     """Print one red line (no markup, no wrapping) and return the exit-code-2 exception to raise."""
     console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
@@ -327,7 +336,7 @@ def info(
         ]
         for key, value in rows:
             overview.add_row(key, value)
-        console.print(overview)
+        console.print(_folded(overview))
         if n == 0:
             console.print("no episodes yet")
             return
@@ -335,9 +344,7 @@ def info(
         sites = Table(title="sites", caption="steps: transitions; 95% CI: Wilson interval; return: mean "
                       "per episode")
         for col in ("site", "episodes", "steps", "success", "95% CI", "return", "failure modes"):
-            sites.add_column(col, justify="right" if col in ("episodes", "steps") else "left",
-                             no_wrap=col in ("success", "95% CI"),
-                             min_width=12 if col == "failure modes" else None)
+            sites.add_column(col, justify="right" if col in ("episodes", "steps") else "left")
         names = sorted(set(cols["site"].tolist()))
         for name in [*names, None]:
             mask = np.ones(n, dtype=bool) if name is None else cols["site"] == name
@@ -350,7 +357,7 @@ def info(
                 ", ".join(f"{m}: {c}" for m, c in modes.items()) or "-",
                 style="bold" if name is None else None,
             )
-        console.print(sites)
+        console.print(_folded(sites))
 
         modes = _failure_counts(cols["failure_mode"], success)
         failures = Table(title="failure modes (failed episodes)")
@@ -361,11 +368,11 @@ def info(
             failures.add_row(mode, str(count), f"{count / total_failed:.1%}")
         if not modes:
             failures.add_row("-", "0", "-")
-        console.print(failures)
+        console.print(_folded(failures))
 
         policies = Table(title="policies and loop iterations")
         for col in ("policy id", "version", "iteration", "episodes", "success", "95% CI"):
-            policies.add_column(col, no_wrap=col == "95% CI")
+            policies.add_column(col)
         keys = sorted(set(zip(cols["policy_id"].tolist(), cols["policy_version"].tolist(),
                               cols["iteration"].tolist(), strict=True)), key=lambda t: (t[2], t[0], t[1]))
         for pid, pver, it in keys:
@@ -373,7 +380,7 @@ def info(
             k = int(mask.sum())
             rate, ci = _rate(int(success[mask].sum()), k)
             policies.add_row(pid or "-", pver or "-", str(it), str(k), rate, ci)
-        console.print(policies)
+        console.print(_folded(policies))
 
 
 @store_app.command("check")

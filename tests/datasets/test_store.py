@@ -424,7 +424,7 @@ def test_metadata_none_and_empty_values(tmp_path: Path) -> None:
 def test_metadata_that_is_not_json_is_refused(tmp_path: Path) -> None:
     obs_space, act_space = OBS_SPACES["box_f32"], ACTION_SPACES["discrete"]
     with EpisodeStore.create(tmp_path / "s", observation_space=obs_space, action_space=act_space) as store:
-        with pytest.raises(TypeError, match="JSON"):
+        with pytest.raises(ValueError, match="JSON"):
             store.add_episode(make_episode(obs_space, act_space, 2, data_seed=0, tags={"bad": object()}))
         assert len(store) == 0
         assert files_in(tmp_path / "s", "pending") == []

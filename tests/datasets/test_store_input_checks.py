@@ -1,0 +1,178 @@
+"""Bad input is refused before anything is written, and refusing it leaves the store writable.
+
+Regression tests for a QA pass: metadata that did not fit its column (seeds >= 2**63, lone
+surrogates) used to be committed and then break every merge; narrowing casts wrapped around or
+overflowed silently; a remote overwrite deleted its own lock; a killed ``create`` left a directory
+nothing would reuse; unsorted ``load(episodes=...)`` misaligned episode boundaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from loopsim.datasets import Episode, EpisodeMetadata, EpisodeStore, StoreError, StoreLockedError
+from loopsim.datasets.store import LOCK_NAME
+
+OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+ACT = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+
+def episode(t: int = 3, k: int = 0, obs=None, act=None, **meta) -> Episode:
+    rng = np.random.default_rng(k)
+    return Episode(
+        observations=rng.uniform(-1, 1, (t + 1, 3)).astype(np.float32) if obs is None else obs,
+        actions=rng.uniform(-1, 1, (t, 2)).astype(np.float32) if act is None else act,
+        rewards=np.full(t, float(k)),
+        terminated=np.arange(t) == t - 1,
+        truncated=np.zeros(t, bool),
+        metadata=EpisodeMetadata(**meta),
+    )
+
+
+def pending_files(path: Path) -> list[str]:
+    folder = path / "pending"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+BAD_METADATA = {
+    "seed_too_large": {"seed": 2**63},
+    "seed_negative": {"seed": -5},
+    "seed_float": {"seed": 1.5},
+    "surrogate_site": {"site": "\ud800"},
+    "surrogate_policy": {"policy_id": "x\udfff"},
+    "surrogate_failure": {"failure_mode": "\ud800"},
+    "policy_not_str": {"policy_id": 3},
+    "iteration_too_large": {"iteration": 2**64},
+    "wall_time_nan": {"wall_time": float("nan")},
+    "tags_not_json": {"tags": {"a": object()}},
+    "site_params_not_mapping": {"site_params": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+def test_bad_metadata_is_refused_before_writing_and_the_store_stays_healthy(tmp_path, case):
+    path = tmp_path / "s"
+    store = EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=2)
+    store.add_episode(episode(k=0))
+    with pytest.raises(ValueError):
+        store.add_episode(episode(k=1, **BAD_METADATA[case]))
+    assert len(store) == 1 and pending_files(path) == ["000000000000.episode"]
+    store.add_episode(episode(k=2, seed=7))  # triggers a merge: it must not fail
+    store.close()
+    with EpisodeStore.open(path) as reader:
+        assert len(reader) == 2 and reader.check().ok
+        assert reader.metadata()["seed"].tolist() == [-1, 7]
+
+
+def test_numpy_integer_seed_is_accepted_as_int(tmp_path):
+    with EpisodeStore.create(tmp_path / "s", observation_space=OBS, action_space=ACT) as store:
+        store.add_episode(episode(seed=np.int64(2**62), iteration=np.int32(3)))
+        assert store.metadata_row(0).seed == 2**62 and type(store.metadata_row(0).seed) is int
+    assert EpisodeStore.open(tmp_path / "s").metadata_row(0).seed == 2**62
+
+
+@pytest.mark.parametrize(
+    ("obs_space", "act_space", "bad", "match"),
+    [
+        (gym.spaces.Box(0, 255, (2,), np.uint8), ACT, "obs", "outside what the stored dtype uint8 holds"),
+        (OBS, ACT, "obs_overflow", "too large for the stored dtype float32"),
+        (OBS, ACT, "act_overflow", "too large for the stored dtype float32"),
+        (OBS, gym.spaces.Discrete(3), "discrete", "outside the space"),
+        (OBS, gym.spaces.MultiDiscrete([2, 3]), "multidiscrete", "outside the space"),
+    ],
+)
+def test_values_the_stored_dtype_or_space_cannot_hold_are_refused(tmp_path, obs_space, act_space, bad, match):
+    t = 2
+    obs = np.zeros((t + 1, *obs_space.shape), dtype=np.float32)
+    act = np.zeros((t, *act_space.shape), dtype=act_space.dtype)
+    if bad == "obs":
+        obs = np.array([[7, 65535], [1, 2], [3, 300]], dtype=np.uint16)
+    elif bad == "obs_overflow":
+        obs = np.zeros((t + 1, 3)); obs[1, 1] = 1e40  # noqa: E702
+    elif bad == "act_overflow":
+        act = np.zeros((t, 2)); act[0, 0] = -1e300  # noqa: E702
+    elif bad == "discrete":
+        act = np.array([1, 7])
+    elif bad == "multidiscrete":
+        act = np.array([[1, 2], [2, 0]])
+    store = EpisodeStore.create(tmp_path / "s", observation_space=obs_space, action_space=act_space)
+    with pytest.raises(ValueError, match=match):
+        store.add_episode(episode(t, obs=obs, act=act))
+    assert len(store) == 0 and pending_files(tmp_path / "s") == []
+    store.close()
+
+
+def test_widening_and_exact_casts_are_still_accepted(tmp_path):
+    store = EpisodeStore.create(tmp_path / "s", observation_space=OBS, action_space=ACT)
+    store.add_episode(episode(obs=np.zeros((4, 3), np.float64), act=np.ones((3, 2), np.float64)))
+    assert store.episode(0).actions.dtype == np.float32
+    store.close()
+
+
+def test_remote_overwrite_keeps_its_lock(tmp_path):
+    url = f"memory://loopsim-tests/{tmp_path.name}/lock"
+    EpisodeStore.create(url, observation_space=OBS, action_space=ACT).close()
+    writer = EpisodeStore.create(url, observation_space=OBS, action_space=ACT, overwrite=True)
+    with pytest.raises(StoreLockedError):
+        EpisodeStore.open(url, mode="a")
+    writer.add_episode(episode(k=1))
+    writer.close()
+    with EpisodeStore.open(url, mode="a") as again:  # released at close
+        assert len(again) == 1
+
+
+def test_directory_left_with_only_a_lock_file_counts_as_empty(tmp_path):
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / LOCK_NAME).write_bytes(b"")  # a create killed right after taking its lock
+    with pytest.raises(FileNotFoundError):
+        EpisodeStore.open(path)
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT).close()
+    assert len(EpisodeStore.open(path)) == 0
+
+
+def test_root_attributes_are_written_with_the_group(tmp_path):
+    # A create killed after the root zarr.json leaves a recognisable (damaged) store, which
+    # overwrite=True replaces, never an anonymous group that nothing would touch.
+    path = tmp_path / "s"
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT).close()
+    import shutil
+
+    shutil.rmtree(path / "data")
+    shutil.rmtree(path / "meta")
+    with pytest.raises(StoreError, match="missing array"):
+        EpisodeStore.open(path)
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
+    assert len(EpisodeStore.open(path)) == 0
+
+
+def test_load_refuses_unsorted_episode_indices(tmp_path):
+    store = EpisodeStore.create(tmp_path / "s", observation_space=OBS, action_space=ACT, flush_every=2)
+    for k in range(4):
+        store.add_episode(episode(t=k + 1, k=k))
+    store.add_episode(episode(t=2, k=9))  # one pending
+    with pytest.raises(ValueError, match="strictly ascending"):
+        store.load(episodes=[4, 0])
+    arrays, ends = store.load(["reward"], episodes=[0, 4])
+    assert ends.tolist() == [1, 3] and arrays["reward"].tolist() == [0.0, 9.0, 9.0]
+    store.close()
+
+
+def test_argument_checks(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        EpisodeStore.create("", observation_space=OBS, action_space=ACT)
+    path = tmp_path / "s"
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT).close()
+    with pytest.raises(ValueError, match="flush_every"):
+        EpisodeStore.open(path, mode="a", flush_every=0)
+    store = EpisodeStore.open(path)
+    with pytest.raises(TypeError, match="integer"):
+        store.episode(1.5)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.metadata()
+    assert len(EpisodeStore.open(f"file://localhost{path}")) == 0
