@@ -79,7 +79,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
-from loopsim.datasets.schema import Episode, EpisodeMetadata
+from loopsim.datasets.schema import Episode, EpisodeMetadata, to_plain
 from loopsim.datasets.store import EpisodeStore
 
 if TYPE_CHECKING:
@@ -108,19 +108,6 @@ def _index_obs(observation: Any, i: int) -> Any:
     if isinstance(observation, Mapping):
         return {k: _index_obs(v, i) for k, v in observation.items()}
     return observation[i]
-
-
-def _builtin(value: Any) -> Any:
-    """Numpy scalars and arrays inside ``value`` as plain Python values (for the metadata)."""
-    if isinstance(value, Mapping):
-        return {str(k): _builtin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_builtin(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def unbatch_info(infos: Mapping[str, Any], i: int) -> dict[str, Any]:
@@ -167,11 +154,11 @@ class _Buffer:
         info_seed = info.get("seed")
         self.seed = int(info_seed) if info_seed is not None else (None if seed is None else int(seed))
         self.site = str(info.get("site", "") or "")
-        self.site_params = _builtin(dict(info.get("site_params", {}) or {}))
+        self.site_params = to_plain(dict(info.get("site_params", {}) or {}), strict=False)
         self.policy_id = recorder.policy_id
         self.policy_version = recorder.policy_version
         self.iteration = recorder.iteration
-        self.tags = _builtin(dict(recorder.tags))
+        self.tags = to_plain(dict(recorder.tags), strict=False)
 
 
 class EpisodeRecorder:

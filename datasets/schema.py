@@ -31,6 +31,7 @@ __all__ = [
     "flatten_observation",
     "space_from_json",
     "space_to_json",
+    "to_plain",
 ]
 
 SCHEMA_VERSION = 1
@@ -125,17 +126,28 @@ def flatten_observation(space: gym.Space, observation: Any) -> dict[str, np.ndar
     return {"observation": np.asarray(observation)}
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays inside ``value`` to plain JSON types."""
+def to_plain(value: Any, *, strict: bool = True) -> Any:
+    """Numpy scalars and arrays inside ``value`` (mappings, lists, tuples) as plain Python values.
+
+    Args:
+        value: Metadata such as ``site_params`` or ``tags``.
+        strict: Raise for anything JSON cannot hold; with False such values are passed through.
+
+    Returns:
+        The same structure with ``dict``/``list``/``bool``/``int``/``float``/``str``/``None``.
+
+    Raises:
+        TypeError: If ``strict`` and a value is not JSON-able.
+    """
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_plain(v, strict=strict) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_plain(v, strict=strict) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float, str)) or not strict:
         return value
     raise TypeError(f"{value!r} ({type(value).__name__}) cannot be stored as JSON metadata")
 
@@ -211,19 +223,19 @@ class EpisodeMetadata:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
             try:
-                _jsonable(value)
+                to_plain(value)
             except TypeError as exc:
                 raise ValueError(f"{name}: {exc}") from None
 
     def to_json(self) -> str:
         """The metadata as one JSON object (used in the write-ahead files)."""
         return json.dumps({
-            "seed": self.seed, "site": self.site, "site_params": _jsonable(self.site_params),
+            "seed": self.seed, "site": self.site, "site_params": to_plain(self.site_params),
             "policy_id": self.policy_id, "policy_version": self.policy_version,
             "iteration": int(self.iteration), "episode_return": float(self.episode_return),
             "length": int(self.length), "success": bool(self.success), "failure_mode": self.failure_mode,
             "interventions": int(self.interventions), "wall_time": float(self.wall_time),
-            "tags": _jsonable(self.tags),
+            "tags": to_plain(self.tags),
         }, allow_nan=True)
 
     @classmethod
