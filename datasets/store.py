@@ -1125,12 +1125,7 @@ class EpisodeStore:
             return self._check()
 
     def _check(self) -> StoreCheck:
-        """Verify the store: index, lengths, flags, and metadata against data.
-
-        Returns:
-            A :class:`StoreCheck` with ``problems`` (damage) and ``uncommitted`` (a killed writer's
-            leftovers, removable by :meth:`repair`).
-        """
+        """:meth:`check`, under the state lock."""
         problems: list[str] = []
         uncommitted: list[str] = []
         ends_full = np.asarray(self._arrays["meta/episode_ends"][:], dtype=np.int64)
@@ -1208,16 +1203,7 @@ class EpisodeStore:
             return self._repair()
 
     def _repair(self) -> StoreCheck:
-        """Drop a killed writer's uncommitted tail; never touches committed episodes.
-
-        Requires the writer lock (a store opened with ``mode="a"``).
-
-        Returns:
-            The :meth:`check` after the repair.
-
-        Raises:
-            StoreError: If the store is not open for appending.
-        """
+        """:meth:`repair`, under the state lock."""
         if not self.writable:
             raise StoreError("repair needs the writer lock: open the store with mode='a'")
         n = self._n_merged
