@@ -218,6 +218,7 @@ class EpisodeStore:
         self._state = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
         self._merge_future: Future | None = None
+        self._pending_dir: Path | None = None  # local stores: pending/ once resolved and created
         self._zstore = self._make_zarr_store(read_only=_mode == "r")
 
     # ----------------------------------------------------------------- construction
@@ -778,8 +779,10 @@ class EpisodeStore:
         if not _is_local(self.url):
             sync(self._zstore.set(key, default_buffer_prototype().buffer.from_bytes(payload)))
             return
-        path = _local_path(self.url) / key
-        path.parent.mkdir(exist_ok=True)
+        if self._pending_dir is None:  # resolved and created once: each file-system call counts here
+            self._pending_dir = _local_path(self.url) / PENDING
+            self._pending_dir.mkdir(exist_ok=True)
+        path = self._pending_dir / key.rpartition("/")[2]
         tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial")
         try:
             with open(tmp, "wb") as f:
