@@ -49,10 +49,11 @@ print(json.dumps(samples))
 def _growth(run_python, env_id, mode, warmup, n, obs_mode="state"):
     """RSS growth over the last four fifths of the cycles [MB], and all six samples.
 
-    The first fifth extends the warm-up: once in a while (1 of ~60 CI runs of these tests) the
-    allocator takes a single step early on (e.g. glibc raising its dynamic mmap threshold after a
-    large free keeps later buffers on the heap), 62 -> 93 MB after the first block and then flat
-    for 400 cycles. A leak grows with every block, so it still shows in the later four fifths.
+    The first fifth extends the warm-up: in one CI run the process took a single step early on
+    (62 -> 93 MB after the first block of FactorySort rgb make/close cycles, then flat for 400
+    cycles; three reruns stayed flat at 53 MB), the signature of an allocator change of mode (e.g.
+    glibc's dynamic mmap threshold), not of a leak. A leak grows with every block, so it still shows
+    in the later four fifths.
     """
     samples = run_python(_SCRIPT, env_id, mode, str(warmup), str(n), obs_mode, timeout=1200)
     return samples[-1] - samples[1], samples
