@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import json
 import math
@@ -84,12 +83,12 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pybullet as p
+from _common import cell, package_version, silence_c_stdout, summary, verdict  # noqa: E402  (this folder)
 from rich.console import Console
 from rich.table import Table
 
@@ -106,27 +105,6 @@ GOAL_RGB = 2.0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def silence_c_stdout() -> Iterator[None]:
-    """Send C-level stdout to /dev/null (a PyBullet client prints its ``argv`` when it connects).
-
-    Yields:
-        Nothing; stdout is restored (and C's buffer flushed into /dev/null) on exit.
-    """
-    sys.stdout.flush()
-    libc = ctypes.CDLL(None)
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        libc.fflush(None)
-        os.dup2(saved, 1)
-        os.close(devnull)
-        os.close(saved)
-
-
 @contextlib.contextmanager
 def timed_method(obj: Any, name: str, acc: list[float]) -> Iterator[None]:
     """Replace ``obj.name`` by a wrapper that adds the seconds spent in each call to ``acc``.
@@ -445,27 +423,6 @@ def measure(target: Target, repeat: int, steps: int, frames: int, seed: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------- report
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, min and max of one figure over the repeats."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def cell(values: list[float] | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
-    """Median on the first line, ``min-max`` (dim) on the second; ``-`` when there is no value."""
-    if not values:
-        return "-"
-    v = [x * scale for x in values]
-    med = format(statistics.median(v), fmt) + suffix
-    if len(v) == 1:
-        return med
-    return f"{med}\n[dim]{format(min(v), fmt)}-{format(max(v), fmt)}[/dim]"
-
-
-def verdict(ok: bool) -> str:
-    """Coloured PASS/FAIL."""
-    return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
-
-
 def rgb_ratios(target: Target, panda: Target | None) -> list[float]:
     """Our frames/s over panda-gym's, per repeat (repeats where both were measured)."""
     if panda is None or "fps" not in panda.metrics or "fps" not in target.metrics:
@@ -577,14 +534,6 @@ def print_report(
         console.print(f"[yellow]{name} unavailable:[/yellow] {reason}")
     for t in targets:
         console.print(f"[dim]{t.name}: {t.wrappers}[/dim]")
-
-
-def package_version(name: str) -> str:
-    """Installed version of ``name`` or ``"not installed"``."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

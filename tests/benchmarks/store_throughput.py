@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -97,7 +96,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +104,7 @@ import h5py
 import numpy as np
 import torch
 import zarr
+from _common import cell, package_version, silence_c_stdout, summary, verdict  # noqa: E402  (this folder)
 from rich.console import Console
 from rich.table import Table
 
@@ -138,27 +137,6 @@ except ImportError:  # pragma: no cover - fallback while the recorder is being w
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def silence_c_stdout() -> Iterator[None]:
-    """Send C-level stdout to /dev/null (a PyBullet client prints its ``argv`` when it connects).
-
-    Yields:
-        Nothing; stdout is restored on exit.
-    """
-    sys.stdout.flush()
-    libc = ctypes.CDLL(None)
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        libc.fflush(None)
-        os.dup2(saved, 1)
-        os.close(devnull)
-        os.close(saved)
-
-
 @contextlib.contextmanager
 def timed_methods(obj: Any, names: tuple[str, ...], acc: list[float]) -> Iterator[None]:
     """Shadow ``obj.<name>`` for each name by a wrapper adding the seconds of each call to ``acc[0]``.
@@ -727,27 +705,6 @@ def record_rollout(target: RolloutTarget, n: int, workdir: Path, repeat: int) ->
 
 
 # ---------------------------------------------------------------------------------------------- report
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, min and max of one figure over the repeats."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def cell(values: list[float] | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
-    """Median on the first line, ``min-max`` (dim) on the second; ``-`` when there is no value."""
-    if not values:
-        return "-"
-    v = [x * scale for x in values]
-    med = format(statistics.median(v), fmt) + suffix
-    if len(v) == 1:
-        return med
-    return f"{med}\n[dim]{format(min(v), fmt)}-{format(max(v), fmt)}[/dim]"
-
-
-def verdict(ok: bool) -> str:
-    """Coloured PASS/FAIL."""
-    return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
-
-
 def per_repeat_ratio(ours: list[float], others: list[list[float]]) -> list[float]:
     """``ours[r] / max(other[r] for other in others)`` per repeat."""
     return [o / max(x[r] for x in others) for r, o in enumerate(ours)]
@@ -905,14 +862,6 @@ def print_report(
 
 
 # ---------------------------------------------------------------------------------------------- main
-def package_version(name: str) -> str:
-    """Installed version of ``name`` or ``"not installed"``."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
