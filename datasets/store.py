@@ -86,6 +86,7 @@ from loopsim.datasets.schema import (
     flatten_observation,
     space_from_json,
     space_to_json,
+    to_plain,
 )
 
 __all__ = ["META_COLUMNS", "EpisodeStore", "StoreCheck"]
@@ -738,10 +739,11 @@ class EpisodeStore:
         if "intervention" in arrays:
             meta.interventions = int(np.count_nonzero(arrays["intervention"]))
         # Copies: the caller may reuse its buffers and metadata once add_episode returns.
+        meta_json = meta.to_json()
         stored = self._episode_from_arrays({k: v.copy() for k, v in arrays.items()},
-                                           EpisodeMetadata.from_json(meta.to_json()))
+                                           EpisodeMetadata.from_json(meta_json))
         index = len(self)
-        self._put_pending(index, _encode_pending(meta.to_json(), arrays))
+        self._put_pending(index, _encode_pending(meta_json, arrays))
         with self._state:
             self._pending[index] = stored
             self._pending_meta[index] = stored.metadata
@@ -1317,7 +1319,7 @@ def _meta_columns(metas: Sequence[EpisodeMetadata]) -> dict[str, np.ndarray]:
     return {
         "seed": np.array([-1 if m.seed is None else int(m.seed) for m in metas], dtype=np.int64),
         "site": strings([m.site for m in metas]),
-        "site_params": strings([json.dumps(_json_row(m.site_params)) for m in metas]),
+        "site_params": strings([json.dumps(to_plain(m.site_params)) for m in metas]),
         "policy_id": strings([m.policy_id for m in metas]),
         "policy_version": strings([m.policy_version for m in metas]),
         "iteration": np.array([m.iteration for m in metas], dtype=np.int64),
@@ -1327,12 +1329,8 @@ def _meta_columns(metas: Sequence[EpisodeMetadata]) -> dict[str, np.ndarray]:
         "failure_mode": strings([m.failure_mode or "" for m in metas]),
         "interventions": np.array([m.interventions for m in metas], dtype=np.int64),
         "wall_time": np.array([m.wall_time for m in metas], dtype=np.float64),
-        "tags": strings([json.dumps(_json_row(m.tags)) for m in metas]),
+        "tags": strings([json.dumps(to_plain(m.tags)) for m in metas]),
     }
-
-
-def _json_row(value: Mapping[str, Any]) -> Any:
-    return json.loads(EpisodeMetadata(site_params=dict(value)).to_json())["site_params"]
 
 
 def _meta_from_row(row: Mapping[str, Any]) -> EpisodeMetadata:
