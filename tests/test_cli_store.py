@@ -154,7 +154,7 @@ def test_check_ok(tmp_path):
 def _commit_pending_episode(path: Path) -> None:
     """A writer commits one episode (a pending object) and is SIGKILLed before merging it."""
     writer = EpisodeStore.open(path, mode="a", flush_every=1000)
-    writer.add_episode(make_episode(4, seed=99))  # committed as pending/000000000006.episode
+    writer.add_episode(make_episode(4, seed=99))  # committed as a record of the pending/ log
     writer._release_lock()  # the process "dies": no merge, the OS drops its lock
     writer._closed = True
 

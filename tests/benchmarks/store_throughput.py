@@ -24,9 +24,12 @@ observation rows per episode (no duplicated ``next_obs`` array) and the episode 
 rotates between repeats; time = create/open + every episode + close, so the final merge or flush is
 included):
 
-- ``loopsim``: ``EpisodeStore.create`` (default ``flush_every``), ``add_episode`` per episode,
-  ``close``. Crash guarantee: a kill at any moment loses at most the episode in flight (each
-  ``add_episode`` is one atomic object write; merges commit with ``episode_ends`` last).
+- ``loopsim``: ``EpisodeStore.create`` (default ``flush_every``, 1024 episodes or 16 MiB),
+  ``add_episode`` per episode, ``close``. Crash guarantee: a kill at any moment loses at most the
+  episode in flight (each ``add_episode`` appends one CRC-checked record to the store's pending log
+  with one ``writev``: a record cut short by a kill is ignored; merges into the compressed arrays
+  commit with ``episode_ends`` last). With the default ``--episodes 1000`` every merge is the one in
+  ``close`` (``merge ms/ep``); with more episodes, merges also run in a background thread.
 - ``h5py``: one file, one resizable chunked dataset per array (``maxshape=(None, ...)``, h5py's own
   chunk shape, no compression), one ``resize`` + slice write per array per episode (the pattern of
   robomimic-style recorders that append to one file), ``flush`` + close at the end. Crash guarantee:
@@ -38,8 +41,8 @@ included):
   many small files.
 
 Columns: ``ms/episode`` (total / episodes), ``episodes/s``, ``add p50 / max`` (per-episode call, ms:
-the max shows the periodic merge), ``x best alt``: our episodes/s over the best alternative's in the
-same repeat (then the median); ``disk MB``.
+the max shows a periodic merge or the first call), ``x best alt``: our episodes/s over the best
+alternative's in the same repeat (then the median); ``disk MB``.
 
 **Sampling** (after each repeat's writes, from the files just written): ``--batches`` batches of
 ``--batch-size`` transitions, ``(observation, action, reward, next_observation)``, each returned as

@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
+import zarr
 
 from loopsim.datasets import (
     META_COLUMNS,
@@ -770,3 +771,29 @@ def test_writer_reads_back_while_merging(tmp_path: Path, flush_every: int) -> No
         for i, ep in enumerate(eps):
             assert_same_episode(store.episode(i), ep, obs_space, act_space)
         assert store.check().ok
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
+     "float64", "str"],
+)
+def test_array_metadata_written_directly_is_what_zarr_writes(dtype: str) -> None:
+    """A local store's arrays are created by writing their metadata documents directly (fast):
+    those documents must be the ones zarr's own create_array writes."""
+    from zarr.codecs import ZstdCodec
+
+    from loopsim.datasets.store import _array_metadata
+
+    if dtype == "str":
+        spec: dict[str, Any] = {"shape": (0,), "chunks": (1024,), "dtype": str}
+    else:
+        spec = {"shape": (0, 3, 2), "chunks": (4096, 3, 2), "dtype": np.dtype(dtype),
+                "compressors": ZstdCodec(level=3), "fill_value": 0}
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    expected = group.create_array("x", **spec).metadata.to_dict()
+    doc = _array_metadata(spec)
+    assert doc is not None
+    parsed = zarr.AsyncArray(metadata=doc, store_path=zarr.storage.StorePath(group.store, "x")).metadata
+    assert parsed.to_dict() == expected
+    assert json.loads(json.dumps(doc)) == json.loads(json.dumps(expected))

@@ -58,9 +58,11 @@ def test_bad_metadata_is_refused_before_writing_and_the_store_stays_healthy(tmp_
     path = tmp_path / "s"
     store = EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=2)
     store.add_episode(episode(k=0))
+    log = path / "pending" / "000000000000.log"  # the session's pending-log segment: one record
+    size = log.stat().st_size
     with pytest.raises(ValueError):
         store.add_episode(episode(k=1, **BAD_METADATA[case]))
-    assert len(store) == 1 and pending_files(path) == ["000000000000.episode"]
+    assert len(store) == 1 and pending_files(path) == [log.name] and log.stat().st_size == size
     store.add_episode(episode(k=2, seed=7))  # triggers a merge: it must not fail
     store.close()
     with EpisodeStore.open(path) as reader:

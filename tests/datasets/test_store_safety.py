@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -295,7 +296,7 @@ def test_kill_writer_that_merges_every_episode(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- concurrent reader + writer
 
 
-@pytest.mark.parametrize("flush_every", [1, 3])
+@pytest.mark.parametrize("flush_every", [1, 3, 16])
 def test_reader_polls_while_writer_appends(tmp_path: Path, flush_every: int) -> None:
     url = tmp_path / "store"
     new_store(url, flush_every)
@@ -450,15 +451,52 @@ def _set_root_attr(path: Path, **changes: Any) -> None:
     (path / "zarr.json").write_text(json.dumps(meta))
 
 
-def _pending_files(path: Path) -> list[Path]:
-    """Leave episodes 8 and 9 pending (a writer that exits without closing) and return their files."""
-    child = Child(path.parent, path, flush_every=1000, stop=10, exit_=True)
+def _pending_segment(path: Path, stop: int = 10) -> Path:
+    """Leave episodes 8..stop-1 pending (a writer that exits without closing); return its log segment."""
+    child = Child(path.parent, path, flush_every=1000, stop=stop, exit_=True)
     child.proc.wait(timeout=60)
     child.kill()
-    assert child.committed() == [8, 9]
-    files = sorted(p for p in (path / "pending").iterdir() if not p.name.endswith(".partial"))
-    assert len(files) == 2, files
+    assert child.committed() == list(range(8, stop))
+    files = sorted((path / "pending").iterdir())
+    assert [f.name for f in files] == ["000000000008.log"], files
+    return files[0]
+
+
+def segment_records(segment: Path) -> list[tuple[int, int, int]]:
+    """``(episode index, record offset, record size)`` of each whole record of a pending-log segment."""
+    data = segment.read_bytes()
+    out, pos = [], 0
+    while pos + 28 <= len(data):
+        magic, index, length, _crc = struct.unpack_from("<8sQQI", data, pos)
+        assert magic == b"LSEPREC1"
+        if pos + 28 + length > len(data):  # a torn tail
+            break
+        out.append((index, pos, 28 + length))
+        pos += 28 + length
+    return out
+
+
+def _pending_files(path: Path) -> list[Path]:
+    """Episodes 8 and 9 pending as objects in the format written before the pending log
+    (``pending/<index>.episode``, one per episode: the payload of a log record)."""
+    segment = _pending_segment(path)
+    data = segment.read_bytes()
+    files = []
+    for index, offset, size in segment_records(segment):
+        files.append(path / "pending" / f"{index:012d}.episode")
+        files[-1].write_bytes(data[offset + 28:offset + size])
+    segment.unlink()
+    assert [f.name for f in files] == ["000000000008.episode", "000000000009.episode"]
     return files
+
+
+def _drop_first_record(path: Path) -> None:
+    """A segment that starts at episode 9 while the index ends at 8: episode 8 is missing."""
+    segment = _pending_segment(path)
+    (index, _, size), *_ = segment_records(segment)
+    assert index == 8
+    (path / "pending" / "000000000009.log").write_bytes(segment.read_bytes()[size:])
+    segment.unlink()
 
 
 def _set_ends(path: Path, values: Any) -> None:
@@ -554,6 +592,7 @@ DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "episode_ends_zeroed": (lambda p: _set_ends(p, 0), "meta/episode_ends is damaged"),
     "pending_objects_with_a_gap": (lambda p: _pending_files(p)[0].unlink(), "do not continue the index"),
+    "pending_log_with_a_gap": (_drop_first_record, "do not continue the index"),
     "bad_stored_space": (lambda p: _set_root_attr(p, observation_space="{not a space"), "spaces"),
     "garbage_pending_object": (
         lambda p: _pending_files(p)[0].write_bytes(b"PK\x03\x04garbage"),
@@ -706,3 +745,151 @@ def test_writer_exiting_without_close_keeps_every_added_episode(tmp_path: Path) 
     assert child.committed() == list(range(7))
     verify_store(url, at_least=7, at_most=7)
     append_and_verify(url, 2, flush_every=4)
+
+
+# ----------------------------------------------------------------------------- the pending log (local stores)
+
+# Appends episodes len(store) .. stop-2, then is SIGKILLed halfway through writing episode stop-1's
+# record (its os.writev writes half of the bytes, then the process kills itself). argv: url stop
+TORN_CHILD_SRC = EPISODE_SRC + textwrap.dedent("""
+    import os
+    import signal
+    import sys
+
+    from loopsim.datasets import EpisodeStore
+
+    url, stop = sys.argv[1], int(sys.argv[2])
+    store = EpisodeStore.open(url, mode="a", flush_every=1000)
+    for k in range(len(store), stop - 1):
+        print(store.add_episode(episode(k)), flush=True)
+
+
+    def torn_writev(fd, buffers):
+        data = b"".join(bytes(b) for b in buffers)
+        os.write(fd, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+    os.writev = torn_writev
+    store.add_episode(episode(stop - 1))
+    print("not killed", flush=True)
+""")
+
+
+def _pending_names(path: Path) -> list[str]:
+    return sorted(p.name for p in (path / "pending").iterdir()) if (path / "pending").is_dir() else []
+
+
+def _uncommitted(path: Path) -> list[str]:
+    with EpisodeStore.open(path) as store:
+        report = store.check()
+    assert report.problems == [], report.problems
+    return report.uncommitted
+
+
+def test_torn_tail_record_is_not_committed_and_appending_resumes_after_it(tmp_path: Path) -> None:
+    path = _healthy(tmp_path / "store")  # 8 merged episodes
+    segment = _pending_segment(path, stop=11)  # 8, 9, 10 in one segment
+    _, offset, size = segment_records(segment)[2]
+    os.truncate(segment, offset + size // 2)  # episode 10's record cut in the middle
+    before = snapshot(path)
+    verify_store(path, at_least=10, at_most=10)
+    assert any("000000000008.log" in u and "cut short" in u for u in _uncommitted(path))
+    assert snapshot(path) == before  # reading changed nothing
+    with EpisodeStore.open(path, mode="a", flush_every=1000) as store:
+        assert len(store) == 10 and store.add_episode(expected(10)) == 10
+        # A new segment after the last valid index; the torn one is left as it is until merged.
+        assert _pending_names(path) == ["000000000008.log", "000000000010.log"]
+        with EpisodeStore.open(path) as reader:
+            assert len(reader) == 11 and reader.episode(10).metadata.seed == 10
+    assert _pending_names(path) == []  # the close merged them all and deleted both segments
+    append_and_verify(path, 2, flush_every=1)
+    assert _uncommitted(path) == []
+
+
+def test_torn_first_record_of_a_segment(tmp_path: Path) -> None:
+    """Even the record header cut short: the segment commits nothing; its name is taken by the torn file."""
+    path = _healthy(tmp_path / "store")
+    segment = _pending_segment(path, stop=9)
+    os.truncate(segment, 20)
+    verify_store(path, at_least=8, at_most=8)
+    assert any("cut short" in u for u in _uncommitted(path))
+    with EpisodeStore.open(path, mode="a", flush_every=1000) as store:
+        assert store.add_episode(expected(8)) == 8
+        assert _pending_names(path) == ["000000000008.1.log", "000000000008.log"]
+        verify_store(path, at_least=9, at_most=9)
+    assert _pending_names(path) == []
+    verify_store(path, at_least=9, at_most=9)
+
+
+def test_repair_truncates_a_torn_tail_and_keeps_the_committed_records(tmp_path: Path) -> None:
+    path = _healthy(tmp_path / "store")
+    segment = _pending_segment(path, stop=11)
+    _, offset, size = segment_records(segment)[2]
+    os.truncate(segment, offset + size - 1)
+    committed = segment.read_bytes()[:offset]
+    with EpisodeStore.open(path, mode="a", flush_every=1000) as store:
+        report = store.repair()
+        assert report.ok, report.uncommitted
+        assert segment.read_bytes() == committed  # records 8 and 9 byte-identical
+        assert len(store) == 10
+    verify_store(path, at_least=10, at_most=10)
+
+
+def test_kill_during_append_leaves_a_torn_tail_that_is_ignored(tmp_path: Path) -> None:
+    """SIGKILL while a record is half written (twice in a row), then resume."""
+    path = tmp_path / "store"
+    new_store(path, flush_every=1000)
+    script = tmp_path / "torn_child.py"
+    script.write_text(TORN_CHILD_SRC)
+    for stop, names in ((4, ["000000000000.log"]), (6, ["000000000000.log", "000000000003.log"])):
+        proc = subprocess.run([sys.executable, str(script), str(path), str(stop)], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert proc.stdout.split() == [str(k) for k in range(stop - 3 if stop == 6 else 0, stop - 1)]
+        assert _pending_names(path) == names
+        # the last segment ends with a torn record
+        last = path / "pending" / names[-1]
+        records = segment_records(last)
+        assert last.stat().st_size > records[-1][1] + records[-1][2]
+        verify_store(path, at_least=stop - 1, at_most=stop - 1)
+        assert sum("cut short" in u for u in _uncommitted(path)) == len(names)
+    append_and_verify(path, 3, flush_every=2)
+    assert _pending_names(path) == [] and _uncommitted(path) == []
+
+
+def test_corrupt_record_in_the_middle_ends_the_valid_prefix(tmp_path: Path) -> None:
+    path = _healthy(tmp_path / "store")
+    segment = _pending_segment(path, stop=12)  # 8, 9, 10, 11
+    _, offset, size = segment_records(segment)[1]
+    data = bytearray(segment.read_bytes())
+    data[offset + size - 1] ^= 0xFF  # one flipped byte in episode 9's payload
+    segment.write_bytes(bytes(data))
+    before = snapshot(path)
+    verify_store(path, at_least=9, at_most=9)  # 9 fails its CRC: 9, 10, 11 are not committed
+    uncommitted = _uncommitted(path)
+    assert any("fails its CRC check" in u and f"byte {offset}" in u for u in uncommitted), uncommitted
+    assert snapshot(path) == before
+    with EpisodeStore.open(path, mode="a") as store:
+        assert len(store) == 9
+        assert store.repair().ok
+        assert segment.stat().st_size == offset
+    verify_store(path, at_least=9, at_most=9)
+    append_and_verify(path, 2, flush_every=3)
+
+
+def test_pending_objects_of_earlier_versions_are_read_merged_and_deleted(tmp_path: Path) -> None:
+    """Stores written before the pending log hold ``pending/<index>.episode`` objects: still read."""
+    path = _healthy(tmp_path / "store")
+    _pending_files(path)  # episodes 8 and 9 as objects
+    before = snapshot(path)
+    verify_store(path, at_least=10, at_most=10)
+    with EpisodeStore.open(path) as store:
+        assert store.n_pending == 2 and store.check().ok
+    assert snapshot(path) == before
+    with EpisodeStore.open(path, mode="a", flush_every=1000) as store:
+        assert store.add_episode(expected(10)) == 10
+        assert _pending_names(path) == ["000000000008.episode", "000000000009.episode", "000000000010.log"]
+        verify_store(path, at_least=11, at_most=11)
+    assert _pending_names(path) == []
+    verify_store(path, at_least=11, at_most=11)
