@@ -15,6 +15,7 @@ locked, newer schema, bad arguments), reported as one red line without a traceba
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -276,7 +277,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _pending_count(store: Any) -> int:
-    """Committed episodes not yet merged into the arrays (write-ahead ``pending/`` objects)."""
+    """Committed episodes not yet merged into the arrays (in the ``pending/`` write-ahead log)."""
     return int(store.n_pending)
 
 
@@ -485,3 +486,262 @@ def import_(
 def main() -> None:  # pragma: no cover - console entry point
     """Entry point of the ``loopsim`` console script."""
     app()
+
+
+# ------------------------------------------------------------------------------ policies and runs
+_OVERRIDES_HELP = "Config overrides key.sub=value (value parsed as YAML), e.g. train.epochs=50 seed=3."
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+@contextmanager
+def _run_errors() -> Iterator[None]:
+    """Turn a bad config, store, checkpoint or run directory into one red line and exit code 2."""
+    from loopsim.config import ConfigError
+    from loopsim.datasets import StoreError
+    from loopsim.policies import CheckpointError
+    from loopsim.training import RunDirError
+
+    try:
+        yield
+    except (ConfigError, StoreError, CheckpointError, RunDirError) as exc:
+        raise _error(str(exc)) from None
+
+
+def _result_table(title: str, results: list[Any], caption: str) -> Table:
+    table = Table(title=title, caption=caption)
+    for col in ("site", "n", "success [95% CI]", "return [95% CI]", "length", "failure modes"):
+        table.add_column(col)
+    for r in results:
+        (slo, shi), (rlo, rhi) = r.success_ci, r.return_ci
+        modes = ", ".join(f"{k}: {v}" for k, v in r.failure_modes.items()) or "-"
+        table.add_row(
+            r.site,
+            str(r.n),
+            f"{r.success_rate:.0%} [{slo:.0%}, {shi:.0%}]",
+            f"{r.mean_return:.1f} [{rlo:.1f}, {rhi:.1f}]",
+            f"{r.mean_length:.0f}",
+            modes,
+        )
+    return _folded(table)
+
+
+@app.command()
+def collect(
+    config: Annotated[
+        Path, typer.Argument(help="Collect config (YAML), e.g. configs/collect/factory_pick_lab.yaml.")
+    ],
+    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+) -> None:
+    """Run a policy (by default the task's expert) at a site for N episodes into an episode store.
+
+    Episode i is reset with seed ``seed + i``; ``workers`` processes run whole episodes each; every
+    finished episode is committed to the store at once, in seed order.
+    """
+    from loopsim.config import CollectConfig, load_config
+    from loopsim.rollout import collect as run_collect
+
+    with _run_errors():
+        cfg = load_config(CollectConfig, config, overrides or [])
+    done = [0]
+
+    def tick(_r: Any) -> None:
+        done[0] += 1
+        progress.advance(task)
+
+    try:
+        with _run_errors(), _store_errors(), _progress() as progress:
+            task = progress.add_task(f"{cfg.env.id} @ {cfg.env.site} -> {cfg.store}", total=cfg.episodes)
+            result = run_collect(cfg, on_episode=tick)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the {done[0]} episodes finished so far are committed to {cfg.store}; "
+                      f"continue with: loopsim collect {config} mode=append seed={cfg.seed + done[0]} "
+                      f"episodes={cfg.episodes - done[0]}", style="yellow", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    console.print(
+        _result_table(
+            f"collected with {cfg.policy.type}, {cfg.env.id}",
+            [result.summary],
+            f"seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}; 95% CI: percentile bootstrap (rliable)",
+        )
+    )
+    console.print(
+        f"stored {result.stored_after - result.stored_before} episodes in {result.store} "
+        f"({result.stored_after} in total); see: loopsim info {result.store}"
+    )
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="Training config (YAML), e.g. configs/train/factory_pick_bc.yaml.")
+    ],
+    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run directory. [default: run_dir from the config, else runs/<config stem>]"),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in the run directory.")] = False,
+) -> None:
+    """Train a policy (SB3 or behaviour cloning) from a config; write a run directory with its checkpoint.
+
+    The run directory holds the resolved config (config.yaml), the deployable checkpoint (checkpoint/),
+    evaluations.csv, TensorBoard logs (tb/) and private resume state (resume/).
+    """
+    from loopsim.config import TrainConfig, load_config
+    from loopsim.training import default_run_dir
+    from loopsim.training import train as run_train
+
+    with _run_errors():
+        cfg = load_config(TrainConfig, config, overrides or [])
+    directory = run_dir or default_run_dir(config, cfg)
+    with _run_errors(), _store_errors():
+        run = run_train(cfg, directory, resume=resume)
+    evals = run.evaluations()
+    last = [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []
+    table = Table(
+        title=f"final evaluation, {cfg.env.id}",
+        caption=f"{cfg.eval.episodes} episodes per site, seeds from {cfg.eval.seed}; "
+        "95% CI: percentile bootstrap (rliable)",
+    )
+    for col in ("site", "success", "95% CI", "return"):
+        table.add_column(col)
+    for r in last:
+        table.add_row(
+            r["site"],
+            f"{r['success_rate']:.1%}",
+            f"[{r['success_low']:.1%}, {r['success_high']:.1%}]",
+            f"{r['mean_return']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"run directory: {run.path}\ncheckpoint: {run.checkpoint_dir}\n"
+        f"deploy it: loopsim eval {run.checkpoint_dir} --env {cfg.env.id} --site lab"
+    )
+
+
+@app.command(name="eval")
+def eval_(
+    policy: Annotated[
+        Path, typer.Argument(help="A policy checkpoint directory (e.g. runs/<run>/checkpoint).")
+    ],
+    env_id: Annotated[str, typer.Option("--env", help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable). [default: lab]")
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
+    seed: Annotated[
+        int,
+        typer.Option(min=0, max=2**31 - 1, help="Seed of the first episode; episode i uses seed+i. The "
+                     "default is held out from the bundled demo seeds (0..) as in the training configs."),
+    ] = 1_000_000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    env_kwarg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env-kwarg",
+            help="Env kwarg key=value (YAML value), repeatable; "
+            "default: the kwargs the policy was trained with.",
+        ),
+    ] = None,
+    stochastic: Annotated[
+        bool, typer.Option(help="Sample actions instead of the deterministic mode.")
+    ] = False,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Also record every episode into this new episode store (one site only)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Evaluate a policy checkpoint: success rate and return with 95% bootstrap intervals, per site."""
+    import json
+
+    from pydantic import ValidationError
+
+    from loopsim.config import (
+        MAX_SEED,
+        CheckpointPolicyConfig,
+        CollectConfig,
+        ConfigError,
+        EnvConfig,
+        apply_overrides,
+        check_env_config,
+    )
+    from loopsim.envs import available_sites
+    from loopsim.policies import read_checkpoint
+    from loopsim.rollout import collect as run_collect
+    from loopsim.rollout import evaluate_policy
+
+    site_names = list(dict.fromkeys(site or ["lab"]))  # a repeated site is evaluated once
+    if seed + episodes - 1 > MAX_SEED:
+        raise _error(f"--seed {seed} + --episodes {episodes} - 1 exceeds the largest seed {MAX_SEED}")
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()
+                                 or not os.access(json_out.parent, os.W_OK)):
+        raise _error(f"--json {json_out}: cannot write a file there (a directory, or the folder is missing "
+                     "or not writable)")
+    if store is not None and Path(store).exists():
+        raise _error(f"--store {store} already exists: give a new path (loopsim collect can append)")
+    with _run_errors():
+        meta, _ = read_checkpoint(policy)
+        trained = (meta.get("config") or {}).get("env") or {}
+        kwargs = dict(trained.get("kwargs") or {}) if trained.get("id") == env_id else {}
+        kwargs = apply_overrides(kwargs, env_kwarg or [])
+        try:
+            env_cfg = EnvConfig(id=env_id, site=site_names[0], kwargs=kwargs)
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+            raise ConfigError(f"--env {env_id!r} / --env-kwarg {kwargs}: {msgs}") from None
+        if env_id in ENV_ENTRY_POINTS:
+            allowed = available_sites(env_class(env_id).site_schema.domain)
+            bad = [s for s in site_names if s not in allowed]
+            if bad:
+                raise ConfigError(f"--site {bad[0]!r} is not a site of {env_id}; allowed: {allowed}")
+        check_env_config(env_cfg, site_names)
+        spec = CheckpointPolicyConfig(path=str(policy))
+        if store is not None and len(site_names) != 1:
+            raise ConfigError("--store records one site at a time: give exactly one --site")
+    with _run_errors(), _store_errors(), _progress() as progress:
+        task = progress.add_task(f"{policy} @ {', '.join(site_names)}", total=episodes * len(site_names))
+        if store is not None:
+            result = run_collect(
+                CollectConfig(
+                    seed=seed,
+                    env=env_cfg,
+                    policy=spec,
+                    episodes=episodes,
+                    workers=workers,
+                    store=store,
+                    deterministic=not stochastic,
+                ),
+                on_episode=lambda _r: progress.advance(task),
+            )
+            results = {result.summary.site: result.summary}
+        else:
+            results = evaluate_policy(
+                spec,
+                env_cfg,
+                sites=site_names,
+                episodes=episodes,
+                seed=seed,
+                workers=workers,
+                deterministic=not stochastic,
+                on_episode=lambda _r: progress.advance(task),
+            )
+    console.print(
+        _result_table(
+            f"{meta.get('kind')} policy {policy}, {env_id}",
+            list(results.values()),
+            f"{episodes} episodes per site, seeds {seed}..{seed + episodes - 1}; "
+            "95% CI: percentile bootstrap (rliable)",
+        )
+    )
+    if store is not None:
+        console.print(f"recorded into {store}; see: loopsim info {store}")
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps({k: v.as_dict() for k, v in results.items()}, indent=2), encoding="utf-8"
+        )

@@ -1,0 +1,663 @@
+"""``loopsim train`` for ``policy.type: sb3``: stable-baselines3 training runs with checkpoints and resume.
+
+:func:`check_sb3_config` refuses a bad config before any work starts; :func:`train_sb3` trains into a
+:class:`~loopsim.training.RunDir`:
+
+- **Envs**: ``train.n_envs`` copies of ``env`` (``DummyVecEnv``, or ``SubprocVecEnv`` with
+  ``train.subproc``), each in a ``Monitor`` (episode return, length and ``is_success``, which SB3 logs
+  as ``rollout/success_rate``); sub-env ``i`` starts from seed ``seed + i``. With
+  ``policy.normalize`` a ``VecNormalize`` normalises observations (not rewards). With
+  ``train.failure_penalty`` a :class:`FailurePenalty` outside the ``Monitor`` penalises failed
+  endings (training rewards only).
+- **Model**: ``policy.algo`` with ``policy.policy`` (``auto``: ``MultiInputPolicy`` for dict
+  observations, ``CnnPolicy`` for images, else ``MlpPolicy``), ``policy.algo_kwargs``,
+  ``policy.policy_kwargs`` (classes by allow-listed name, see :mod:`loopsim.policies.sb3`), a
+  ``HerReplayBuffer`` with ``policy.her``; ``seed``; TensorBoard logs in ``tb/sb3_1``.
+- **Evaluation** every ``eval.every`` env steps and at the end (:meth:`RunDir.evaluate`).
+- **Checkpoints** every ``train.checkpoint_every`` env steps and at the end: the deployable
+  :class:`~loopsim.policies.SB3Policy` in ``checkpoint/`` (JSON + safetensors, with the resolved
+  config and provenance), and the private resume state in ``resume/`` (SB3's own files: ``model.zip``,
+  ``replay_buffer.pkl`` for off-policy algorithms, ``vecnormalize.pkl``, and ``state.json``).
+
+Resume state layout (written to a staging folder, then published by an atomic rename of the pointer
+file ``LATEST``, so a kill at any instant leaves the previous state loadable)::
+
+    resume/
+        LATEST                 # name of the current state folder, e.g. "step-000020000"
+        step-000020000/        # model.zip, replay_buffer.pkl, vecnormalize.pkl, state.json
+                               # (".1", ".2"... appended when a step is saved again)
+        .staging-*/            # a save in progress (or killed); removed by the next save
+
+``train_sb3(..., resume=True)`` loads the model (with fresh envs), its replay buffer and normalisation
+statistics and continues up to ``train.total_timesteps`` with ``reset_num_timesteps=False``: step
+counts, TensorBoard curves and ``evaluations.csv`` continue where the last saved state left off.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+
+from loopsim.config import ConfigError, EnvConfig, SB3PolicyConfig, SB3TrainConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from loopsim.policies.sb3 import SB3Policy
+    from loopsim.training import RunDir
+
+__all__ = [
+    "FailurePenalty",
+    "check_sb3_config",
+    "load_resume_state",
+    "resolve_policy_name",
+    "save_resume_state",
+    "train_sb3",
+]
+
+#: ``algo_kwargs`` that loopsim sets itself, and where to set them instead.
+_RESERVED_ALGO_KWARGS = {
+    "policy": "policy.policy",
+    "env": "env",
+    "seed": "seed",
+    "tensorboard_log": "(the run directory's tb/)",
+    "policy_kwargs": "policy.policy_kwargs",
+    "replay_buffer_class": "policy.her",
+    "replay_buffer_kwargs": "policy.her_kwargs",
+    "_init_setup_model": "(internal)",
+}
+#: ``her_kwargs`` loopsim passes on to ``HerReplayBuffer``.
+_HER_KWARGS = ("n_sampled_goal", "goal_selection_strategy", "copy_info_dict")
+_GOAL_STRATEGIES = ("future", "final", "episode")
+_NOISE_TYPES = ("normal", "ornstein_uhlenbeck")
+_LATEST = "LATEST"
+_STATE = "state.json"
+
+
+# ============================================================================================ checks
+def _is_off_policy(algo_cls: type) -> bool:
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+    return issubclass(algo_cls, OffPolicyAlgorithm)
+
+
+def resolve_policy_name(policy: str, observation_space: gym.Space) -> str:
+    """The SB3 policy name for ``policy.policy`` (``auto`` resolved from the observation space).
+
+    Args:
+        policy: ``auto`` or an SB3 policy name.
+        observation_space: The env's observation space.
+
+    Returns:
+        ``MultiInputPolicy`` for a ``Dict`` space, ``CnnPolicy`` for an image ``Box`` (uint8, 3-D),
+        else ``MlpPolicy`` (for ``auto``); ``policy`` otherwise.
+    """
+    if policy != "auto":
+        return policy
+    from stable_baselines3.common.preprocessing import is_image_space
+
+    if isinstance(observation_space, gym.spaces.Dict):
+        return "MultiInputPolicy"
+    if is_image_space(observation_space, check_channels=False):
+        return "CnnPolicy"
+    return "MlpPolicy"
+
+
+def _accepted(fn: Any) -> set[str] | None:
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params} - {"self"}
+
+
+def _action_noise(spec: Any, action_space: gym.Space) -> Any:
+    """``algo_kwargs.action_noise`` (``{type: normal | ornstein_uhlenbeck, sigma: float}``) as SB3 noise.
+
+    Raises:
+        ConfigError: If the spec is malformed.
+    """
+    from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
+
+    if spec is None:
+        return None
+    ok = (
+        isinstance(spec, dict)
+        and set(spec) == {"type", "sigma"}
+        and spec["type"] in _NOISE_TYPES
+        and isinstance(spec["sigma"], int | float)
+        and not isinstance(spec["sigma"], bool)
+        and spec["sigma"] >= 0
+    )
+    if not ok:
+        raise ConfigError(
+            f"policy.algo_kwargs.action_noise={spec!r} is not allowed; allowed: null or "
+            f"{{type: {' | '.join(_NOISE_TYPES)}, sigma: number >= 0}} (std in action units)"
+        )
+    if not isinstance(action_space, gym.spaces.Box):
+        raise ConfigError("policy.algo_kwargs.action_noise needs a Box action space")
+    dim = int(np.prod(action_space.shape))
+    cls = NormalActionNoise if spec["type"] == "normal" else OrnsteinUhlenbeckActionNoise
+    return cls(mean=np.zeros(dim), sigma=float(spec["sigma"]) * np.ones(dim))
+
+
+def _algo_kwargs(policy: SB3PolicyConfig, action_space: gym.Space | None) -> dict[str, Any]:
+    """``policy.algo_kwargs`` as the algorithm takes them (lists to tuples, noise specs to objects)."""
+    kwargs = dict(policy.algo_kwargs)
+    if isinstance(kwargs.get("train_freq"), list):
+        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    if "action_noise" in kwargs and action_space is not None:
+        kwargs["action_noise"] = _action_noise(kwargs["action_noise"], action_space)
+    return kwargs
+
+
+def check_sb3_config(config: TrainConfig) -> None:
+    """Refuse an unusable ``sb3`` training config before any work starts.
+
+    Checks that the algorithm exists; that ``policy.policy`` is one of its policies; that ``her`` is
+    used only with an off-policy algorithm and ``obs_mode: goal`` (and ``her_kwargs`` only with
+    ``her``); that every ``algo_kwargs`` key is accepted by the algorithm and not one loopsim sets
+    itself; that ``policy_kwargs`` classes are allow-listed and its keys accepted by the policy
+    class; that ``normalize`` is not used with image observations. Then the model is built once on
+    stub envs with the env's spaces (no simulation, a tiny replay buffer), so that SB3 itself checks
+    the values; a refusal is reported as a :class:`ConfigError`.
+
+    Args:
+        config: The resolved training config (``policy.type: sb3``).
+
+    Raises:
+        ConfigError: Naming the key, the value and what is allowed.
+    """
+    from loopsim.policies.sb3 import policy_kwargs_from_json, sb3_algorithms
+
+    pol = config.policy
+    if not isinstance(pol, SB3PolicyConfig) or not isinstance(config.train, SB3TrainConfig):
+        raise ConfigError(f"policy.type={config.policy.type!r}: check_sb3_config needs policy.type: sb3")
+    algos = sb3_algorithms()
+    if pol.algo not in algos:
+        raise ConfigError(f"policy.algo={pol.algo!r} is not an SB3 algorithm; allowed: {sorted(algos)}")
+    algo_cls = algos[pol.algo]
+    obs_mode = config.env.kwargs.get("obs_mode", "state")
+    aliases = sorted(algo_cls.policy_aliases)
+    if pol.policy != "auto" and pol.policy not in algo_cls.policy_aliases:
+        raise ConfigError(
+            f"policy.policy={pol.policy!r} is not a policy of {pol.algo}; allowed: {['auto', *aliases]}"
+        )
+    off_policy = _is_off_policy(algo_cls)
+    if pol.her:
+        if not off_policy:
+            raise ConfigError(
+                f"policy.her=true needs an off-policy algorithm (policy.algo is {pol.algo!r}); "
+                f"allowed: {sorted(n for n, c in algos.items() if _is_off_policy(c))}"
+            )
+        if obs_mode != "goal":
+            raise ConfigError(
+                f"policy.her=true needs goal observations (env.kwargs.obs_mode is {obs_mode!r}); "
+                "allowed: obs_mode: goal"
+            )
+    if pol.her_kwargs and not pol.her:
+        raise ConfigError(f"policy.her_kwargs={pol.her_kwargs!r} is given but policy.her is false")
+    for key, value in pol.her_kwargs.items():
+        if key not in _HER_KWARGS:
+            raise ConfigError(
+                f"policy.her_kwargs.{key} is not a HerReplayBuffer setting; allowed: {list(_HER_KWARGS)}"
+            )
+        if key == "goal_selection_strategy" and value not in _GOAL_STRATEGIES:
+            raise ConfigError(
+                f"policy.her_kwargs.goal_selection_strategy={value!r}; allowed: {list(_GOAL_STRATEGIES)}"
+            )
+    if pol.normalize and obs_mode == "rgb":
+        raise ConfigError(
+            "policy.normalize=true with env.kwargs.obs_mode='rgb': image observations are "
+            "not normalised (the CNN scales pixels itself); allowed: normalize: false"
+        )
+    accepted = _accepted(algo_cls.__init__)
+    for key in pol.algo_kwargs:
+        if key in _RESERVED_ALGO_KWARGS:
+            raise ConfigError(f"policy.algo_kwargs.{key} is set by loopsim; use {_RESERVED_ALGO_KWARGS[key]}")
+        if accepted is not None and key not in accepted:
+            allowed = sorted(accepted - set(_RESERVED_ALGO_KWARGS))
+            raise ConfigError(
+                f"policy.algo_kwargs.{key}={pol.algo_kwargs[key]!r} is not a setting of "
+                f"{pol.algo}; allowed: {allowed}"
+            )
+    _check_value_types(pol.algo, algo_cls, pol.algo_kwargs)
+    try:
+        policy_kwargs = policy_kwargs_from_json(pol.policy_kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("policy_kwargs.", "policy.policy_kwargs.", 1)) from None
+    if "action_noise" in pol.algo_kwargs:
+        _action_noise(pol.algo_kwargs["action_noise"], gym.spaces.Box(-1.0, 1.0, (1,), np.float32))
+    _dry_build(config, algo_cls, policy_kwargs)
+
+
+def _check_value_types(algo: str, algo_cls: type, algo_kwargs: dict[str, Any]) -> None:
+    """Refuse ``algo_kwargs`` values of the wrong kind where the algorithm's default tells the kind.
+
+    A number where the default is a number (``batch_size``, ``gamma``...), a bool where it is a bool;
+    ``train_freq`` may also be ``[n, "step" | "episode"]``. (SB3 checks some values only when training
+    starts, too late to refuse them before any work.)
+    """
+    params = inspect.signature(algo_cls.__init__).parameters
+    for key, value in algo_kwargs.items():
+        if key not in params or key == "action_noise":
+            continue
+        default = params[key].default
+        if key == "train_freq":
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], int)
+                and not isinstance(value[0], bool)
+                and value[0] >= 1
+                and value[1] in ("step", "episode")
+            )
+            if not ok:
+                raise ConfigError(
+                    f"policy.algo_kwargs.train_freq={value!r}; allowed: an integer >= 1 or "
+                    "[integer >= 1, step | episode]"
+                )
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"policy.algo_kwargs.{key}={value!r} must be true or false (for {algo})")
+        elif isinstance(default, int | float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"policy.algo_kwargs.{key}={value!r} must be a number (for {algo}; default {default!r})"
+                )
+            if isinstance(default, int) and not isinstance(value, int) and key != "learning_starts":
+                if not float(value).is_integer():
+                    raise ConfigError(f"policy.algo_kwargs.{key}={value!r} must be an integer (for {algo})")
+
+
+class _StubEnv(gym.Env):
+    """An env with given spaces that never simulates (for building a model to check its settings)."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, goal: bool) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+        if goal:
+            self.compute_reward = lambda achieved, desired, info: np.zeros(
+                np.shape(achieved)[:-1], np.float32
+            )
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def _dry_build(config: TrainConfig, algo_cls: type, policy_kwargs: dict[str, Any]) -> None:
+    """Build the configured model on stub envs; SB3's refusals become :class:`ConfigError`."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    pol = config.policy
+    env = config.env.make()
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    name = resolve_policy_name(pol.policy, obs_space)
+    goal = isinstance(obs_space, gym.spaces.Dict)
+    venv = DummyVecEnv([functools.partial(_StubEnv, obs_space, act_space, goal)] * config.train.n_envs)
+    kwargs = _algo_kwargs(pol, act_space)
+    if "buffer_size" in kwargs and isinstance(kwargs["buffer_size"], int) and kwargs["buffer_size"] > 1000:
+        kwargs["buffer_size"] = 1000  # the real size is allocated in training, not here
+    if "buffer_size" not in kwargs and _is_off_policy(algo_cls):
+        kwargs["buffer_size"] = 1000
+    extra: dict[str, Any] = {}
+    if pol.her:
+        from stable_baselines3 import HerReplayBuffer
+
+        extra = {"replay_buffer_class": HerReplayBuffer, "replay_buffer_kwargs": dict(pol.her_kwargs)}
+    try:
+        algo_cls(
+            name,
+            venv,
+            policy_kwargs=policy_kwargs,
+            seed=config.seed,
+            device="cpu" if "device" not in kwargs else kwargs.pop("device"),
+            **extra,
+            **kwargs,
+        )
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SB3 raises many types for bad settings
+        raise ConfigError(
+            f"{pol.algo} refused policy.algo_kwargs={pol.algo_kwargs!r} / policy.policy_kwargs="
+            f"{pol.policy_kwargs!r} / policy.her_kwargs={pol.her_kwargs!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        venv.close()
+
+
+# ============================================================================================= envs
+class FailurePenalty(gym.Wrapper):
+    """Subtract ``penalty`` from the reward of a step that ends the episode in a failure.
+
+    A failure is ``terminated`` without ``info["is_success"]`` (``dropped``, ``missed``,
+    ``wrong_bin``...); time limits (``truncated``) are not failures. See
+    :attr:`loopsim.config.SB3TrainConfig.failure_penalty`.
+
+    Args:
+        env: The (monitored) env.
+        penalty: Reward subtracted [reward units], >= 0.
+    """
+
+    def __init__(self, env: gym.Env, penalty: float) -> None:
+        super().__init__(env)
+        self.penalty = float(penalty)
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        """Step the env; penalise a failed ending."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated and not info.get("is_success", False):
+            reward = reward - self.penalty
+        return obs, reward, terminated, truncated, info
+
+
+def _make_env(env_config: EnvConfig, failure_penalty: float = 0.0) -> gym.Env:
+    """One monitored training env (module-level so ``SubprocVecEnv`` can pickle the factory).
+
+    ``Monitor`` sits inside :class:`FailurePenalty`, so logged returns are the env's own.
+    """
+    from stable_baselines3.common.monitor import Monitor
+
+    env = Monitor(env_config.make(), info_keywords=("is_success",))
+    return FailurePenalty(env, failure_penalty) if failure_penalty else env
+
+
+def _make_vec_env(config: TrainConfig) -> Any:
+    """The training VecEnv (seeded later by the algorithm: sub-env ``i`` gets ``seed + i``)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    factories = [functools.partial(_make_env, config.env, config.train.failure_penalty)] * config.train.n_envs
+    if config.train.subproc and config.train.n_envs > 1:
+        return SubprocVecEnv(factories)
+    return DummyVecEnv(factories)
+
+
+def _wrap_normalize(venv: Any, gamma: float) -> Any:
+    """``VecNormalize`` on observations only (non-image keys of a dict)."""
+    from stable_baselines3.common.preprocessing import is_image_space
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    keys = None
+    if isinstance(venv.observation_space, gym.spaces.Dict):
+        keys = [
+            k
+            for k, s in venv.observation_space.spaces.items()
+            if isinstance(s, gym.spaces.Box) and not is_image_space(s, check_channels=False)
+        ]
+    return VecNormalize(
+        venv, training=True, norm_obs=True, norm_reward=False, gamma=gamma, norm_obs_keys=keys
+    )
+
+
+# ====================================================================================== resume state
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_resume_state(
+    resume_dir: str | os.PathLike, model: Any, vec_normalize: Any = None, state: dict[str, Any] | None = None
+) -> Path:
+    """Save SB3's private resume state atomically (see the module docstring for the layout).
+
+    Everything is written into ``resume_dir/.staging-*``, renamed to ``resume_dir/step-<N>``, then
+    published by replacing the pointer file ``LATEST``; older states and stale staging folders are
+    deleted afterwards. A kill at any instant leaves ``LATEST`` naming a complete state.
+
+    Args:
+        resume_dir: The run's ``resume/`` folder.
+        model: The SB3 model (its replay buffer is saved too for off-policy algorithms).
+        vec_normalize: The training ``VecNormalize``, if any.
+        state: Extra JSON saved in ``state.json`` (``num_timesteps`` is always added).
+
+    Returns:
+        The new state folder.
+    """
+    resume_dir = Path(resume_dir)
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    base = name = f"step-{int(model.num_timesteps):09d}"
+    k = 1
+    while (resume_dir / name).exists():  # the same step saved before (the final save after a periodic one)
+        name, k = f"{base}.{k}", k + 1
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=resume_dir))
+    try:
+        model.save(staging / "model.zip")
+        if getattr(model, "replay_buffer", None) is not None and hasattr(model, "save_replay_buffer"):
+            model.save_replay_buffer(staging / "replay_buffer.pkl")
+        if vec_normalize is not None:
+            vec_normalize.save(str(staging / "vecnormalize.pkl"))
+        meta = {**(state or {}), "num_timesteps": int(model.num_timesteps)}
+        (staging / _STATE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(staging, resume_dir / name)
+        _fsync_dir(resume_dir)
+        tmp = resume_dir / f".{_LATEST}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(name + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, resume_dir / _LATEST)
+        _fsync_dir(resume_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in resume_dir.iterdir():
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return resume_dir / name
+
+
+def load_resume_state(resume_dir: str | os.PathLike) -> Path | None:
+    """The current resume state folder named by ``resume_dir/LATEST`` (``None`` if there is none).
+
+    Raises:
+        RuntimeError: If ``LATEST`` names a folder that does not exist or lacks ``model.zip``.
+    """
+    resume_dir = Path(resume_dir)
+    latest = resume_dir / _LATEST
+    if not latest.is_file():
+        return None
+    path = resume_dir / latest.read_text(encoding="utf-8").strip()
+    if not (path / "model.zip").is_file() or not (path / _STATE).is_file():
+        raise RuntimeError(f"the resume state {path} named by {latest} is incomplete")
+    return path
+
+
+# ========================================================================================= callback
+def _callback_class() -> type:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class LoopsimCallback(BaseCallback):
+        """Periodic evaluation and checkpoints, by env steps (crossing multiples of the period).
+
+        Checkpoints are taken at the end of a rollout (every ``train_freq`` steps for off-policy
+        algorithms, ``n_steps`` for on-policy ones), when the rollout's transitions are in the
+        replay buffer.
+        """
+
+        def __init__(self, trainer: _Trainer) -> None:
+            super().__init__(verbose=0)
+            self.trainer = trainer
+
+        def _on_step(self) -> bool:
+            t = self.trainer
+            every = t.config.eval.every
+            if every and self.model.num_timesteps // every > t.last_eval // every:
+                t.evaluate()
+            return True
+
+        def _on_rollout_end(self) -> None:
+            t = self.trainer
+            ckpt = t.config.train.checkpoint_every
+            if self.model.num_timesteps // ckpt > t.last_checkpoint // ckpt:
+                t.checkpoint()
+
+    return LoopsimCallback
+
+
+class _Trainer:
+    """State shared by :func:`train_sb3` and its callback."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run: RunDir,
+        model: Any,
+        vec_normalize: Any,
+        start_step: int,
+        wall_before: float,
+    ) -> None:
+        self.config = config
+        self.run = run
+        self.model = model
+        self.vec_normalize = vec_normalize
+        self.last_eval = start_step
+        self.last_checkpoint = start_step
+        self.wall_before = wall_before
+        self.t0 = time.monotonic()
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.monotonic() - self.t0
+
+    def policy(self) -> SB3Policy:
+        from loopsim.policies.sb3 import SB3Policy
+
+        policy = SB3Policy.from_model(self.model, self.vec_normalize)
+        policy.config = self.config.model_dump(mode="json")
+        policy.provenance = {
+            "timesteps": int(self.model.num_timesteps),
+            "algo": self.config.policy.algo,
+            "wall_time_s": round(self.wall_time(), 3),
+            "env_id": self.config.env.id,
+            "seed": self.config.seed,
+        }
+        return policy
+
+    def evaluate(self) -> None:
+        n = int(self.model.num_timesteps)
+        self.run.evaluate(self.policy(), n)
+        self.last_eval = n
+
+    def checkpoint(self) -> SB3Policy:
+        n = int(self.model.num_timesteps)
+        policy = self.policy()
+        policy.save(self.run.checkpoint_dir)
+        save_resume_state(
+            self.run.resume_dir,
+            self.model,
+            self.vec_normalize,
+            {"wall_time_s": self.wall_time(), "last_eval": self.last_eval},
+        )
+        self.last_checkpoint = n
+        return policy
+
+
+# ============================================================================================ train
+def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_bar: bool = True) -> SB3Policy:
+    """Train an SB3 policy into ``run`` (see the module docstring).
+
+    Args:
+        config: The resolved config (checked with :func:`check_sb3_config`).
+        run: The run directory.
+        resume: Continue from the resume state in ``run.resume_dir`` (from scratch if there is none).
+        progress_bar: Show SB3's progress bar (tqdm + rich).
+
+    Returns:
+        The final policy, also saved in ``run.checkpoint_dir``.
+
+    Raises:
+        ConfigError: If the config is not an ``sb3`` config.
+        RuntimeError: If the resume state is incomplete.
+    """
+    from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from loopsim.policies.sb3 import policy_kwargs_from_json, sb3_algorithms
+
+    pol = config.policy
+    if not isinstance(pol, SB3PolicyConfig) or not isinstance(config.train, SB3TrainConfig):
+        raise ConfigError("train_sb3 needs policy.type: sb3")
+    algo_cls = sb3_algorithms()[pol.algo]
+    state_dir = load_resume_state(run.resume_dir) if resume else None
+    venv = _make_vec_env(config)
+    vec_normalize = None
+    try:
+        if state_dir is not None:
+            saved = json.loads((state_dir / _STATE).read_text(encoding="utf-8"))
+            if (state_dir / "vecnormalize.pkl").is_file():
+                vec_normalize = VecNormalize.load(str(state_dir / "vecnormalize.pkl"), venv)
+                vec_normalize.training = True
+                vec_normalize.norm_reward = False
+            env = vec_normalize if vec_normalize is not None else venv
+            model = algo_cls.load(state_dir / "model.zip", env=env, device="auto")
+            model.tensorboard_log = str(run.tb_dir)
+            if (state_dir / "replay_buffer.pkl").is_file():
+                model.load_replay_buffer(state_dir / "replay_buffer.pkl")
+            model._last_obs = None  # the envs are new: start fresh episodes
+            model.set_random_seed(config.seed + int(model.num_timesteps))
+            start, wall_before = int(model.num_timesteps), float(saved.get("wall_time_s", 0.0))
+        else:
+            probe = venv.observation_space
+            kwargs = _algo_kwargs(pol, venv.action_space)
+            if pol.normalize:
+                vec_normalize = _wrap_normalize(venv, float(kwargs.get("gamma", 0.99)))
+            extra: dict[str, Any] = {}
+            if pol.her:
+                from stable_baselines3 import HerReplayBuffer
+
+                extra = {"replay_buffer_class": HerReplayBuffer, "replay_buffer_kwargs": dict(pol.her_kwargs)}
+            model = algo_cls(
+                resolve_policy_name(pol.policy, probe),
+                vec_normalize or venv,
+                policy_kwargs=policy_kwargs_from_json(pol.policy_kwargs),
+                seed=config.seed,
+                tensorboard_log=str(run.tb_dir),
+                verbose=0,
+                **extra,
+                **kwargs,
+            )
+            start, wall_before = 0, 0.0
+        trainer = _Trainer(config, run, model, vec_normalize, start, wall_before)
+        callbacks = [_callback_class()(trainer)]
+        if progress_bar:
+            callbacks.insert(0, ProgressBarCallback())
+        remaining = config.train.total_timesteps - start
+        if remaining > 0:
+            model.learn(
+                remaining,
+                callback=CallbackList(callbacks),
+                tb_log_name="sb3",
+                reset_num_timesteps=state_dir is None,
+                progress_bar=False,
+            )
+        n = int(model.num_timesteps)
+        if trainer.last_eval != n or not run.evaluations():
+            trainer.evaluate()
+        return trainer.checkpoint()
+    finally:
+        (vec_normalize or venv).close()

@@ -1,0 +1,203 @@
+"""Portable, safe policy checkpoints: a directory with JSON metadata and safetensors weights.
+
+On disk::
+
+    <checkpoint>/
+        policy.json            # {"format": "loopsim-policy", "format_version": 1, "kind": ...,
+                               #  "loopsim_version", "observation_space", "action_space" (Minari JSON),
+                               #  "policy": {kind-specific settings}, "config": {resolved config},
+                               #  "provenance": {stores, episodes, timesteps...}}
+        weights.safetensors    # named tensors (network weights, normalisation statistics); optional
+
+Loading never unpickles anything: JSON is parsed with :func:`json.loads`, tensors with
+:func:`safetensors.torch.load_file` (a format that holds only tensors, by design). A checkpoint is
+written into a temporary sibling directory and moved into place with two renames (the old checkpoint
+aside, the new one in), so a crash never leaves a half-written checkpoint: a kill between the two
+renames leaves the old checkpoint in a ``.<name>.old-*`` sibling, which :func:`read_checkpoint` reads
+until the next write puts a new checkpoint in place. Each write also removes the leftovers
+(``.<name>.tmp-*``, ``.<name>.old-*``) of earlier killed writes. One writer per checkpoint path at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "CheckpointError",
+    "is_checkpoint",
+    "read_checkpoint",
+    "write_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "loopsim-policy"
+#: Bumped when the layout changes incompatibly; newer checkpoints are refused with a clear message.
+CHECKPOINT_FORMAT_VERSION = 1
+_META = "policy.json"
+_WEIGHTS = "weights.safetensors"
+
+
+class CheckpointError(Exception):
+    """A path is not a loopsim policy checkpoint, is damaged, or was written by a newer format."""
+
+
+def _loopsim_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loopsim")
+    except PackageNotFoundError:  # pragma: no cover - source checkout without install
+        return "0+unknown"
+
+
+def _finite_json(value: Any) -> Any:
+    """Refuse NaN/inf in metadata (JSON has no such numbers; ``json.dumps`` would write invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"checkpoint metadata holds a non-finite number {value!r}")
+    if isinstance(value, Mapping):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a directory with a loopsim ``policy.json``."""
+    meta = Path(path) / _META
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_checkpoint(
+    path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None
+) -> Path:
+    """Write a checkpoint directory atomically (replacing an existing checkpoint at ``path``).
+
+    Args:
+        path: The checkpoint directory. If it exists it must be a loopsim checkpoint (or empty).
+        metadata: JSON-able mapping; must contain ``"kind"``. ``format``, ``format_version`` and
+            ``loopsim_version`` are added.
+        tensors: Named tensors to store in ``weights.safetensors`` (moved to CPU, made contiguous).
+
+    Returns:
+        The checkpoint path.
+
+    Raises:
+        ValueError: If ``metadata`` lacks ``kind`` or holds non-finite numbers.
+        TypeError: If ``metadata`` is not JSON-able.
+        FileExistsError: If ``path`` exists and is neither a checkpoint nor an empty directory
+            (nothing is changed).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if "kind" not in metadata:
+        raise ValueError("checkpoint metadata needs a 'kind'")
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "loopsim_version": _loopsim_version(),
+        **_finite_json(dict(metadata)),
+    }
+    text = json.dumps(meta, indent=2, sort_keys=False)
+    if path.exists() and not (is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))):
+        raise FileExistsError(f"{path} exists and is not a loopsim policy checkpoint; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if tensors:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / _WEIGHTS))
+        with open(tmp / _META, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old.rmdir()
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    return sorted(p for p in path.parent.glob(f".{path.name}.{kind}-*") if p.is_dir() and not p.is_symlink())
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Before a write: restore an old checkpoint orphaned by a kill between the renames, drop temporaries."""
+    olds = [p for p in _leftovers(path, "old") if is_checkpoint(p)]
+    if not path.exists() and olds:
+        os.replace(olds[-1], path)
+    for p in _leftovers(path, "tmp") + _leftovers(path, "old"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a checkpoint's metadata and tensors without unpickling anything.
+
+    Args:
+        path: The checkpoint directory.
+
+    Returns:
+        ``(metadata, tensors)``; ``tensors`` is empty when the checkpoint has no weights.
+
+    Raises:
+        CheckpointError: If ``path`` is missing, not a checkpoint, damaged, or of a newer format.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        # A writer killed between its two renames left the previous checkpoint aside: read that one.
+        olds = [p for p in _leftovers(path, "old") if is_checkpoint(p)]
+        if olds:
+            path = olds[-1]
+    meta_file = path / _META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a loopsim policy checkpoint (no {_META})")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{meta_file} is damaged: {exc}") from None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != CHECKPOINT_FORMAT
+        or not isinstance(meta.get("kind"), str)
+    ):
+        raise CheckpointError(f"{meta_file} is not loopsim policy metadata")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written with checkpoint format {version!r} (loopsim {meta.get('loopsim_version')}); "
+            f"this loopsim reads format <= {CHECKPOINT_FORMAT_VERSION}: upgrade loopsim"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    weights = path / _WEIGHTS
+    if weights.exists():
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights} is damaged: {exc}") from None
+    return meta, tensors

@@ -1,0 +1,239 @@
+"""Evaluation and collection: seeds, workers, stores, intervals, and the collect / eval commands."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loopsim.cli import app
+from loopsim.config import CollectConfig, ConfigError, EnvConfig, ExpertPolicyConfig, RandomPolicyConfig
+from loopsim.datasets import EpisodeStore, StoreError
+from loopsim.rollout import bootstrap_ci, collect, evaluate_policy
+
+ENV = EnvConfig(id="loopsim/FactoryPickPlace-v0")
+runner = CliRunner()
+
+
+def test_bootstrap_ci_is_deterministic_and_leaves_global_numpy_alone():
+    values = np.random.default_rng(0).normal(size=40)
+    np.random.seed(123)  # noqa: NPY002 - the caller's global state must survive
+    before = np.random.random()  # noqa: NPY002
+    np.random.seed(123)  # noqa: NPY002
+    a = bootstrap_ci(values, seed=3)
+    after = np.random.random()  # noqa: NPY002
+    assert after == before
+    assert a == bootstrap_ci(values, seed=3)
+    assert a != bootstrap_ci(values, seed=4)
+    lo, hi = a
+    assert lo < values.mean() < hi
+    # Percentile bootstrap of a mean: close to mean -/+ 1.96 standard errors for 40 normal values.
+    se = values.std(ddof=1) / np.sqrt(values.size)
+    assert abs((hi - lo) - 2 * 1.96 * se) < 0.25 * (2 * 1.96 * se)
+    assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_evaluation_is_the_same_in_one_or_two_workers():
+    kwargs = dict(sites=["lab", "fast_conveyor"], episodes=2, seed=7)
+    one = evaluate_policy(ExpertPolicyConfig(), ENV, workers=1, **kwargs)
+    two = evaluate_policy(ExpertPolicyConfig(), ENV, workers=2, **kwargs)
+    assert list(one) == ["lab", "fast_conveyor"]
+    for site in one:
+        assert [e.seed for e in one[site].episodes] == [7, 8]
+        assert one[site].episodes == two[site].episodes  # bit-identical returns, lengths, site params
+        assert one[site].success_ci == two[site].success_ci
+    assert one["lab"].success_rate == 1.0
+
+
+def test_random_policy_evaluation_is_seeded_per_episode():
+    a = evaluate_policy(RandomPolicyConfig(), ENV, episodes=2, seed=0)["lab"]
+    b = evaluate_policy(RandomPolicyConfig(), ENV, episodes=2, seed=0)["lab"]
+    assert a.episodes == b.episodes
+    assert a.episodes[0].episode_return != a.episodes[1].episode_return
+    assert a.success_rate == 0.0
+
+
+def test_collect_writes_seeded_labelled_episodes_and_appends(tmp_path):
+    store = str(tmp_path / "demos.zarr")
+    cfg = CollectConfig(env=ENV, episodes=3, seed=10, store=store, policy=ExpertPolicyConfig(noise_std=0.05))
+    result = collect(cfg)
+    assert (result.stored_before, result.stored_after) == (0, 3)
+    with EpisodeStore.open(store) as s:
+        meta = s.metadata()
+        assert meta["seed"].tolist() == [10, 11, 12]
+        assert set(meta["policy_id"]) == {"expert"} and set(meta["site"]) == {"lab"}
+        assert s.step_extras == ["expert_action", "is_success"]
+        ep = s.episode(0)
+        assert ep.extras["expert_action"].shape == ep.actions.shape
+        assert meta["success"].tolist() == [e.success for e in result.summary.episodes]
+        assert s.attrs["collect_config"]["seed"] == 10
+    with pytest.raises(ConfigError, match="already exists; use mode=append"):
+        collect(cfg)
+    more = collect(cfg.model_copy(update={"mode": "append", "seed": 13, "episodes": 1}))
+    assert (more.stored_before, more.stored_after) == (3, 4)
+    with pytest.raises(ConfigError, match="cannot append: .*step extras"):
+        collect(cfg.model_copy(update={"mode": "append", "expert_labels": False}))
+    other = EnvConfig(id="loopsim/FactorySort-v0")
+    with pytest.raises(ConfigError, match="cannot append: the store holds episodes of 'loopsim/FactoryPick"):
+        collect(cfg.model_copy(update={"mode": "append", "env": other}))
+    with pytest.raises(ConfigError, match="needs an existing store"):
+        collect(cfg.model_copy(update={"mode": "append", "store": str(tmp_path / "none.zarr")}))
+    with EpisodeStore.open(store) as s:
+        assert len(s) == 4 and s.check().ok
+
+
+def test_collected_episodes_replay_from_their_seeds(tmp_path):
+    store = str(tmp_path / "r.zarr")
+    collect(CollectConfig(env=ENV, episodes=2, seed=5, workers=2, store=store,
+                          policy=ExpertPolicyConfig(noise_std=0.2)))
+    with EpisodeStore.open(store) as s:
+        for i in range(len(s)):
+            ep = s.episode(i)
+            env = s.make_env(site=ep.metadata.site)
+            obs, _ = env.reset(seed=ep.metadata.seed)
+            np.testing.assert_array_equal(obs, ep.observations[0])
+            for t, action in enumerate(ep.actions):
+                obs, *_ = env.step(action)
+                np.testing.assert_array_equal(obs, ep.observations[t + 1])
+            env.close()
+
+
+def test_collect_and_eval_commands(tmp_path):
+    from loopsim.policies import ExpertPolicy
+
+    cfg = tmp_path / "collect.yaml"
+    store = tmp_path / "demos.zarr"
+    cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id, "site": "lab"}, "episodes": 2, "store": str(store)}))
+    result = runner.invoke(app, ["collect", str(cfg), "seed=3"])
+    assert result.exit_code == 0, result.output
+    assert "stored 2 episodes" in result.output
+    result = runner.invoke(app, ["collect", str(cfg), "episodes=zero", "polcy.x=1"])
+    assert result.exit_code == 2
+    assert "episodes = 'zero'" in result.output and "polcy: unknown key" in result.output
+    result = runner.invoke(app, ["collect", str(cfg)])
+    assert result.exit_code == 2 and "already exists" in result.output
+    with EpisodeStore.open(store) as s:
+        assert len(s) == 2  # the refused runs changed nothing
+
+    import gymnasium as gym
+
+    env = gym.make(ENV.id)
+    ck = ExpertPolicy.for_env(env).save(tmp_path / "expert")
+    env.close()
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "--site", "lab", "-n", "2",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["lab"]["episodes"] == 2 and data["lab"]["success_rate"] == 1.0
+    assert [e["seed"] for e in data["lab"]["per_episode"]] == [1_000_000, 1_000_001]
+    result = runner.invoke(app, ["eval", str(tmp_path), "--env", ENV.id])
+    assert result.exit_code == 2 and "not a loopsim policy checkpoint" in result.output
+    result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "--site", "moon"])
+    assert result.exit_code == 2 and "site 'moon'" in result.output
+    result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "-n", "1",
+                                 "--store", str(tmp_path / "e.zarr")])
+    assert result.exit_code == 0, result.output
+    with EpisodeStore.open(tmp_path / "e.zarr") as s:
+        assert len(s) == 1 and s.metadata()["policy_id"][0] == "expert"
+
+
+def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    store = tmp_path / "k.zarr"
+    cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 200, "store": str(store)}))
+    proc = subprocess.Popen([sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with EpisodeStore.open(store) as s:
+                    if len(s) >= 3:
+                        break
+            except (FileNotFoundError, StoreError):
+                pass  # not created yet
+            time.sleep(0.1)
+        else:
+            pytest.fail("collect wrote no episodes in 120 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with EpisodeStore.open(store) as s:
+        n = len(s)
+        assert n >= 3 and s.metadata()["seed"].tolist() == list(range(n))
+    result = runner.invoke(app, ["collect", str(cfg), "mode=append", f"seed={n}", "episodes=2"])
+    assert result.exit_code == 0, result.output
+    with EpisodeStore.open(store) as s:
+        assert s.metadata()["seed"].tolist() == list(range(n + 2))
+        assert s.check().ok
+
+
+def test_policy_that_does_not_fit_the_env_is_refused_before_the_store_is_touched(tmp_path):
+    import gymnasium as gym
+
+    from loopsim.config import CheckpointPolicyConfig
+    from loopsim.policies import RandomPolicy
+
+    sort_env = gym.make("loopsim/FactorySort-v0")
+    ck = RandomPolicy(sort_env.observation_space, sort_env.action_space).save(tmp_path / "sort_random")
+    sort_env.close()
+    store = tmp_path / "s.zarr"
+    collect(CollectConfig(env=ENV, episodes=1, store=str(store)))
+    spec = CheckpointPolicyConfig(path=str(ck))
+    mismatch = r"expects observations Box\(37,\) float32, but loopsim/FactoryPickPlace-v0"
+    with pytest.raises(ConfigError, match=mismatch):
+        collect(CollectConfig(env=ENV, episodes=1, store=str(store), mode="overwrite", policy=spec))
+    with EpisodeStore.open(store) as s:
+        assert len(s) == 1  # the overwrite never started
+    with pytest.raises(ConfigError, match="expects observations"):
+        collect(CollectConfig(env=ENV, episodes=1, store=str(tmp_path / "new.zarr"), policy=spec))
+    assert not (tmp_path / "new.zarr").exists()
+    with pytest.raises(ConfigError, match="expects observations"):
+        evaluate_policy(spec, ENV, episodes=1)
+
+
+def test_append_refuses_duplicate_seeds_and_other_env_kwargs(tmp_path):
+    store = str(tmp_path / "a.zarr")
+    cfg = CollectConfig(env=ENV, episodes=2, seed=0, store=store)
+    collect(cfg)
+    with pytest.raises(ConfigError, match="already holds 1 episodes of these seeds .* continue with seed=2"):
+        collect(cfg.model_copy(update={"mode": "append", "seed": 1}))
+    sparse = EnvConfig(id=ENV.id, kwargs={"reward_type": "sparse"})
+    with pytest.raises(ConfigError, match="recorded with env kwargs"):
+        collect(cfg.model_copy(update={"mode": "append", "seed": 2, "env": sparse}))
+    with EpisodeStore.open(store) as s:
+        assert len(s) == 2
+
+
+def test_eval_command_checks_arguments_before_running(tmp_path):
+    import gymnasium as gym
+
+    from loopsim.policies import ExpertPolicy
+
+    env = gym.make(ENV.id)
+    ck = ExpertPolicy.for_env(env).save(tmp_path / "expert")
+    env.close()
+    cases = [
+        (["--seed", str(2**31 - 1), "-n", "2"], "exceeds the largest seed"),
+        (["--json", str(tmp_path / "missing" / "x.json")], "--json"),
+        (["--site", "atlantis"], "--site 'atlantis' is not a site"),
+        (["--env-kwarg", "obs_mode=rgb"], "expects observations"),
+    ]
+    for args, match in cases:
+        result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "-n", "1", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert match in result.output, (args, result.output)
+    out = tmp_path / "twice.json"
+    args = ["eval", str(ck), "--env", ENV.id, "-n", "1", "--site", "lab", "--site", "lab", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["lab"]["episodes"] == 1  # a repeated site runs once

@@ -1,0 +1,356 @@
+"""Tests of ``loopsim train`` with ``policy.type: sb3``: config checks, a tiny run, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import loopsim.train_sb3 as train_sb3_module
+from loopsim.config import ConfigError, TrainConfig
+from loopsim.policies import SB3Policy, load_policy
+from loopsim.train_sb3 import check_sb3_config, load_resume_state, save_resume_state
+from loopsim.training import RunDir, train
+
+torch.set_num_threads(1)
+
+PEG = "loopsim/FactoryPegInsert-v0"
+
+
+def _config(**over: Any) -> TrainConfig:
+    data: dict[str, Any] = {
+        "seed": 0,
+        "env": {"id": PEG, "kwargs": {"obs_mode": "state"}},
+        "policy": {
+            "type": "sb3",
+            "algo": "SAC",
+            "normalize": True,
+            "algo_kwargs": {"learning_starts": 50, "buffer_size": 1000, "batch_size": 16},
+            "policy_kwargs": {"net_arch": [16, 16]},
+        },
+        "train": {"total_timesteps": 200, "checkpoint_every": 100},
+        "eval": {"episodes": 2, "every": 100},
+    }
+    for key, value in over.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return TrainConfig.model_validate(data)
+
+
+# ============================================================================== config refusals
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        (
+            {
+                "policy.algo": "PPO",
+                "policy.her": True,
+                "env.kwargs": {"obs_mode": "goal"},
+                "policy.algo_kwargs": {},
+            },
+            "policy.her=true needs an off-policy algorithm (policy.algo is 'PPO'); allowed: [",
+        ),
+        ({"policy.her": True}, "policy.her=true needs goal observations (env.kwargs.obs_mode is 'state')"),
+        (
+            {"policy.her_kwargs": {"n_sampled_goal": 2}},
+            "policy.her_kwargs={'n_sampled_goal': 2} is given but policy.her",
+        ),
+        (
+            {
+                "policy.her": True,
+                "env.kwargs": {"obs_mode": "goal"},
+                "policy.her_kwargs": {"goal_selection_strategy": "best"},
+            },
+            "goal_selection_strategy='best'; allowed: ['future', 'final', 'episode']",
+        ),
+        (
+            {"policy.her": True, "env.kwargs": {"obs_mode": "goal"}, "policy.her_kwargs": {"k": 4}},
+            "policy.her_kwargs.k is not a HerReplayBuffer setting",
+        ),
+        (
+            {"policy.algo_kwargs": {"learning_rat": 0.001}},
+            "policy.algo_kwargs.learning_rat=0.001 is not a setting of SAC",
+        ),
+        ({"policy.algo_kwargs": {"seed": 3}}, "policy.algo_kwargs.seed is set by loopsim; use seed"),
+        ({"policy.algo_kwargs": {"replay_buffer_class": "x"}}, "use policy.her"),
+        (
+            {"policy.policy_kwargs": {"activation_fn": "os.system"}},
+            "policy.policy_kwargs.activation_fn='os.system' is not allowed; allowed: [",
+        ),
+        ({"policy.policy_kwargs": {"net_arc": [8]}}, "net_arc"),
+        (
+            {"policy.policy": "CnnPolicyy"},
+            "policy.policy='CnnPolicyy' is not a policy of SAC; allowed: ['auto', 'CnnPolicy'",
+        ),
+        (
+            {"policy.normalize": True, "env.kwargs": {"obs_mode": "rgb"}},
+            "policy.normalize=true with env.kwargs.obs_mode='rgb'",
+        ),
+        (
+            {"policy.algo_kwargs": {"action_noise": {"type": "pink", "sigma": 0.1}}},
+            "policy.algo_kwargs.action_noise=",
+        ),
+        (
+            {"policy.algo_kwargs": {"batch_size": "big"}},
+            "policy.algo_kwargs.batch_size='big' must be a number",
+        ),
+        ({"policy.algo_kwargs": {"batch_size": 2.5}}, "policy.algo_kwargs.batch_size=2.5 must be an integer"),
+        ({"policy.algo_kwargs": {"train_freq": [1, "epoch"]}}, "policy.algo_kwargs.train_freq=[1, 'epoch']"),
+        ({"policy.algo_kwargs": {"ent_coef": "sometimes"}}, "SAC refused"),
+    ],
+)
+def test_check_refuses_before_any_work(tmp_path: Path, over: dict[str, Any], message: str) -> None:
+    config = _config(**over)
+    with pytest.raises(ConfigError) as err:
+        check_sb3_config(config)
+    assert message in str(err.value)
+    with pytest.raises(ConfigError):
+        train(config, tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_accepts_good_configs() -> None:
+    check_sb3_config(_config())
+    check_sb3_config(
+        _config(
+            **{
+                "policy.her": True,
+                "env.kwargs": {"obs_mode": "goal"},
+                "policy.her_kwargs": {"n_sampled_goal": 2, "goal_selection_strategy": "final"},
+            }
+        )
+    )
+    check_sb3_config(
+        _config(
+            **{
+                "policy.algo": "TD3",
+                "policy.algo_kwargs": {
+                    "action_noise": {"type": "normal", "sigma": 0.1},
+                    "train_freq": [1, "episode"],
+                },
+            }
+        )
+    )
+    check_sb3_config(
+        _config(
+            **{
+                "policy.algo": "PPO",
+                "policy.normalize": False,
+                "policy.algo_kwargs": {"n_steps": 64, "batch_size": 32},
+                "policy.policy_kwargs": {"net_arch": {"pi": [8], "vf": [8]}, "activation_fn": "tanh"},
+            }
+        )
+    )
+
+
+# =============================================================================== training runs
+def test_tiny_run_writes_everything(tmp_path: Path) -> None:
+    config = _config(
+        **{
+            "env.kwargs": {"obs_mode": "goal"},
+            "policy.her": True,
+            "policy.her_kwargs": {"n_sampled_goal": 2},
+            "train.n_envs": 2,
+            "train.failure_penalty": 1.0,
+        }
+    )
+    run = train(config, tmp_path / "run", progress_bar=False)
+    assert run.finished
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["policy"]["her"] is True
+    assert (run.path / "done").exists() and (run.path / "evaluations.csv").exists()
+    assert [r["step"] for r in run.evaluations()] == [100, 200]
+    assert list((run.tb_dir / "sb3_1").glob("events.out.tfevents.*"))  # SB3's own curves
+    assert list(run.tb_dir.glob("events.out.tfevents.*"))  # evaluation curves
+    policy = load_policy(run.checkpoint_dir)
+    assert isinstance(policy, SB3Policy)
+    assert policy.config["policy"]["algo"] == "SAC" and policy.config["seed"] == 0
+    assert policy.provenance["timesteps"] == 200 and policy.provenance["algo"] == "SAC"
+    assert policy.normalizer is not None and policy.policy_name == "MultiInputPolicy"
+    env = config.env.make()
+    obs, _ = env.reset(seed=0)
+    action, _ = policy.predict(obs, deterministic=True)
+    assert env.action_space.contains(action)
+    env.close()
+    state = load_resume_state(run.resume_dir)
+    assert state is not None and json.loads((state / "state.json").read_text())["num_timesteps"] == 200
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _buffer_size(state_dir: Path) -> int:
+    with open(state_dir / "replay_buffer.pkl", "rb") as f:
+        buf = pickle.load(f)  # noqa: S301 - our own private resume state
+    return buf.buffer_size if buf.full else buf.pos
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(**{"train.total_timesteps": 300})
+    original = train_sb3_module._Trainer.checkpoint
+    calls = []
+
+    def checkpoint_then_die(self: Any) -> Any:
+        original(self)
+        calls.append(self.model.num_timesteps)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sb3_module._Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", progress_bar=False)
+    assert calls == [100]
+    run = RunDir(tmp_path / "run", config)
+    assert not run.finished
+    state = load_resume_state(run.resume_dir)
+    assert state is not None and _buffer_size(state) == 100
+    assert [r["step"] for r in run.evaluations()] == [100]
+
+    monkeypatch.setattr(train_sb3_module._Trainer, "checkpoint", original)
+    loaded: list[int] = []
+    real_load = train_sb3_module.load_resume_state
+
+    def spy(path: Any) -> Any:
+        out = real_load(path)
+        loaded.append(int(json.loads((out / "state.json").read_text())["num_timesteps"]))
+        return out
+
+    monkeypatch.setattr(train_sb3_module, "load_resume_state", spy)
+    run = train(config, tmp_path / "run", resume=True, progress_bar=False)
+    assert loaded == [100]
+    assert run.finished
+    final = real_load(run.resume_dir)
+    saved = json.loads((final / "state.json").read_text())
+    assert saved["num_timesteps"] == 300  # continued to total_timesteps, not 100 + 300
+    assert _buffer_size(final) == 300  # 100 carried over + 200 new transitions
+    assert [r["step"] for r in run.evaluations()] == [100, 200, 300]
+    assert load_policy(run.checkpoint_dir).provenance["timesteps"] == 300
+    assert len(list((run.tb_dir).glob("sb3_*"))) == 1  # the same TensorBoard run continues
+
+
+def test_resume_without_state_starts_over(tmp_path: Path) -> None:
+    config = _config(**{"train.total_timesteps": 100, "eval.every": 0, "policy.normalize": False})
+    RunDir.start(tmp_path / "run", config, resume=False)
+    run = train(config, tmp_path / "run", resume=True, progress_bar=False)
+    assert load_policy(run.checkpoint_dir).provenance["timesteps"] == 100
+    assert [r["step"] for r in run.evaluations()] == [100]
+
+
+def test_a_save_killed_midway_leaves_the_previous_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    config = _config()
+    venv = DummyVecEnv([lambda: config.env.make()])
+    model = SAC(
+        "MlpPolicy",
+        venv,
+        buffer_size=200,
+        learning_starts=10,
+        batch_size=8,
+        seed=0,
+        policy_kwargs={"net_arch": [8]},
+        device="cpu",
+    )
+    model.learn(20)
+    first = save_resume_state(tmp_path / "resume", model)
+    model.learn(20, reset_num_timesteps=False)
+
+    def die(path: Any) -> None:
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt  # e.g. the process killed while writing the replay buffer
+
+    monkeypatch.setattr(model, "save_replay_buffer", die)
+    with pytest.raises(KeyboardInterrupt):
+        save_resume_state(tmp_path / "resume", model)
+    assert load_resume_state(tmp_path / "resume") == first
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["LATEST", first.name]
+    restored = SAC.load(first / "model.zip", env=venv)
+    restored.load_replay_buffer(first / "replay_buffer.pkl")
+    assert restored.num_timesteps == 20 and restored.replay_buffer.pos == 20
+    venv.close()
+
+
+def test_final_checkpoint_acts_like_the_returned_policy(tmp_path: Path) -> None:
+    from loopsim.train_sb3 import train_sb3
+
+    config = _config(**{"train.total_timesteps": 100, "eval.every": 0})
+    run = RunDir.start(tmp_path / "run", config, resume=False)
+    policy = train_sb3(config, run, progress_bar=False)
+    run.close()
+    loaded = load_policy(run.checkpoint_dir)
+    obs = np.stack([config.env.make().reset(seed=s)[0] for s in range(3)])
+    np.testing.assert_array_equal(
+        policy.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
+    )
+
+
+def test_failure_penalty_only_on_failed_endings() -> None:
+    import gymnasium as gym
+
+    from loopsim.train_sb3 import FailurePenalty
+
+    class Ends(gym.Env):
+        observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+            kind = int(action[0])  # 0: going on, 1: success, -1: failure; 2: time limit
+            return (np.zeros(1, np.float32), -0.5, kind in (1, -1), kind == 2, {"is_success": kind == 1})
+
+    env = FailurePenalty(Ends(), 3.0)
+    env.reset()
+    rewards = [env.step(np.array([k], np.float32))[1] for k in (0, 1, -1, 2)]
+    assert rewards == [-0.5, -0.5, -3.5, -0.5]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/train/*_sac.yaml")), ids=str)
+def test_shipped_rl_configs_pass_the_checks(path: Path) -> None:
+    from loopsim.config import load_config
+
+    config = load_config(TrainConfig, path)
+    check_sb3_config(config)
+    assert config.eval.episodes >= 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"train.n_envs": 2, "train.subproc": True},
+        {
+            "policy.algo": "PPO",
+            "policy.normalize": False,
+            "env.kwargs": {"obs_mode": "rgb", "image_size": 48},
+            "policy.algo_kwargs": {"n_steps": 64, "batch_size": 32, "n_epochs": 1},
+            "train.total_timesteps": 128,
+            "train.checkpoint_every": 64,
+            "eval.every": 64,
+        },
+    ],
+    ids=["sac-subproc", "ppo-rgb"],
+)
+def test_other_setups_train_and_deploy(tmp_path: Path, over: dict[str, Any]) -> None:
+    config = _config(**over)
+    check_sb3_config(config)
+    run = train(config, tmp_path / "run", progress_bar=False)
+    policy = load_policy(run.checkpoint_dir)
+    env = config.env.make()
+    obs, _ = env.reset(seed=0)
+    assert policy.observation_space == env.observation_space  # rgb: HWC as the env gives it
+    assert env.action_space.contains(policy.predict(obs, deterministic=True)[0])
+    env.close()
+    assert run.evaluations()[-1]["step"] == config.train.total_timesteps

@@ -1,0 +1,62 @@
+"""Run directories: creation, refusal, resume checks, evaluations.csv and TensorBoard logs."""
+
+import pytest
+
+from loopsim.config import TrainConfig, load_config
+from loopsim.policies import ExpertPolicy
+from loopsim.training import RunDir, RunDirError, default_run_dir
+
+BASE = {
+    "env": {"id": "loopsim/FactoryPickPlace-v0"},
+    "policy": {"type": "bc"},
+    "train": {"stores": ["demos.zarr"]},
+    "eval": {"sites": ["lab", "fast_conveyor"], "episodes": 2, "seed": 100},
+}
+
+
+def cfg(*overrides):
+    return load_config(TrainConfig, BASE, list(overrides))
+
+
+def test_new_run_dir_and_refusals(tmp_path):
+    run = RunDir.start(tmp_path / "run", cfg(), resume=False)
+    assert (run.path / "config.yaml").is_file()
+    assert load_config(TrainConfig, run.path / "config.yaml") == cfg()
+    with pytest.raises(RunDirError, match="already exists; pass --resume"):
+        RunDir.start(tmp_path / "run", cfg(), resume=False)
+    with pytest.raises(RunDirError, match=r"differs from the run's config.yaml at \['train.epochs'\]"):
+        RunDir.start(tmp_path / "run", cfg("train.epochs=3"), resume=True)
+    assert RunDir.start(tmp_path / "run", cfg(), resume=True).path == run.path
+    with pytest.raises(RunDirError, match="holds no run"):
+        RunDir.start(tmp_path / "nothing", cfg(), resume=True)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_default_run_dir(tmp_path):
+    assert str(default_run_dir("configs/train/factory_pick_bc.yaml", cfg())) == "runs/factory_pick_bc"
+    assert str(default_run_dir(None, cfg(f"run_dir={tmp_path}/x"))) == f"{tmp_path}/x"
+
+
+def test_evaluate_logs_csv_and_tensorboard(tmp_path):
+    import gymnasium as gym
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir.start(tmp_path / "run", cfg(), resume=False)
+    env = gym.make("loopsim/FactoryPickPlace-v0")
+    policy = ExpertPolicy.for_env(env)
+    results = run.evaluate(policy, step=5)
+    assert set(results) == {"lab", "fast_conveyor"}
+    assert [e.seed for e in results["lab"].episodes] == [100, 101]
+    run.evaluate(policy, step=10)
+    run.evaluate(policy, step=10)  # a re-run of the same step (after a resume) replaces its rows
+    rows = run.evaluations()
+    assert [(r["step"], r["site"]) for r in rows] == [(5, "lab"), (5, "fast_conveyor"), (10, "lab"),
+                                                      (10, "fast_conveyor")]
+    assert rows[0]["success_rate"] == 1.0 and rows[0]["episodes"] == 2
+    assert rows[0]["success_low"] <= rows[0]["success_rate"] <= rows[0]["success_high"]
+    run.close()
+    env.close()
+    acc = EventAccumulator(str(run.tb_dir))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("eval/lab/success_rate")]
+    assert 5 in steps and 10 in steps
