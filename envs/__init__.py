@@ -19,11 +19,12 @@ from typing import Any
 import gymnasium as gym
 
 from loopsim.envs.core.site import Site, SiteError, available_sites, load_site
-from loopsim.envs.core.wrappers import ExpertActionInfo
+from loopsim.envs.core.wrappers import ExpertActionInfo, ExpertIntervention
 
 __all__ = [
     "ENV_ENTRY_POINTS",
     "ExpertActionInfo",
+    "ExpertIntervention",
     "Site",
     "SiteError",
     "available_sites",

@@ -745,3 +745,93 @@ def eval_(
         json_out.write_text(
             json.dumps({k: v.as_dict() for k, v in results.items()}, indent=2), encoding="utf-8"
         )
+
+
+@app.command()
+def loop(
+    config: Annotated[Path, typer.Argument(help="Loop config (YAML), e.g. configs/loop/quickstart.yaml.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run directory. [default: run_dir from the config, else runs/<config stem>]"),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Independent replicates, e.g. 0,1,2 (aggregated with IQM and "
+            "probability of improvement); each in <run_dir>/seed_<r>."
+        ),
+    ] = None,
+) -> None:
+    """Run the data loop: deploy, gather, refine, evaluate, redeploy; resume by re-running the command.
+
+    Writes the run directory (config.yaml, demos.zarr, operational.zarr, iterations/, metrics.csv,
+    plots/) and prints success at the deployment and lab sites per iteration, beside the no-refine
+    baseline.
+    """
+    from loopsim.config import load_config
+    from loopsim.loop import LoopConfig, check_loop_config, run_loop
+
+    with _run_errors():
+        cfg = load_config(LoopConfig, config, overrides or [])
+    replicate_list = None
+    if seeds is not None:
+        try:
+            replicate_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise _error(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+        if (
+            not replicate_list
+            or any(r < 0 or r > 99 for r in replicate_list)
+            or len(set(replicate_list)) != len(replicate_list)
+        ):
+            raise _error(f"--seeds {seeds!r}: give distinct integers in 0..99, e.g. 0,1,2")
+    directory = run_dir or (Path(cfg.run_dir) if cfg.run_dir else Path("runs") / config.stem)
+    with _run_errors():
+        check_loop_config(cfg)
+    with _run_errors(), _store_errors(), _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        def log(line: str) -> None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        result = run_loop(cfg, directory, seeds=replicate_list, progress=report, log=log)
+    for replicate, rows in result["runs"].items():
+        where = directory if replicate_list is None else directory / f"seed_{replicate}"
+        table = Table(
+            title=f"data loop ({cfg.strategy.type}), {cfg.env.id}"
+            + ("" if replicate_list is None else f", replicate {replicate}"),
+            caption=f"{cfg.eval.episodes} evaluation episodes per site, the same seeds every "
+            "iteration; 95% CI: percentile bootstrap (rliable); baseline: the iteration-0 "
+            "policy, never refined",
+        )
+        show_interventions = cfg.strategy.type == "intervention"
+        cols = ["iter", "episodes gathered", "site", "success [95% CI]", "no-refine baseline"]
+        for col in cols + (["interventions"] if show_interventions else []):
+            table.add_column(col)
+        base = {(r["iteration"], r["site"]): r for r in rows if r["arm"] == "baseline"}
+        for r in (r for r in rows if r["arm"] == "loop"):
+            b = base[(r["iteration"], r["site"])]
+            cells = [str(r["iteration"]), str(r["operational_episodes"]), r["site"],
+                     f"{r['success_rate']:.0%} [{r['success_low']:.0%}, {r['success_high']:.0%}]",
+                     f"{b['success_rate']:.0%} [{b['success_low']:.0%}, {b['success_high']:.0%}]"]
+            if show_interventions:
+                rate = r["intervention_rate"]
+                cells.append("-" if rate != rate else f"{rate:.1%}")
+            table.add_row(*cells)
+        console.print(_folded(table))
+        console.print(f"run directory: {where} (metrics.csv, plots/success.png)")
+    for site, agg in result["aggregate"].items():
+        iqm, poi = agg["iqm_success"], agg["probability_of_improvement"]
+        console.print(
+            f"{site}: IQM final success over {agg['replicates']} replicates: "
+            f"loop {iqm['loop']['value']:.1%} [{iqm['loop']['ci'][0]:.1%}, {iqm['loop']['ci'][1]:.1%}], "
+            f"no-refine baseline {iqm['baseline']['value']:.1%} [{iqm['baseline']['ci'][0]:.1%}, "
+            f"{iqm['baseline']['ci'][1]:.1%}]; "
+            f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]"
+        )

@@ -7,7 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["ExpertActionInfo"]
+__all__ = ["ExpertActionInfo", "ExpertIntervention"]
 
 
 class ExpertActionInfo(gym.Wrapper):
@@ -50,3 +50,73 @@ class ExpertActionInfo(gym.Wrapper):
 
     def _label(self) -> np.ndarray:
         return np.asarray(self.expert.act(), dtype=np.float32)
+
+
+class ExpertIntervention(gym.Wrapper):
+    """The scripted expert takes over from the policy when it goes wrong (HG-DAgger-style gating).
+
+    At each step the wrapper asks the task's (noise-free) expert for its action in the current state
+    and compares it with the policy's action on the motion part (the first three components,
+    end-effector displacement in action units). The gate (after Kelly et al. 2019, "HG-DAgger:
+    Interactive Imitation Learning with Human Experts", where the human takes control when the robot
+    strays and hands it back once it has recovered):
+
+    - when the Euclidean distance between the two motion commands exceeds ``threshold``, or their
+      gripper commands have opposite signs, the expert takes over: it acts for this step and the next
+      ``takeover_steps - 1`` steps;
+    - then control returns to the policy.
+
+    The executed action is reported as ``info["executed_action"]`` (so an episode recorder stores what
+    really happened and replay reproduces it) and ``info["intervention"]`` is True when it was the
+    expert's. :attr:`interventions` counts the expert's steps in the current episode.
+
+    Args:
+        env: A loopsim env with a scripted expert (possibly wrapped).
+        threshold: Distance between motion commands that triggers a takeover [action units, > 0];
+            the motion part lives in ``[-1, 1]^3``, so distances range over ``[0, 2 * sqrt(3)]``.
+        takeover_steps: Control steps the expert keeps control once it took over (>= 1).
+
+    Raises:
+        TypeError: If the env's task has no scripted expert.
+        ValueError: For a non-positive ``threshold`` or ``takeover_steps < 1``.
+    """
+
+    def __init__(self, env: gym.Env, threshold: float = 0.6, takeover_steps: int = 10) -> None:
+        super().__init__(env)
+        from loopsim.envs import make_expert
+
+        if not (np.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold={threshold!r} must be a finite number > 0")
+        if int(takeover_steps) < 1:
+            raise ValueError(f"takeover_steps={takeover_steps!r} must be >= 1")
+        self.threshold = float(threshold)
+        self.takeover_steps = int(takeover_steps)
+        self.expert = make_expert(env, noise_std=0.0)
+        self._left = 0
+        self.interventions = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+        """Reset the env; the policy starts in control."""
+        self._left = 0
+        self.interventions = 0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """Execute the policy's action, or the expert's when the gate says so."""
+        policy_action = np.asarray(action, dtype=np.float32)
+        expert_action = np.asarray(self.expert.act(), dtype=np.float32)
+        if self._left == 0:
+            deviation = float(np.linalg.norm(policy_action[:3] - expert_action[:3]))
+            flipped = bool(policy_action[3] * expert_action[3] < 0)
+            if deviation > self.threshold or flipped:
+                self._left = self.takeover_steps
+        intervene = self._left > 0
+        if intervene:
+            self._left -= 1
+            self.interventions += 1
+        executed = expert_action if intervene else policy_action
+        observation, reward, terminated, truncated, info = self.env.step(executed)
+        info["executed_action"] = executed
+        info["intervention"] = intervene
+        return observation, reward, terminated, truncated, info

@@ -1,0 +1,222 @@
+"""The data loop: phases, run directory, metrics, plots, strategies, resume, config refusals."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loopsim.cli import app
+from loopsim.config import ConfigError, dump_config, load_config
+from loopsim.datasets import EpisodeStore
+from loopsim.loop import LoopConfig, LoopRun, check_loop_config, run_loop
+
+runner = CliRunner()
+
+TINY = {
+    "seed": 0,
+    "env": {"id": "loopsim/FactoryPickPlace-v0"},
+    "demos": {"site": "lab", "episodes": 3, "noise_std": 0.1},
+    "policy": {"type": "bc", "hidden_sizes": [32]},
+    "train": {"epochs": 2, "batch_size": 128},
+    "strategy": {"type": "dagger"},
+    "loop": {"iterations": 1, "episodes": 2, "deploy_sites": ["noisy_sensors"], "workers": 1},
+    "eval": {"episodes": 2, "workers": 1},
+}
+
+
+def tiny(*overrides):
+    return load_config(LoopConfig, TINY, list(overrides))
+
+
+def read_metrics(path):
+    with open(path / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_loop_writes_the_run_directory(tmp_path):
+    path = tmp_path / "run"
+    result = run_loop(tiny(), path)
+    rows = result["runs"][0]
+    assert {(r["iteration"], r["site"], r["arm"]) for r in rows} == {
+        (k, s, a) for k in (0, 1) for s in ("noisy_sensors", "lab") for a in ("loop", "baseline")
+    }
+    assert read_metrics(path)[0].keys() >= {"success_rate", "success_low", "operational_episodes", "deploy_s"}
+    for k in (0, 1):
+        d = path / "iterations" / f"{k:03d}"
+        assert (d / "checkpoint" / "policy.json").exists() and (d / "eval.json").exists()
+        ev = json.loads((d / "eval.json").read_text())
+        # The same held-out seeds at every site and iteration.
+        assert [e["seed"] for e in ev["lab"]["per_episode"]] == [2_000_000_000, 2_000_000_001]
+    refine = json.loads((path / "iterations" / "001" / "refine.json").read_text())
+    assert refine["demo_episodes"] == 3 and refine["operational_episodes"] == 2
+    # dagger: every demo step and every visited operational state is an expert label.
+    assert refine["expert_actions"] == refine["demo_transitions"] + refine["operational_transitions"]
+    with EpisodeStore.open(path / "operational.zarr") as op:
+        meta = op.metadata()
+        assert meta["iteration"].tolist() == [1, 1] and set(meta["site"]) == {"noisy_sensors"}
+        assert meta["seed"].tolist() == [110_000, 110_001]
+        assert set(meta["policy_version"]) == {"iteration-0"}
+        assert "expert_action" in op.step_extras
+    baseline = [r for r in rows if r["arm"] == "baseline"]
+    assert len({(r["success_rate"], r["mean_return"]) for r in baseline if r["site"] == "lab"}) == 1
+    it0 = {(r["site"], r["arm"]): r for r in rows if r["iteration"] == 0}
+    assert it0[("lab", "loop")]["success_rate"] == it0[("lab", "baseline")]["success_rate"]
+    for name in ("success.png", "lab.png", "failure_modes.png"):
+        import imageio.v3 as iio
+
+        img = iio.imread(path / "plots" / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 10  # drawn, not blank
+    # Re-running the finished run does nothing new (every phase is done) and gives the same metrics.
+    before = (path / "metrics.csv").read_text()
+    run_loop(tiny(), path)
+    assert (path / "metrics.csv").read_text() == before
+    with EpisodeStore.open(path / "operational.zarr") as op:
+        assert len(op) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["strategy.type=magic"], "strategy.type = 'magic': not allowed"),
+        (["loop.deploy_sites=[atlantis]"], "loop.deploy_sites: site 'atlantis'"),
+        (["loop.episodes=0"], "loop.episodes = 0"),
+        (["demos.site=moon"], "demos.site: site 'moon'"),
+        (["loop.deploy_sites=[]"], "loop.deploy_sites = []"),
+        (["strategy.threshold=0.5"], "strategy.threshold: unknown key"),
+        (["env.kwargs.obs_mode=smell"], "env.kwargs"),
+    ],
+)
+def test_bad_loop_configs_are_refused_before_any_work(tmp_path, overrides, match):
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "run"), *overrides])
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_resolved_config_loads_again():
+    cfg = tiny()
+    assert load_config(LoopConfig, yaml.safe_load(dump_config(cfg))) == cfg
+    from importlib.resources import files
+
+    bundled = load_config(LoopConfig, str(files("loopsim.configs") / "loop" / "quickstart.yaml"))
+    assert load_config(LoopConfig, yaml.safe_load(dump_config(bundled))) == bundled
+
+
+def test_rerun_with_another_config_is_refused(tmp_path):
+    path = tmp_path / "run"
+    LoopRun(tiny(), path).start()
+    with pytest.raises(ConfigError, match="another config .*train.epochs"):
+        LoopRun(tiny("train.epochs=3"), path).start()
+
+
+def test_training_sets_of_the_strategies(tmp_path):
+    """bc_all keeps every step, filtered_bc only successful episodes, intervention weights expert steps."""
+    path = tmp_path / "run"
+    cfg = tiny("strategy.type=intervention", "strategy.threshold=0.3", "strategy.weight=3")
+    check_loop_config(cfg)
+    run = LoopRun(cfg, path)
+    run.start()
+    run._demos()
+    run._refine(0)
+    run._deploy(1)
+    with EpisodeStore.open(path / "operational.zarr") as op:
+        meta = op.metadata()
+        episodes = [op.episode(i) for i in range(len(op))]
+    flags = [ep.extras["intervention"] for ep in episodes]
+    inter = sum(int(f.sum()) for f in flags)
+    assert inter > 0 and int(meta["interventions"].sum()) == inter
+    for ep, f in zip(episodes, flags, strict=True):
+        # During a takeover the executed (stored) action is the expert's own label of that state.
+        np.testing.assert_allclose(ep.actions[f], ep.extras["expert_action"][f], atol=1e-6)
+    training, info = run._training_set(1)
+    assert info["expert_actions"] == info["demo_transitions"] + inter
+    weighted = sum(
+        int(np.where(f, 3, 1 if ok else 0).sum()) for f, ok in zip(flags, meta["success"], strict=True)
+    )
+    assert len(training) == info["demo_transitions"] + weighted
+    ok_steps = int(meta["length"][meta["success"].astype(bool)].sum())
+    for strategy, expected in (("bc_all", int(meta["length"].sum())), ("filtered_bc", ok_steps)):
+        other = LoopRun(load_config(LoopConfig, TINY, [f"strategy.type={strategy}"]), path)
+        t, i = other._training_set(1)
+        assert len(t) == i["demo_transitions"] + expected
+
+
+@pytest.mark.slow
+def test_killed_loop_resumes_without_duplicates_and_matches_an_uninterrupted_run(tmp_path):
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump({**TINY, "loop": {**TINY["loop"], "iterations": 2, "episodes": 3}}))
+    clean = tmp_path / "clean"
+    assert runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(clean)]).exit_code == 0
+    killed = tmp_path / "killed"
+    for delay in (6.0, 14.0, 22.0):  # kill it at three different moments, resuming in between
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from loopsim.cli import app; app()",
+                "loop",
+                str(cfg_file),
+                "--run-dir",
+                str(killed),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(killed)])
+    assert result.exit_code == 0, result.output
+    with EpisodeStore.open(killed / "operational.zarr") as op:
+        meta = op.metadata()
+        triples = list(
+            zip(meta["iteration"].tolist(), meta["site"].tolist(), meta["seed"].tolist(), strict=True)
+        )
+        assert len(triples) == len(set(triples)) == 2 * 3
+    assert read_metrics(killed) == [
+        {k: v for k, v in r.items()} for r in read_metrics(clean)
+    ] or _same_but_timing(read_metrics(killed), read_metrics(clean))
+
+
+def _same_but_timing(a, b):
+    skip = {"deploy_s", "refine_s", "evaluate_s", "data_bytes"}
+    return [{k: v for k, v in r.items() if k not in skip} for r in a] == [
+        {k: v for k, v in r.items() if k not in skip} for r in b
+    ]
+
+
+def test_single_runs_and_replicates_do_not_share_a_directory(tmp_path):
+    LoopRun(tiny(), tmp_path / "single").start()
+    with pytest.raises(ConfigError, match="holds a single loop run"):
+        run_loop(tiny(), tmp_path / "single", seeds=[0, 1])
+    LoopRun(tiny(), tmp_path / "multi" / "seed_0").start()
+    with pytest.raises(ConfigError, match="holds replicates"):
+        run_loop(tiny(), tmp_path / "multi")
+
+
+@pytest.mark.slow
+def test_replicates_are_independent_and_aggregated(tmp_path):
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "m"), "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    agg = json.loads((tmp_path / "m" / "aggregate.json").read_text())["noisy_sensors"]
+    assert agg["replicates"] == 2
+    assert len(agg["final_success"]["loop"]) == 2
+    for arm in ("loop", "baseline"):
+        lo, hi = agg["iqm_success"][arm]["ci"]
+        assert 0.0 <= lo <= agg["iqm_success"][arm]["value"] <= hi <= 1.0
+    assert 0.0 <= agg["probability_of_improvement"]["value"] <= 1.0
+    with EpisodeStore.open(tmp_path / "m" / "seed_0" / "demos.zarr") as a, \
+            EpisodeStore.open(tmp_path / "m" / "seed_1" / "demos.zarr") as b:
+        # Replicates gather different demonstrations (seeds shifted per replicate).
+        assert set(a.metadata()["seed"]).isdisjoint(set(b.metadata()["seed"]))
+    assert "P(loop > baseline)" in result.output
