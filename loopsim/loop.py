@@ -107,12 +107,14 @@ class BCFitConfig(_Strict):
         batch_size: Transitions per gradient step.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        max_grad_norm: Clip each gradient step's global norm to this (``None``: no clipping).
     """
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
 
 
 class BCAllStrategy(_Strict):
@@ -614,6 +616,7 @@ class LoopRun:
             weight_decay=cfg.train.weight_decay,
             generator=torch.Generator().manual_seed(seed),
             action_key="target",
+            max_grad_norm=cfg.train.max_grad_norm,
         )
         losses = []
         # One torch thread: the network is small, and on a busy 2-core machine two threads fight the

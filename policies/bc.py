@@ -361,6 +361,8 @@ class BCTrainer:
         device: Torch device to train on (the network is moved there).
         action_key: The dataset key of the regression targets: ``"action"`` (the actions taken) or
             ``"expert_action"`` (the expert's label of each visited state).
+        max_grad_norm: Clip the gradient's global L2 norm to this before each step (``None``: no
+            clipping), as in SB3's ``max_grad_norm``; guards against a single bad step.
 
     Raises:
         ValueError: For an empty dataset or a bad batch size / learning rate / weight decay.
@@ -368,7 +370,8 @@ class BCTrainer:
 
     def __init__(self, policy: BCPolicy, dataset: Any, *, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None,
-                 device: str | torch.device = "cpu", action_key: str = "action") -> None:
+                 device: str | torch.device = "cpu", action_key: str = "action",
+                 max_grad_norm: float | None = None) -> None:
         if len(dataset) < 1:
             raise ValueError("cannot train on an empty dataset")
         if int(batch_size) < 1 or not lr > 0 or not weight_decay >= 0:
@@ -378,6 +381,9 @@ class BCTrainer:
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.action_key = action_key
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0 or None")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.device = torch.device(device)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         policy.net.to(self.device)
@@ -404,6 +410,8 @@ class BCTrainer:
                 loss = torch.mean((net(obs) - target) ** 2)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), self.max_grad_norm)
                 self.optimizer.step()
                 total += float(loss.detach()) * len(idx)
                 batches += 1
