@@ -262,3 +262,25 @@ def test_trainer_refuses_bad_settings() -> None:
         BCTrainer(_policy("state"), _ToyDataset(8), batch_size=0)
     with pytest.raises(ValueError, match="epochs"):
         fit_bc(_policy("state"), _ToyDataset(8), epochs=0)
+
+
+def test_gradient_clipping_is_applied() -> None:
+    data = _ToyDataset(512)
+
+    def weights(max_grad_norm: float | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        policy = _policy("state")
+        policy.fit_normalization(data.obs)
+        trainer = BCTrainer(policy, data, batch_size=64, lr=1e-3, generator=torch.Generator().manual_seed(0),
+                            max_grad_norm=max_grad_norm)
+        trainer.train_epoch()  # 8 steps: Adam's moments mix gradients of different norms
+        return [p.detach().clone() for p in policy.net.parameters()]
+
+    unclipped = weights(None)
+    # A norm no gradient reaches changes nothing; a tiny one rescales every gradient and changes the result.
+    assert all(torch.equal(a, b) for a, b in zip(weights(1e9), unclipped, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(1e-6), unclipped, strict=True))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        BCTrainer(_policy("state"), data, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        BCTrainer(_policy("state"), data, max_grad_norm=float("nan"))
