@@ -56,7 +56,9 @@ Commit protocol (why a kill loses at most the episode in flight, and why recordi
    starts a new segment at the next index, so there is no gap and no duplicate. Rows beyond the
    prefix (a merge killed midway) are ignored and overwritten by the next merge; pending episodes
    already covered by the index are ignored. A gap (an episode missing before later ones) is
-   damage: opening refuses the store.
+   damage: opening refuses the store. So is an invalid record followed by a whole record with a
+   matching CRC (a flipped bit in the middle of the log, not a kill): treating it as a torn tail
+   would hide, and ``repair`` would delete, committed episodes after it.
 
 Zarr rewrites a chunk by writing a whole new object and renaming it over the old one, so a chunk
 shared by committed episodes and the tail being merged is never seen half written. Opening a store
@@ -794,6 +796,11 @@ class EpisodeStore:
                 self._segment_cache.pop(name, None)
                 continue
             self._segment_cache[name] = seg
+            if seg.damaged:
+                raise StoreDamagedError(
+                    f"{self.url}: pending/{name} is damaged: the record at byte {seg.end} {seg.error}, but "
+                    "whole committed records follow it (not the torn tail of a killed writer). Nothing was "
+                    "changed; the episodes before that byte are intact.")
             segments.append(seg)
             for index, offset, length, crc, meta_json in seg.records:
                 if index not in locs:
@@ -1589,16 +1596,19 @@ class _Segment:
         name: File name in ``pending/``. first: The episode index its name gives.
         ident: ``(st_dev, st_ino)``, to notice a replaced file. size: Bytes seen at the last parse.
         end: Offset just past the last valid record. error: Why the bytes after ``end`` are invalid.
+        damaged: True when a whole, valid record follows the invalid one: the bytes after ``end`` are
+            then damage in the middle of the log, not the torn tail a killed writer leaves.
         records: ``(index, payload offset, payload length, (crc seed, crc), metadata JSON)`` each.
     """
 
-    __slots__ = ("end", "error", "first", "ident", "name", "records", "size")
+    __slots__ = ("damaged", "end", "error", "first", "ident", "name", "records", "size")
 
     def __init__(self, name: str, first: int, ident: tuple[int, int]) -> None:
         """An empty parse of the segment ``name``."""
         self.name, self.first, self.ident = name, first, ident
         self.size = self.end = 0
         self.error = ""
+        self.damaged = False
         self.records: list[tuple[int, int, int, tuple[int, int], str]] = []
 
     @property
@@ -1622,7 +1632,7 @@ def _parse_segment(path: Path, name: str, first: int, cached: _Segment | None) -
         ident = (st.st_dev, st.st_ino)
         seg = (cached if cached is not None and cached.ident == ident and st.st_size >= cached.end
                else _Segment(name, first, ident))
-        seg.size, seg.error = st.st_size, ""
+        seg.size, seg.error, seg.damaged = st.st_size, "", False
         if st.st_size == seg.end:
             return seg
         f.seek(seg.end)
@@ -1657,8 +1667,30 @@ def _parse_segment(path: Path, name: str, first: int, cached: _Segment | None) -
         seg.records.append((index, seg.end + pos + head, length, (seed, crc), meta_json))
         expect += 1
         pos += head + length
+    if seg.error:
+        seg.damaged = _valid_record_after(data, pos + 1)
     seg.end += pos
     return seg
+
+
+def _valid_record_after(data: bytes, start: int) -> bool:
+    """True if a whole record with a matching CRC starts anywhere at or after ``start`` in ``data``.
+
+    A killed writer tears at most the record it was writing, the last bytes of its segment (a failed
+    write is truncated back by the writer), so a valid record after an invalid one means damage.
+    """
+    head = _RECORD_HEAD.size
+    view = memoryview(data)
+    at = data.find(RECORD_MAGIC, start)
+    while at != -1:
+        if len(data) - at >= head:
+            _, _, length, crc = _RECORD_HEAD.unpack_from(data, at)
+            if len(data) - at - head >= length:
+                seed = zlib.crc32(view[at:at + 24])
+                if zlib.crc32(view[at + head:at + head + length], seed) == crc:
+                    return True
+        at = data.find(RECORD_MAGIC, at + 1)
+    return False
 
 
 def _decode_pending_metadata(payload: memoryview) -> str:

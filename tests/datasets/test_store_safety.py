@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from typer.testing import CliRunner
 
+from loopsim.cli import app
 from loopsim.datasets import (
     EpisodeStore,
     NotAStoreError,
@@ -858,23 +860,38 @@ def test_kill_during_append_leaves_a_torn_tail_that_is_ignored(tmp_path: Path) -
     assert _pending_names(path) == [] and _uncommitted(path) == []
 
 
-def test_corrupt_record_in_the_middle_ends_the_valid_prefix(tmp_path: Path) -> None:
+def test_corrupt_record_in_the_middle_is_damage_not_a_torn_tail(tmp_path: Path) -> None:
+    """Whole committed records after a bad one: the store is refused, nothing is truncated or lost."""
     path = _healthy(tmp_path / "store")
     segment = _pending_segment(path, stop=12)  # 8, 9, 10, 11
     _, offset, size = segment_records(segment)[1]
     data = bytearray(segment.read_bytes())
-    data[offset + size - 1] ^= 0xFF  # one flipped byte in episode 9's payload
+    data[offset + size - 1] ^= 0xFF  # one flipped byte in episode 9's payload; 10 and 11 stay whole
     segment.write_bytes(bytes(data))
     before = snapshot(path)
-    verify_store(path, at_least=9, at_most=9)  # 9 fails its CRC: 9, 10, 11 are not committed
+    damaged = r"000000000008.log is damaged: the record at byte \d+ fails its CRC check, but whole committed"
+    for mode in ("r", "a"):
+        with pytest.raises(StoreDamagedError, match=damaged):
+            EpisodeStore.open(path, mode=mode)
+    result = CliRunner().invoke(app, ["store", "check", str(path), "--repair"])
+    assert result.exit_code != 0 and "is damaged" in result.output
+    assert snapshot(path) == before  # --repair did not truncate episodes 10 and 11 away
+
+
+def test_corrupt_last_record_is_an_uncommitted_tail(tmp_path: Path) -> None:
+    """A bad record with nothing valid after it is what a killed writer leaves: repair drops it."""
+    path = _healthy(tmp_path / "store")
+    segment = _pending_segment(path, stop=11)  # 8, 9, 10
+    _, offset, size = segment_records(segment)[2]
+    data = bytearray(segment.read_bytes())
+    data[offset + size - 1] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    verify_store(path, at_least=10, at_most=10)
     uncommitted = _uncommitted(path)
-    assert any("fails its CRC check" in u and f"byte {offset}" in u for u in uncommitted), uncommitted
-    assert snapshot(path) == before
+    assert any("fails its CRC check" in u for u in uncommitted), uncommitted
     with EpisodeStore.open(path, mode="a") as store:
-        assert len(store) == 9
         assert store.repair().ok
-        assert segment.stat().st_size == offset
-    verify_store(path, at_least=9, at_most=9)
+    verify_store(path, at_least=10, at_most=10)
     append_and_verify(path, 2, flush_every=3)
 
 
