@@ -40,6 +40,7 @@ run at any moment and re-running the same command continues with no episode dupl
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import time
@@ -47,6 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import yaml
@@ -67,6 +69,7 @@ __all__ = [
     "DemosConfig",
     "LoopConfig",
     "LoopRun",
+    "RLFinetuneStrategy",
     "StrategyConfig",
     "run_loop",
 ]
@@ -156,8 +159,64 @@ class InterventionStrategy(_Strict):
     weight: int = Field(4, ge=1, le=100)
 
 
+class RLFinetuneStrategy(_Strict):
+    """``rl_finetune``: continue an SB3 off-policy algorithm on the operational data, from a checkpoint.
+
+    The first policy (iteration 0, also the no-refine baseline) is ``checkpoint``: an ``sb3``
+    checkpoint of an off-policy algorithm (SAC, TD3, DDPG), e.g. the ``checkpoint/`` of a
+    ``loopsim train`` run; no demonstrations are made. Refine ``k`` rebuilds the algorithm around the
+    policy of iteration ``k - 1`` (actor, critics and target networks: the checkpoint holds the whole
+    SB3 policy module), fills its replay buffer with every operational transition gathered so far
+    (rewards as the env returned them; ``terminated`` ends bootstrapping, ``truncated`` does not, as
+    SB3's ``handle_timeout_termination``), and runs ``gradient_steps`` updates of the algorithm's own
+    ``train``. The deployments are the online interaction: this is off-policy RL from the robot's own
+    operating data, as in offline-to-online fine-tuning (e.g. Ball et al. 2023, "Efficient Online
+    Reinforcement Learning with Offline Data", RLPD; Nair et al. 2020, AWAC).
+
+    Optimizer states are not in a checkpoint, so each refine starts fresh Adam moments; SAC's entropy
+    coefficient is not either, hence ``ent_coef`` (fixed, or SB3's ``"auto_<init>"`` to keep tuning it).
+
+    Attributes:
+        checkpoint: The first policy's checkpoint directory (an off-policy ``sb3`` kind).
+        gradient_steps: Gradient updates per refine.
+        batch_size: Transitions per update (sampled uniformly from the replay buffer).
+        learning_rate: Adam learning rate of the actor and critics.
+        gamma: Discount factor.
+        tau: Polyak coefficient of the target networks.
+        ent_coef: SAC's entropy coefficient (a float, or ``"auto_<init>"``); ignored by TD3/DDPG.
+        explore: Deploy with the stochastic policy (exploration in operation) instead of its mean.
+    """
+
+    type: Literal["rl_finetune"] = "rl_finetune"
+    checkpoint: str
+    gradient_steps: int = Field(2000, ge=1, le=10_000_000)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(3e-4, gt=0, allow_inf_nan=False)
+    gamma: float = Field(0.95, gt=0, le=1, allow_inf_nan=False)
+    tau: float = Field(0.005, gt=0, le=1, allow_inf_nan=False)
+    ent_coef: float | str = 0.01
+    explore: bool = False
+
+    @model_validator(mode="after")
+    def _ent_coef(self) -> RLFinetuneStrategy:
+        value = self.ent_coef
+        if isinstance(value, str):
+            ok = value.startswith("auto_")
+            if ok:
+                try:
+                    ok = float(value[5:]) > 0
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise ValueError(f"ent_coef={value!r}: give a positive float or 'auto_<positive float>'")
+        elif not value >= 0:
+            raise ValueError(f"ent_coef={value!r}: must be >= 0")
+        return self
+
+
 StrategyConfig = Annotated[
-    BCAllStrategy | FilteredBCStrategy | DAggerStrategy | InterventionStrategy, Field(discriminator="type")
+    BCAllStrategy | FilteredBCStrategy | DAggerStrategy | InterventionStrategy | RLFinetuneStrategy,
+    Field(discriminator="type"),
 ]
 
 
@@ -201,9 +260,9 @@ class LoopConfig(_Strict):
             the demonstration and deployment seeds too.
         run_dir: Where the run directory goes (default ``runs/<config file stem>``).
         env: The env (its ``site`` is unused: sites come from ``demos`` and ``loop``).
-        demos: The expert demonstrations of iteration 0.
-        policy: The BC architecture.
-        train: The BC settings of every refine.
+        demos: The expert demonstrations of iteration 0 (unused by ``rl_finetune``).
+        policy: The BC architecture (unused by ``rl_finetune``).
+        train: The BC settings of every refine (unused by ``rl_finetune``).
         strategy: How refine uses the operational data.
         loop: Deployment settings.
         eval: Evaluation settings.
@@ -250,6 +309,9 @@ def check_loop_config(config: LoopConfig) -> None:
             if name not in allowed:
                 raise ConfigError(f"{key}: site {name!r} is not a {domain} site; allowed: {allowed}")
     check_env_config(env.model_copy(update={"site": config.demos.site}))
+    if isinstance(config.strategy, RLFinetuneStrategy):
+        _check_rl_finetune(config)
+        return
     probe = env.make(site=config.demos.site)
     try:
         if getattr(probe.unwrapped, "expert_entry_point", None) is None:
@@ -268,6 +330,80 @@ def check_loop_config(config: LoopConfig) -> None:
             raise ConfigError(f"policy = {config.policy.model_dump()}: {exc}") from None
     finally:
         probe.close()
+
+
+def _check_rl_finetune(config: LoopConfig) -> None:
+    """``strategy.checkpoint`` must load, be an off-policy SB3 policy, fit the env, and not see images."""
+    from stable_baselines3.common.preprocessing import is_image_space
+
+    from loopsim.policies import CheckpointError, SB3Policy, load_policy
+    from loopsim.policies.sb3 import sb3_algorithms
+    from loopsim.rollout import check_policy
+    from loopsim.train_sb3 import _is_off_policy
+
+    path = config.strategy.checkpoint
+    try:
+        policy = load_policy(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"strategy.checkpoint = {path!r}: {exc}") from None
+    if not isinstance(policy, SB3Policy) or not _is_off_policy(sb3_algorithms()[policy.algo]):
+        what = f"an {policy.algo} policy" if isinstance(policy, SB3Policy) else f"a {policy.kind!r} policy"
+        raise ConfigError(
+            f"strategy.checkpoint = {path!r} holds {what}; rl_finetune needs an off-policy sb3 "
+            "algorithm (SAC, TD3, DDPG), e.g. the checkpoint/ of `loopsim train` with policy.algo: SAC"
+        )
+    space = policy.observation_space
+    spaces = space.spaces.values() if isinstance(space, gym.spaces.Dict) else [space]
+    if any(is_image_space(s, check_channels=False) for s in spaces):
+        raise ConfigError(
+            f"strategy.checkpoint = {path!r}: rl_finetune does not support image observations yet "
+            "(use obs_mode state or goal)"
+        )
+    check_policy(path, config.env, site=config.loop.deploy_sites[0])
+
+
+def _replay_buffer(model: Any, dataset: Any, normalizer: Any) -> int:
+    """Fill ``model.replay_buffer`` with every transition of ``dataset`` (a TransitionDataset).
+
+    Observations are normalised with the policy's frozen ``VecNormalize`` statistics (the network's
+    input space); ``done = terminated or truncated`` with ``TimeLimit.truncated`` set on truncation, so
+    SB3 bootstraps through time limits (``handle_timeout_termination``).
+
+    Returns:
+        The number of transitions added.
+    """
+    arrays = dataset.arrays
+    t = np.arange(len(dataset))
+    rows = t + dataset._step_episode[t]
+
+    def obs(key_rows: np.ndarray) -> Any:
+        if "observation" in arrays:
+            o: Any = arrays["observation"][key_rows]
+        else:
+            o = {k.split("/", 1)[1]: v[key_rows] for k, v in arrays.items() if k.startswith("observation/")}
+        return normalizer(o) if normalizer is not None else o
+
+    observation, next_observation = obs(rows), obs(rows + 1)
+    action = np.asarray(arrays["action"], dtype=np.float32)
+    reward = np.asarray(arrays["reward"], dtype=np.float32)
+    terminated = np.asarray(arrays["terminated"], dtype=bool)
+    truncated = np.asarray(arrays["truncated"], dtype=bool)
+    buffer = model.replay_buffer
+    for i in range(len(dataset)):
+        if isinstance(observation, dict):
+            o = {k: v[i : i + 1] for k, v in observation.items()}
+            o2 = {k: v[i : i + 1] for k, v in next_observation.items()}
+        else:
+            o, o2 = observation[i : i + 1], next_observation[i : i + 1]
+        buffer.add(
+            o,
+            o2,
+            action[i : i + 1],
+            reward[i : i + 1],
+            np.array([terminated[i] or truncated[i]]),
+            [{"TimeLimit.truncated": bool(truncated[i] and not terminated[i])}],
+        )
+    return len(dataset)
 
 
 # ========================================================================================== training set
@@ -479,7 +615,8 @@ class LoopRun:
         from loopsim.rollout import run_episodes
 
         cfg = self.config
-        extras = ["is_success", "expert_action"]
+        rl = isinstance(cfg.strategy, RLFinetuneStrategy)
+        extras = ["is_success"] if rl else ["is_success", "expert_action"]
         intervention = None
         if isinstance(cfg.strategy, InterventionStrategy):
             extras.append("intervention")
@@ -520,7 +657,7 @@ class LoopRun:
                 cfg.env,
                 tasks,
                 workers=cfg.loop.workers,
-                deterministic=True,
+                deterministic=not (rl and cfg.strategy.explore),
                 record=extras,
                 policy_id=f"loop-{cfg.strategy.type}",
                 policy_version=f"iteration-{k - 1}",
@@ -590,6 +727,9 @@ class LoopRun:
         if (out / "policy.json").exists() and (self.iteration_dir(k) / "refine.json").exists():
             return
         cfg = self.config
+        if isinstance(cfg.strategy, RLFinetuneStrategy):
+            self._refine_rl(k)
+            return
         start = time.perf_counter()
         training, info = self._training_set(k)
         seed = cfg.seed + 7919 * self.replicate + k
@@ -655,6 +795,109 @@ class LoopRun:
             f"{cfg.train.epochs} epochs, final loss {losses[-1]:.4f}, in {time.perf_counter() - start:.0f} s"
         )
 
+    def _refine_rl(self, k: int) -> None:
+        """``rl_finetune``: iteration 0 copies ``strategy.checkpoint``; later ones continue its algorithm."""
+        from loopsim.datasets import EpisodeStore
+        from loopsim.datasets.sampling import TransitionDataset
+        from loopsim.policies import SB3Policy, load_policy
+        from loopsim.policies.sb3 import policy_kwargs_from_json, sb3_algorithms
+
+        cfg = self.config
+        strategy = cfg.strategy
+        out = self.iteration_dir(k) / "checkpoint"
+        start = time.perf_counter()
+        source = strategy.checkpoint if k == 0 else self.iteration_dir(k - 1) / "checkpoint"
+        previous = load_policy(source)
+        assert isinstance(previous, SB3Policy)
+        info: dict[str, Any] = {"strategy": strategy.type, "expert_actions": 0, "training_samples": 0}
+        losses: dict[str, float] = {}
+        seed = cfg.seed + 7919 * self.replicate + k
+        if k == 0:
+            policy = previous
+        else:
+            from stable_baselines3.common.logger import configure
+            from stable_baselines3.common.vec_env import DummyVecEnv
+
+            algo_cls = sb3_algorithms()[previous.algo]
+            kwargs: dict[str, Any] = {
+                "learning_rate": strategy.learning_rate,
+                "batch_size": strategy.batch_size,
+                "gamma": strategy.gamma,
+                "tau": strategy.tau,
+                "learning_starts": 0,
+                "seed": seed,
+                "device": "cpu",
+            }
+            if "ent_coef" in inspect.signature(algo_cls.__init__).parameters:
+                kwargs["ent_coef"] = strategy.ent_coef
+            with EpisodeStore.open(self.operational_path) as op:
+                meta = op.metadata()
+                chosen = np.flatnonzero(meta["iteration"] <= k)
+                dataset = TransitionDataset(op, episodes=chosen)
+            site = cfg.loop.deploy_sites[0]
+            # Global RNG state (SB3 seeds NumPy/torch/random globally; its buffer samples from NumPy's
+            # global generator): saved and restored, so refining leaves the caller's state alone.
+            np_state, torch_state = np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as BC refines: small networks, busy simulation workers
+            venv = DummyVecEnv([lambda: cfg.env.make(site=site)])
+            try:
+                model = algo_cls(
+                    previous.policy_name,
+                    venv,
+                    buffer_size=max(len(dataset), 1),
+                    policy_kwargs=dict(policy_kwargs_from_json(previous.policy_kwargs)),
+                    **kwargs,
+                )
+                model.policy.load_state_dict(previous.policy.state_dict(), strict=True)
+                model.set_logger(configure(folder=None, format_strings=[]))
+                added = _replay_buffer(model, dataset, previous.normalizer)
+                model.policy.set_training_mode(True)
+                model.train(gradient_steps=strategy.gradient_steps, batch_size=strategy.batch_size)
+                losses = {
+                    k2.removeprefix("train/"): float(v)
+                    for k2, v in model.logger.name_to_value.items()
+                    if k2.startswith("train/") and np.isscalar(v)
+                }
+                policy = SB3Policy.from_model(
+                    model, vec_normalize=False, observation_space=previous.observation_space
+                )
+                policy.normalizer = previous.normalizer
+            finally:
+                venv.close()
+                torch.set_num_threads(threads)
+                np.random.set_state(np_state)  # noqa: NPY002
+                torch.set_rng_state(torch_state)
+            info.update(
+                operational_episodes=len(chosen),
+                operational_transitions=added,
+                training_samples=added,
+                gradient_steps=strategy.gradient_steps,
+            )
+        policy.config = cfg.model_dump(mode="json")
+        policy.provenance = {
+            "loop_iteration": k,
+            "replicate": self.replicate,
+            **info,
+            "initial_checkpoint": str(strategy.checkpoint),
+            "stores": [str(self.operational_path)] if k else [],
+        }
+        self.iteration_dir(k).mkdir(parents=True, exist_ok=True)
+        policy.save(out)
+        _atomic_json(
+            self.iteration_dir(k) / "refine.json",
+            {**info, "losses": losses, "seconds": time.perf_counter() - start},
+        )
+        self._record_time(k, "refine", time.perf_counter() - start)
+        if k == 0:
+            self.log(f"iteration 0: first policy {previous.algo} from {strategy.checkpoint}")
+        else:
+            self.log(
+                f"iteration {k}: refined (rl_finetune, {previous.algo}) with {strategy.gradient_steps} "
+                f"gradient steps on {info['training_samples']} operational transitions in "
+                f"{time.perf_counter() - start:.0f} s"
+            )
+
     def _evaluate(self, k: int) -> None:
         from loopsim.rollout import evaluate_policy
 
@@ -697,7 +940,8 @@ class LoopRun:
             The metrics rows (see :data:`METRICS_FIELDS`).
         """
         self.start()
-        self._demos()
+        if not isinstance(self.config.strategy, RLFinetuneStrategy):
+            self._demos()
         if "data_bytes" not in self._timing(0):  # a kill right after the phase: measure now
             self._record_data_size(0)
         self._refine(0)
