@@ -347,7 +347,7 @@ def _check_rl_finetune(config: LoopConfig) -> None:
     except CheckpointError as exc:
         raise ConfigError(f"strategy.checkpoint = {path!r}: {exc}") from None
     if not isinstance(policy, SB3Policy) or not _is_off_policy(sb3_algorithms()[policy.algo]):
-        what = f"an {policy.algo} policy" if isinstance(policy, SB3Policy) else f"a {policy.kind!r} policy"
+        what = f"a {policy.algo} policy" if isinstance(policy, SB3Policy) else f"a {policy.kind!r} policy"
         raise ConfigError(
             f"strategy.checkpoint = {path!r} holds {what}; rl_finetune needs an off-policy sb3 "
             "algorithm (SAC, TD3, DDPG), e.g. the checkpoint/ of `loopsim train` with policy.algo: SAC"

@@ -127,7 +127,7 @@ def test_bad_rl_finetune_configs_are_refused_before_any_work(tmp_path, sac_check
     with pytest.raises(ConfigError, match="strategy.checkpoint = .*nowhere"):
         check_loop_config(config(tmp_path / "nowhere"))
     ppo = _sac_checkpoint(tmp_path / "ppo", algo="PPO", steps=64)
-    with pytest.raises(ConfigError, match="holds an PPO policy; rl_finetune needs an off-policy"):
+    with pytest.raises(ConfigError, match="holds a PPO policy; rl_finetune needs an off-policy"):
         check_loop_config(config(ppo))
     with pytest.raises(ConfigError, match="ent_coef"):
         config(sac_checkpoint, "strategy.ent_coef=auto_x")
