@@ -81,6 +81,16 @@ def test_config_file_problems(tmp_path):
         load_config(TrainConfig, listy)
 
 
+def test_duplicate_keys_are_refused_not_silently_overwritten(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 0\ntrain:\n  epochs: 30\n  lr: 0.001\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"found the key 'epochs' twice \(first .*line 3"):
+        load_config(TrainConfig, path)
+    path.write_text("seed: 0\nseed: 1\n")
+    with pytest.raises(ConfigError, match="'seed' twice"):
+        load_config(TrainConfig, path)
+
+
 def test_yaml_tags_do_not_run_code(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
