@@ -588,6 +588,32 @@ class EpisodeStore:
                                    f"the key {LOCK_NAME!r} if that writer is dead")
         self._remote_lock = owner
 
+    def writer_active(self) -> bool | None:
+        """Whether a writer (another process, or this object) holds the store's writer lock now.
+
+        Returns:
+            ``True``/``False`` for local stores (the lock file is tried without waiting and released at
+            once); for remote stores ``True`` when the lock key exists (its writer may be dead), else
+            ``False``; ``None`` when it cannot be told (e.g. a read-only directory).
+        """
+        if self._lock is not None or self._remote_lock:
+            return True
+        if not _is_local(self.url):
+            got = sync(self._zstore.get(LOCK_NAME, prototype=default_buffer_prototype()))
+            return got is not None
+        lock_file = _local_path(self.url) / LOCK_NAME
+        if not lock_file.exists():
+            return False
+        probe = filelock.FileLock(lock_file, timeout=0)
+        try:
+            probe.acquire()
+        except filelock.Timeout:
+            return True
+        except OSError:
+            return None
+        probe.release()
+        return False
+
     def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()

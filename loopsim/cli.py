@@ -408,10 +408,12 @@ def store_check(
             raise typer.Exit(1) from None
         with opened as s:
             found = s.check()
+            live_writer = not repair and bool(found.uncommitted) and s.writer_active() is True
             console.print(f"{s.url}: {found.episodes} committed episodes, {s.n_transitions} transitions",
                           markup=False, highlight=False, soft_wrap=True)
             for item in found.uncommitted:
-                console.print(f"uncommitted: {item}", style="yellow", markup=False, soft_wrap=True)
+                console.print(f"{'in flight' if live_writer else 'uncommitted'}: {item}", style="yellow",
+                              markup=False, soft_wrap=True)
             for item in found.problems:
                 console.print(f"problem: {item}", style="red", markup=False, soft_wrap=True)
             result = found
@@ -425,6 +427,11 @@ def store_check(
                                   soft_wrap=True)
     if result.ok:
         console.print("ok", style="bold green")
+        return
+    if live_writer and not result.problems:
+        # Not leftovers: a live writer's episodes not yet merged (or being appended). Nothing is wrong.
+        console.print("ok: a writer holds the store's lock; the items above are its episodes in flight, "
+                      "not a killed writer's leftovers", style="bold green", soft_wrap=True)
         return
     if result.uncommitted and not repair:
         console.print("run `loopsim store check STORE --repair` to drop the uncommitted leftovers",

@@ -193,6 +193,45 @@ def test_check_finds_an_uncommitted_tail_and_repair_drops_it(tmp_path):
     assert result.exit_code == 0 and "uncommitted" not in result.output, result.output
 
 
+def test_check_with_a_live_writer_reports_its_merge_in_flight_not_leftovers(tmp_path):
+    path = tmp_path / "s"
+    build_store(path)
+    writer = EpisodeStore.open(path, mode="a", flush_every=1000)  # a live writer holds the lock
+    try:
+        assert writer.writer_active() is True
+        writer.add_episode(make_episode(4, seed=99))  # committed to its pending log
+        # Stop its merge between the data/metadata writes and the index write: a merge in flight.
+        real, calls = writer._write_blocks, []
+
+        class Killed(Exception):
+            pass
+
+        async def stop_before_index(blocks):
+            if "meta/episode_ends" in blocks:
+                raise Killed
+            calls.append(list(blocks))
+            return await real(blocks)
+
+        writer._write_blocks = stop_before_index
+        with pytest.raises(Killed):
+            writer._merge(sorted(writer._pending))
+        assert calls  # data and metadata rows past the index were written
+        with EpisodeStore.open(path) as reader:
+            assert reader.writer_active() is True
+        result = invoke("store", "check", str(path))
+        assert result.exit_code == 0, result.output
+        assert "in flight: data/action has 4 rows past the index" in result.output
+        assert "a writer holds the store's lock" in result.output and "--repair" not in result.output
+    finally:
+        writer._release_lock()  # the writer dies here, mid-merge
+        writer._closed = True
+    # The same rows with the writer gone are a killed writer's leftovers again.
+    with EpisodeStore.open(path) as reader:
+        assert reader.writer_active() is False
+    result = invoke("store", "check", str(path))
+    assert result.exit_code == 1 and "uncommitted: data/action has 4 rows" in result.output, result.output
+
+
 def test_check_reports_damage_that_repair_cannot_undo(tmp_path):
     path = tmp_path / "s"
     build_store(path)
