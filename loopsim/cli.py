@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+#: Piped output (logs, CI) is 120 columns wide rather than rich's 80, so tables do not fold; a terminal
+#: keeps its own width, and ``COLUMNS`` overrides both.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 store_app = typer.Typer(
     name="store",
     help="Episode stores: verify and repair.",
