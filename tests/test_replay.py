@@ -1,0 +1,216 @@
+"""``loopsim replay``: re-simulating stored episodes reproduces them; tampering is detected; videos."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from loopsim.cli import app
+from loopsim.config import CollectConfig, EnvConfig
+from loopsim.datasets import Episode, EpisodeStore
+from loopsim.replay import (
+    DEFAULT_TOLERANCE,
+    ReplayError,
+    episode_frames,
+    make_replay_env,
+    render_video,
+    replay_episode,
+    replay_store,
+)
+from loopsim.rollout import collect
+
+runner = CliRunner()
+ENV = "loopsim/FactoryPickPlace-v0"
+
+
+def _collect(path, obs_mode: str, episodes: int, site: str = "lab", seed: int = 0) -> str:
+    collect(CollectConfig(seed=seed, env=EnvConfig(id=ENV, site=site, kwargs={"obs_mode": obs_mode}),
+                          episodes=episodes, store=str(path), deterministic=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def state_store(tmp_path_factory):
+    """Three noisy-expert episodes (state observations) at a shifted site with sensor noise and lag."""
+    return _collect(tmp_path_factory.mktemp("replay") / "state.zarr", "state", 3, site="noisy_sensors")
+
+
+@pytest.fixture(scope="module")
+def rgb_store(tmp_path_factory):
+    return _collect(tmp_path_factory.mktemp("replay") / "rgb.zarr", "rgb", 1)
+
+
+def _copy_store(src: str, dst, tamper=None) -> str:
+    """Copy every episode of ``src`` into a new store at ``dst``; ``tamper(i, episode)`` may alter one."""
+    with EpisodeStore.open(src) as s:
+        out = EpisodeStore.create(dst, observation_space=s.observation_space, action_space=s.action_space,
+                                  env_id=s.env_id, env_kwargs=s.env_kwargs, step_extras=s.step_extras)
+        with out:
+            for i in range(len(s)):
+                ep: Episode = s.episode(i)
+                if tamper is not None:
+                    tamper(i, ep)
+                out.add_episode(ep)
+    return str(dst)
+
+
+def test_factory_state_episodes_replay_bit_for_bit(state_store):
+    results = list(replay_store(state_store))
+    assert len(results) == 3
+    for r in results:
+        assert r.exact and r.ok, r.as_dict()
+        assert r.max_deviation == 0.0 and r.events == []
+        assert r.replayed_steps == r.steps > 0
+        assert r.site == "noisy_sensors"
+    with EpisodeStore.open(state_store) as s:
+        meta = s.metadata()
+    assert [r.replayed_return for r in results] == pytest.approx(list(meta["return"]), abs=1e-9)
+
+
+def test_replay_pins_the_sampled_site_parameters(state_store):
+    with EpisodeStore.open(state_store) as s:
+        env = make_replay_env(s, 1)
+        _, info = env.reset(seed=s.metadata_row(1).seed)
+        env.close()
+        assert info["site_params"] == s.metadata_row(1).site_params
+
+
+def test_factory_rgb_episode_replays_exactly(rgb_store):
+    (r,) = replay_store(rgb_store)
+    assert r.image_keys == [""] and r.exact and r.max_pixel_deviation == 0.0
+
+
+def test_a_changed_action_is_detected(state_store, tmp_path):
+    def tamper(i, ep):
+        if i == 1:
+            ep.actions[5] = -ep.actions[5]
+
+    bad = _copy_store(state_store, tmp_path / "tampered.zarr", tamper)
+    results = list(replay_store(bad))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].max_deviation > 100 * DEFAULT_TOLERANCE  # the arm moved ~mm, not 1e-5
+    out = runner.invoke(app, ["replay", bad, "--episode", "1"])
+    assert out.exit_code == 1, out.output
+    assert "NOT reproduced" in out.output
+    out = runner.invoke(app, ["replay", bad, "--all", "--json", str(tmp_path / "audit.json")])
+    assert out.exit_code == 1, out.output
+    assert "diverged" in out.output
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert [a["ok"] for a in audit] == [True, False, True]
+    # a generous tolerance accepts the numbers, and still exits 0 only if the events match
+    loose = list(replay_store(bad, [1], tolerance=10.0))[0]
+    assert loose.ok == (not loose.events)
+
+
+def test_a_changed_seed_is_detected(state_store, tmp_path):
+    def tamper(i, ep):
+        if i == 0:
+            ep.metadata.seed = 12345
+
+    bad = _copy_store(state_store, tmp_path / "seed.zarr", tamper)
+    (r,) = replay_store(bad, [0])
+    assert not r.ok and r.max_deviation > 1e-3
+
+
+def test_cli_replay_ok_and_exit_codes(state_store, tmp_path):
+    out = runner.invoke(app, ["replay", state_store, "-e", "-1"])
+    assert out.exit_code == 0, out.output
+    assert "bit-identical" in out.output
+    out = runner.invoke(app, ["replay", state_store, "--all", "--workers", "2"])
+    assert out.exit_code == 0, out.output
+    assert "diverged" in out.output and "max float deviation" in out.output
+    for args, msg in [([], "either --episode N or --all"),
+                      (["-e", "0", "--all"], "either --episode N or --all"),
+                      (["-e", "7"], "out of range"),
+                      (["-e", "0", "--video", str(tmp_path / "x.avi")], "suffix"),
+                      (["-e", "0", "--from-store"], "--from-store makes a video"),
+                      (["--all", "--video", str(tmp_path / "x.gif")], "--episode N instead of --all")]:
+        out = runner.invoke(app, ["replay", state_store, *args])
+        assert out.exit_code == 2 and msg in out.output, (args, out.output)
+    out = runner.invoke(app, ["replay", str(tmp_path / "missing.zarr"), "-e", "0"])
+    assert out.exit_code == 2 and "error:" in out.output
+
+
+def test_gui_without_display_is_a_clear_error(state_store, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    out = runner.invoke(app, ["replay", state_store, "-e", "0", "--gui"])
+    assert out.exit_code == 2 and "needs a display" in out.output
+
+
+def test_bad_tolerances_are_refused(state_store):
+    with EpisodeStore.open(state_store) as s:
+        for kw in ({"tolerance": -1.0}, {"tolerance": float("nan")}, {"pixel_tolerance": 2.0}):
+            with pytest.raises(ReplayError):
+                replay_episode(s, 0, **kw)
+    with pytest.raises(ReplayError, match="workers"):
+        list(replay_store(state_store, workers=0))
+    with pytest.raises(IndexError, match="out of range"):
+        list(replay_store(state_store, [3]))
+
+
+def test_video_from_stored_rgb_observations(rgb_store, tmp_path):
+    with EpisodeStore.open(rgb_store) as s:
+        steps = len(s.episode(0))
+        v = render_video(s, 0, tmp_path / "stored.gif", source="store", fps=10)
+        frames = iio.imread(tmp_path / "stored.gif")
+        assert v.frames == steps + 1 and frames.shape[0] == steps + 1
+        stored = s.episode(0).observations
+        plain, _ = episode_frames(s, 0, source="store", overlay=False)
+        assert np.array_equal(np.stack(plain), stored)
+    # the overlay band darkens the top rows only
+    assert frames[..., :3][:, 60:].std() > 10  # not blank
+
+
+def test_video_from_store_refuses_state_stores(state_store, tmp_path):
+    with EpisodeStore.open(state_store) as s, pytest.raises(ReplayError, match="not rgb images"):
+        render_video(s, 0, tmp_path / "x.gif", source="store")
+
+
+def _robot_hidden_render(env: gym.Env) -> np.ndarray:
+    """The same scene with the robot's links made invisible."""
+    u = env.unwrapped
+    body = u.robot.body
+    bc = u.sim.bc
+    for link in range(-1, bc.getNumJoints(body)):
+        bc.changeVisualShape(body, link, rgbaColor=[0, 0, 0, 0])
+    return env.render()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_rendered_replay_video(state_store, tmp_path, suffix):
+    path = tmp_path / f"ep{suffix}"
+    with EpisodeStore.open(state_store) as s:
+        steps = len(s.episode(0))
+        v = render_video(s, 0, path, size=96, fps=25)
+    assert v.replay is not None and v.replay.exact
+    if suffix == ".gif":
+        frames = iio.imread(path)
+    else:
+        import imageio.v2 as imageio
+
+        frames = np.stack(list(imageio.get_reader(path, format="FFMPEG").iter_data()))
+    assert frames.shape[0] == steps + 1 == v.frames
+    assert frames.shape[1:3] == (96, 96)
+    assert frames[..., :3].std() > 10  # not blank
+    assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).mean() > 1  # something moved
+
+
+@pytest.mark.slow
+def test_the_robot_is_visible_in_rendered_frames(state_store):
+    with EpisodeStore.open(state_store) as s:
+        frames, result = episode_frames(s, 0, size=96, overlay=False)
+        env = make_replay_env(s, 0, render_mode="rgb_array", render_size=96)
+        env.reset(seed=s.metadata_row(0).seed)
+        with_robot = env.render()
+        without = _robot_hidden_render(env)
+        env.close()
+    assert np.array_equal(frames[0], with_robot)  # frame 0 is the reset state
+    changed = np.any(with_robot != without, axis=-1)
+    assert changed.mean() > 0.02, changed.mean()  # the arm covers a real part of the frame
