@@ -984,3 +984,41 @@ def _print_replay(results: list[Any], tolerance: float, pixel_tolerance: float, 
                           f"{r.max_pixel_deviation:.2%}" if r.image_keys else "-",
                           "; ".join(r.events) or "-", "yes" if r.ok else "NO")
         console.print(_folded(table))
+
+
+@app.command()
+def paths(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output image (.png, .svg or .pdf).")],
+    episode: Annotated[
+        list[int] | None,
+        typer.Option("--episode", "-e", help="Episode index (repeatable). [default: the first --limit]"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Episodes plotted without --episode.")] = 50,
+) -> None:
+    """Plot where the robot went: end-effector paths over a top view of the workcell (by domain).
+
+    Episodes are replayed (no rendering) and drawn green for successes, red for failures; the
+    domain's trajectory view (loopsim.trajectory) draws the scene and per-episode marks.
+    """
+    from loopsim.datasets import EpisodeStore
+    from loopsim.replay import ReplayError
+    from loopsim.trajectory import plot_trajectories
+
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise _error(f"--out {out}: the suffix must be .png, .svg or .pdf")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise _error(f"--out {out}: cannot write a file there (a directory, or the folder is missing or "
+                     "not writable)")
+    with _store_errors():
+        opened = EpisodeStore.open(store, mode="r")
+    with opened as s, _store_errors(ReplayError, IndexError, KeyError, ValueError):
+        n = len(s)
+        indices = list(dict.fromkeys(episode)) if episode else list(range(min(n, limit)))
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise _error(f"--episode {bad[0]} is out of range: the store has {n} episodes")
+        if not indices:
+            raise _error(f"{store} holds no episodes")
+        plot_trajectories(s, indices, out)
+    console.print(f"wrote {out}: paths of {len(indices)} episode(s)", markup=False, soft_wrap=True)
