@@ -1022,3 +1022,35 @@ def paths(
             raise _error(f"{store} holds no episodes")
         plot_trajectories(s, indices, out)
     console.print(f"wrote {out}: paths of {len(indices)} episode(s)", markup=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A loop run directory (loopsim loop --run-dir).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output HTML file. [default: RUN_DIR/report.html]")
+    ] = None,
+    videos: Annotated[
+        bool, typer.Option(help="Embed videos of a success and the commonest failures per iteration.")
+    ] = True,
+    paths: Annotated[bool, typer.Option(help="Embed each iteration's end-effector paths.")] = True,
+    video_size: Annotated[int, typer.Option(min=16, max=2048, help="Side of video frames [px].")] = 160,
+    frame_step: Annotated[
+        int, typer.Option(min=1, max=50, help="Show every n-th control step in videos (real-time playback).")
+    ] = 3,
+) -> None:
+    """Write a loop run as one self-contained HTML file: metrics, plots, failure modes, paths, videos.
+
+    Videos and paths are replayed from the run's stores (demos.zarr, operational.zarr) and embedded,
+    so the file opens without a server or internet.
+    """
+    from loopsim.replay import ReplayError
+    from loopsim.report import ReportError, write_loop_report
+
+    with _store_errors(ReportError, ReplayError), _progress() as progress:
+        task = progress.add_task(f"report of {run_dir}", total=None)
+        path = write_loop_report(run_dir, out, videos=videos, paths=paths, video_size=video_size,
+                                 frame_step=frame_step,
+                                 progress=lambda d, t: progress.update(task, completed=d, total=t))
+    size = path.stat().st_size
+    console.print(f"wrote {path} ({_human_bytes(size)}); open it in a browser", markup=False, soft_wrap=True)

@@ -380,7 +380,7 @@ def _overlay(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
-    font_px = max(10, min(w, h) // 24)
+    font_px = max(8, min(w, h) // 22)
     try:
         font = ImageFont.load_default(size=font_px)
     except TypeError:  # pragma: no cover - Pillow < 10.1 has one bitmap size
@@ -397,9 +397,9 @@ def _overlay(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
 
 def _overlay_lines(t: int, frame: Mapping[str, Any]) -> list[str]:
     reward = "-" if frame["reward"] is None else f"{frame['reward']:+.3f}"
-    status = "success" if frame["is_success"] else (
-        f"failed: {frame['failure_mode']}" if frame.get("failure_mode") else "running")
-    return [f"step {t}/{frame['steps']}  reward {reward}  return {frame['return']:.2f}", status]
+    status = "SUCCESS" if frame["is_success"] else (
+        f"FAILED: {frame['failure_mode']}" if frame.get("failure_mode") else "running")
+    return [f"step {t}/{frame['steps']} reward {reward}", f"return {frame['return']:.2f} {status}"]
 
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float) -> Path:
@@ -474,6 +474,7 @@ def episode_frames(
     source: str = "replay",
     size: int = 480,
     overlay: bool = True,
+    frame_step: int = 1,
     tolerance: float = DEFAULT_TOLERANCE,
     pixel_tolerance: float = DEFAULT_PIXEL_TOLERANCE,
 ) -> tuple[list[np.ndarray], ReplayResult | None]:
@@ -487,11 +488,14 @@ def episode_frames(
             ``rgb`` observations themselves (no simulation; ``size`` is ignored).
         size: Side of rendered frames [px], 16..2048.
         overlay: Draw step, reward, return and success / failure mode on each frame.
+        frame_step: Keep every ``frame_step``-th state (and always the last), for short videos:
+            ``ceil(T / frame_step) + 1`` frames.
         tolerance: See :func:`replay_episode`.
         pixel_tolerance: See :func:`replay_episode`.
 
     Returns:
-        ``(frames, replay result)``; the result is ``None`` for ``source="store"``.
+        ``(frames, replay result)``: ``T + 1`` frames (fewer with ``frame_step``); the result is
+        ``None`` for ``source="store"``.
 
     Raises:
         ReplayError: For an unknown source, a bad size, or ``source="store"`` on a store without
@@ -500,6 +504,8 @@ def episode_frames(
     """
     if source not in ("replay", "store"):
         raise ReplayError(f"source={source!r} must be 'replay' or 'store'")
+    if isinstance(frame_step, bool) or not isinstance(frame_step, int) or frame_step < 1:
+        raise ReplayError(f"frame_step={frame_step!r} must be an integer >= 1")
     if source == "store":
         space = store.observation_space
         if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3):
@@ -514,6 +520,8 @@ def episode_frames(
             ret += reward or 0.0
             last = t == steps
             ok = bool(succ[t - 1]) if succ is not None and t else (last and episode.metadata.success)
+            if t % frame_step and not last:
+                continue
             info = {"reward": reward, "return": ret, "is_success": ok, "steps": steps,
                     "failure_mode": episode.metadata.failure_mode if last else None}
             frame = np.asarray(episode.observations[t])
@@ -524,6 +532,8 @@ def episode_frames(
     frames = []
 
     def grab(env: gym.Env, t: int, info: dict[str, Any]) -> None:
+        if t % frame_step and t != info["steps"] and not info["failure_mode"] and not info["is_success"]:
+            return  # (an episode that ends early in the replay still shows its last state)
         frame = env.render()
         frames.append(_overlay(frame, _overlay_lines(t, info)) if overlay else frame)
 
@@ -541,6 +551,7 @@ def render_video(
     size: int = 480,
     fps: float | None = None,
     overlay: bool = True,
+    frame_step: int = 1,
 ) -> VideoResult:
     """Render episode ``index`` to a video file (MP4, WebM or GIF by suffix), headless.
 
@@ -551,8 +562,10 @@ def render_video(
         source: ``"replay"`` (re-simulate, render with the task camera) or ``"store"`` (the stored
             ``rgb`` observations); see :func:`episode_frames`.
         size: Side of rendered frames [px].
-        fps: Frames per second; default the env's control frequency (real time, 25 Hz for factory).
+        fps: Frames per second; default real time: the env's control frequency (25 Hz for factory)
+            divided by ``frame_step``.
         overlay: Draw step, reward, return and success / failure mode.
+        frame_step: Keep every ``frame_step``-th state (see :func:`episode_frames`).
 
     Returns:
         A :class:`VideoResult`.
@@ -567,8 +580,10 @@ def render_video(
     if fps is not None and not (isinstance(fps, int | float) and math.isfinite(fps) and fps > 0):
         raise ReplayError(f"fps={fps!r} must be a finite number > 0")
     if fps is None:
-        fps = float(_control_hz(store))
-    frames, result = episode_frames(store, index, source=source, size=size, overlay=overlay)
+        step = frame_step if isinstance(frame_step, int) and frame_step > 0 else 1
+        fps = float(_control_hz(store)) / step
+    frames, result = episode_frames(store, index, source=source, size=size, overlay=overlay,
+                                    frame_step=frame_step)
     out = write_video(path, frames, fps)
     return VideoResult(out, len(frames), tuple(frames[0].shape[:2]), float(fps), result)
 
