@@ -763,6 +763,11 @@ def loop(
             "probability of improvement); each in <run_dir>/seed_<r>."
         ),
     ] = None,
+    report_html: Annotated[
+        bool,
+        typer.Option("--report", help="At the end, write <run_dir>/report.html (as loopsim report; "
+                     "replaying a few episodes per iteration for its videos takes ~10-60 s)."),
+    ] = False,
 ) -> None:
     """Run the data loop: deploy, gather, refine, evaluate, redeploy; resume by re-running the command.
 
@@ -836,6 +841,13 @@ def loop(
             f"{iqm['baseline']['ci'][1]:.1%}]; "
             f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]"
         )
+    if report_html:
+        from loopsim.replay import ReplayError
+        from loopsim.report import ReportError, write_loop_report
+
+        with _store_errors(ReportError, ReplayError):
+            path = write_loop_report(directory)
+        console.print(f"report: {path}", markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------ replay and video

@@ -157,3 +157,15 @@ def test_chromium_flags_render_a_screenshot_without_selenium(tmp_path):
     img = _decode_png(shot.read_bytes())
     assert img.shape[:2] == (240, 320)
     assert (np.abs(img[..., :3].astype(int) - [0xCC, 0x33, 0x33]).sum(-1) < 30).mean() > 0.5
+
+
+@pytest.mark.slow
+def test_loop_report_flag_writes_the_report_of_a_finished_run(run_dir, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    (run_dir / "report.html").unlink(missing_ok=True)
+    out = runner.invoke(app, ["loop", str(cfg), "--run-dir", str(run_dir), "--report"])  # resumes: all done
+    assert out.exit_code == 0, out.output
+    assert "report:" in out.output and (run_dir / "report.html").stat().st_size > 10_000
