@@ -162,10 +162,13 @@ def make_replay_env(store: Any, index: int, **overrides: Any) -> gym.Env:
         IndexError: If ``index`` is out of range.
     """
     import loopsim  # noqa: F401 - registers the env ids
+    from loopsim.envs import ENV_ENTRY_POINTS
 
     meta = store.metadata_row(index)
+    # loopsim envs take the episode's site; other Gymnasium envs (e.g. an imported dataset's) have none
+    pinned = {"site": _site_for(meta)} if store.env_id in ENV_ENTRY_POINTS else {}
     try:
-        return store.make_env(**{"site": _site_for(meta), **overrides})
+        return store.make_env(**{**pinned, **overrides})
     except (ValueError, TypeError, gym.error.Error) as exc:
         raise ReplayError(f"{store.url}: cannot rebuild the env of episode {index}: {exc}") from None
 

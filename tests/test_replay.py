@@ -245,3 +245,22 @@ def test_stores_collected_by_worker_processes_replay_exactly(tmp_path, env_id):
         results = list(replay_store(path, workers=2))
         assert all(r.ok for r in results), [r.as_dict() for r in results if not r.ok]
         assert sum(r.exact for r in results) >= 3, [r.max_deviation for r in results]
+
+
+def test_a_store_of_another_gymnasium_env_replays(tmp_path):
+    """Stores of non-loopsim envs (no sites) replay too: here CartPole, recorded by hand."""
+    env = gym.make("CartPole-v1")
+    store = EpisodeStore.create(tmp_path / "cp.zarr", observation_space=env.observation_space,
+                                action_space=env.action_space, env_id="CartPole-v1")
+    from loopsim.datasets import RecordEpisodes
+
+    rec = RecordEpisodes(env, store)
+    rec.reset(seed=3)
+    done = False
+    while not done:
+        *_, term, trunc, _ = rec.step(1)
+        done = term or trunc
+    store.close()
+    rec.close()
+    (r,) = replay_store(tmp_path / "cp.zarr")
+    assert r.exact and r.steps > 5
