@@ -175,9 +175,12 @@ def write_loop_report(
                     if paths:
                         idx = [int(i) for i in np.flatnonzero(meta["iteration"] == k)][:40]
                         png = Path(tmp) / f"paths_{len(prefix)}_{k}.png"
-                        plot_trajectories(store, idx, png, title=f"iteration {k}: {len(idx)} episodes "
-                                          f"({store_path.name})")
-                        report.image(png, f"iteration {k}: paths of {len(idx)} episodes", width=420)
+                        try:
+                            plot_trajectories(store, idx, png, title=f"iteration {k}: {len(idx)} episodes "
+                                              f"({store_path.name})")
+                            report.image(png, f"iteration {k}: paths of {len(idx)} episodes", width=420)
+                        except KeyError as exc:  # a domain without a trajectory view: no paths, say so
+                            report.paragraph(f"(no paths: {exc.args[0]})")
                         tick()
                     if videos:
                         for index, label in episodes:

@@ -169,3 +169,12 @@ def test_loop_report_flag_writes_the_report_of_a_finished_run(run_dir, tmp_path)
     out = runner.invoke(app, ["loop", str(cfg), "--run-dir", str(run_dir), "--report"])  # resumes: all done
     assert out.exit_code == 0, out.output
     assert "report:" in out.output and (run_dir / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_domain_without_a_trajectory_view_gets_a_note_not_a_failure(run_dir, tmp_path, monkeypatch):
+    from loopsim.trajectory import TRAJECTORY_VIEWS
+
+    monkeypatch.delitem(TRAJECTORY_VIEWS, "factory")
+    text = write_loop_report(run_dir, tmp_path / "r.html", videos=False).read_text()
+    assert text.count("(no paths: no trajectory view for domain") == 2

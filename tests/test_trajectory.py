@@ -98,3 +98,4 @@ def test_registry_refuses_bad_views_and_unknown_domains(store, monkeypatch):
     monkeypatch.delitem(TRAJECTORY_VIEWS, "factory")
     with EpisodeStore.open(store) as s, pytest.raises(KeyError, match="no trajectory view for domain"):
         episode_tracks(s, [0])
+
