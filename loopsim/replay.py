@@ -1,11 +1,15 @@
 """Replay stored episodes: re-simulate them, check the store reproduces them, render them.
 
 An episode in a store is a pure function of (env id, env kwargs, seed, site parameters, actions):
-:func:`replay_episode` rebuilds the env from the store's attributes, pins the site to the parameters
-sampled for the episode (each as a constant: a constant site parameter still draws one number from
-the env's generator, so the random stream is the same as when it was sampled), resets with the
-stored seed and steps the stored (executed) actions. It compares every replayed observation,
-reward and flag with the stored ones:
+:func:`replay_episode` rebuilds the env from the store's attributes at the episode's site, resets
+with the stored seed and steps the stored (executed) actions. The site is the stored site name when
+it is a bundled site and resampling it reproduces the recorded site parameters (this keeps the env's
+random stream exactly as recorded); otherwise (an inline ``custom`` site, or a site file changed
+since recording) the recorded parameters are pinned as constants and ``site_source`` says so. (A
+constant draws one ``random()`` where the original distribution drew, but a ``choice`` or integer
+parameter consumes the generator's bits differently, so later draws can shift: pinning is the
+fallback, not the rule.) It compares every replayed observation, reward and flag with the stored
+ones:
 
 - float observations and rewards: the largest absolute difference, in the observation's own units
   (metres, m/s, ...); within ``tolerance`` (default :data:`DEFAULT_TOLERANCE`) passes;
@@ -92,6 +96,9 @@ class ReplayResult:
         success: Stored success; ``replayed_success``: the replay's.
         failure_mode: Stored failure mode (``""`` = none); ``replayed_failure_mode``: the replay's.
         returns: Stored return; ``replayed_return``: the replay's.
+        site_source: How the site was rebuilt: ``"name"`` (the stored site, resampled: the recorded
+            parameters came out again), ``"parameters"`` (recorded parameters pinned as constants),
+            ``""`` (no site: a non-loopsim env, or none recorded).
     """
 
     index: int
@@ -110,6 +117,7 @@ class ReplayResult:
     replayed_failure_mode: str = ""
     returns: float = 0.0
     replayed_return: float = 0.0
+    site_source: str = ""
 
     @property
     def max_deviation(self) -> float:
@@ -139,19 +147,28 @@ class ReplayResult:
                 "max_pixel_deviation": self.max_pixel_deviation, "exact": self.exact, "ok": self.ok}
 
 
-def _site_for(meta: Any) -> str | dict[str, Any]:
-    """The site to replay an episode at: its sampled parameters as constants, else its site name."""
+def _pinned_site(meta: Any) -> str | dict[str, Any]:
+    """The episode's sampled site parameters as constants (an inline site), else its site name."""
     if meta.site_params:
-        return {k: v for k, v in meta.site_params.items()}
+        return dict(meta.site_params)
     return meta.site or "lab"
 
 
-def make_replay_env(store: Any, index: int, **overrides: Any) -> gym.Env:
-    """Build the env episode ``index`` of ``store`` was recorded in, pinned to its site parameters.
+def _bundled(store: Any, site: str) -> bool:
+    from loopsim.envs import available_sites, env_class
+
+    return site in available_sites(env_class(store.env_id).site_schema.domain)
+
+
+def make_replay_env(store: Any, index: int, *, pin_site: bool | None = None, **overrides: Any) -> gym.Env:
+    """Build the env episode ``index`` of ``store`` was recorded in, at the episode's site.
 
     Args:
         store: An open :class:`~loopsim.datasets.EpisodeStore`.
         index: Episode index.
+        pin_site: ``False``: the stored site name; ``True``: the recorded site parameters as
+            constants; ``None`` (default): the name if it is a bundled site of the env's domain,
+            else the parameters. (Other Gymnasium envs get no site.)
         **overrides: Env kwargs that replace stored ones (``render_mode``, ``render_size``...).
 
     Returns:
@@ -165,10 +182,12 @@ def make_replay_env(store: Any, index: int, **overrides: Any) -> gym.Env:
     from loopsim.envs import ENV_ENTRY_POINTS
 
     meta = store.metadata_row(index)
-    # loopsim envs take the episode's site; other Gymnasium envs (e.g. an imported dataset's) have none
-    pinned = {"site": _site_for(meta)} if store.env_id in ENV_ENTRY_POINTS else {}
+    site: Any = None
+    if store.env_id in ENV_ENTRY_POINTS:  # other Gymnasium envs (e.g. an imported dataset's) have no site
+        by_name = bool(meta.site) and _bundled(store, meta.site) if pin_site is None else not pin_site
+        site = meta.site if by_name and meta.site else _pinned_site(meta)
     try:
-        return store.make_env(**{**pinned, **overrides})
+        return store.make_env(**({} if site is None else {"site": site}), **overrides)
     except (ValueError, TypeError, gym.error.Error) as exc:
         raise ReplayError(f"{store.url}: cannot rebuild the env of episode {index}: {exc}") from None
 
@@ -208,6 +227,7 @@ def replay_episode(
     pixel_tolerance: float = DEFAULT_PIXEL_TOLERANCE,
     env: gym.Env | None = None,
     on_step: Callable[[gym.Env, int, dict[str, Any]], None] | None = None,
+    on_end: Callable[[gym.Env], None] | None = None,
     **env_overrides: Any,
 ) -> ReplayResult:
     """Re-simulate episode ``index`` of ``store`` and compare it with the stored one.
@@ -222,6 +242,7 @@ def replay_episode(
             ``(env, t, frame_info)``; ``frame_info`` holds ``reward`` (``None`` at reset),
             ``return``, ``is_success``, ``failure_mode`` (``None`` until the episode ended) and
             ``steps`` (the stored ``T``). Renderers and trajectory recorders hook in here.
+        on_end: Called with the env after the last replayed step, before it is closed.
         **env_overrides: Env kwargs that replace stored ones (e.g. ``render_mode="rgb_array"``).
 
     Returns:
@@ -251,6 +272,18 @@ def replay_episode(
     worst["reward"] = 0.0
     try:
         observation, info = env.reset(seed=int(meta.seed))
+        sampled = info.get("site_params") if isinstance(info, Mapping) else None
+        if meta.site_params and sampled is not None and dict(sampled) != dict(meta.site_params):
+            if own and isinstance(env.unwrapped.site.name, str) and env.unwrapped.site.name != "custom":
+                # the site's definition changed since recording: pin the recorded parameters instead
+                env.close()
+                env = make_replay_env(store, index, pin_site=True, **env_overrides)
+                observation, info = env.reset(seed=int(meta.seed))
+                result.site_source = "parameters (the site no longer samples the recorded ones)"
+            else:
+                result.events.append("the env's site parameters differ from the recorded ones")
+        elif meta.site_params and sampled is not None:
+            result.site_source = "name" if env.unwrapped.site.name != "custom" else "parameters"
         for key, value in _flat(observation).items():
             worst[key] = max(worst.get(key, 0.0), _deviation(stored_obs[key][0], value))
         frame = {"reward": None, "return": 0.0, "is_success": False, "failure_mode": None, "steps": steps}
@@ -288,6 +321,8 @@ def replay_episode(
             elif result.replayed_failure_mode != result.failure_mode:
                 result.events.append(
                     f"failure mode {result.replayed_failure_mode!r} (stored: {result.failure_mode!r})")
+        if on_end is not None:
+            on_end(env)
     finally:
         if own:
             env.close()

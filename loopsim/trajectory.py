@@ -99,6 +99,17 @@ def view_for(env: gym.Env) -> TrajectoryView:
     return TRAJECTORY_VIEWS[domain]
 
 
+def _view_for_store(store: Any) -> TrajectoryView:
+    """The view of the domain of a store's env (from the env class: no env is made)."""
+    from loopsim.envs import ENV_ENTRY_POINTS, env_class
+
+    domain = env_class(store.env_id).site_schema.domain if store.env_id in ENV_ENTRY_POINTS else None
+    if domain not in TRAJECTORY_VIEWS:
+        raise KeyError(f"no trajectory view for domain {domain!r} ({store.env_id or 'no env id'}); "
+                       f"registered: {sorted(TRAJECTORY_VIEWS)} (see loopsim.trajectory)")
+    return TRAJECTORY_VIEWS[domain]
+
+
 # ====================================================================================== factory
 def _factory_track(env: gym.Env) -> np.ndarray:
     x, y, _ = env.unwrapped.robot.ee_pos_list
@@ -189,32 +200,29 @@ def episode_tracks(store: Any, indices: Sequence[int], ax: Any = None) -> list[T
         KeyError: If the env's domain has no registered view.
         IndexError: If an index is out of range.
     """
-    from loopsim.replay import make_replay_env, replay_episode
+    from loopsim.replay import replay_episode
 
     if not len(indices):
         raise ValueError("no episodes to plot")
     tracks: list[Track] = []
+    view = _view_for_store(store)
     for k, index in enumerate(indices):
-        is_first = k == 0
         meta = store.metadata_row(index)
-        env = make_replay_env(store, index)
-        try:
-            view = view_for(env)
-            points: list[np.ndarray] = []
+        points: list[np.ndarray] = []
 
-            def record(e: gym.Env, t: int, _info: dict[str, Any], points: list = points,
-                       view: TrajectoryView = view, first: bool = is_first) -> None:
-                points.append(np.asarray(view.track(e), dtype=np.float64).reshape(-1, 2))
-                if t == 0 and first and ax is not None:
-                    view.draw_scene(ax, e)
+        def record(e: gym.Env, t: int, _info: dict[str, Any], points: list = points,
+                   first: bool = k == 0) -> None:
+            points.append(np.asarray(view.track(e), dtype=np.float64).reshape(-1, 2))
+            if t == 0 and first and ax is not None:
+                view.draw_scene(ax, e)
 
-            result = replay_episode(store, index, env=env, on_step=record)
+        def end(e: gym.Env, success: bool = bool(meta.success)) -> None:
             if ax is not None and view.draw_episode is not None:
-                view.draw_episode(ax, env, SUCCESS_COLOR if meta.success else FAILURE_COLOR)
-            tracks.append(Track(result.index, np.stack(points), bool(meta.success),
-                                meta.failure_mode or "", result.ok))
-        finally:
-            env.close()
+                view.draw_episode(ax, e, SUCCESS_COLOR if success else FAILURE_COLOR)
+
+        result = replay_episode(store, index, on_step=record, on_end=end)
+        tracks.append(Track(result.index, np.stack(points), bool(meta.success), meta.failure_mode or "",
+                            result.ok))
     return tracks
 
 
