@@ -418,7 +418,7 @@ def _overlay(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
-    font_px = max(8, min(w, h) // 22)
+    font_px = max(10, min(w, h) // 22)
     try:
         font = ImageFont.load_default(size=font_px)
     except TypeError:  # pragma: no cover - Pillow < 10.1 has one bitmap size
@@ -433,11 +433,14 @@ def _overlay(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.asarray(Image.alpha_composite(image.convert("RGBA"), band).convert("RGB"))
 
 
-def _overlay_lines(t: int, frame: Mapping[str, Any]) -> list[str]:
+def _overlay_lines(t: int, frame: Mapping[str, Any], width: int = 480) -> list[str]:
+    """Two overlay lines; frames under 300 px wide get short labels (r = reward, R = return)."""
     reward = "-" if frame["reward"] is None else f"{frame['reward']:+.3f}"
     status = "SUCCESS" if frame["is_success"] else (
         f"FAILED: {frame['failure_mode']}" if frame.get("failure_mode") else "running")
-    return [f"step {t}/{frame['steps']} reward {reward}", f"return {frame['return']:.2f} {status}"]
+    if width < 300:
+        return [f"step {t}/{frame['steps']} r {reward}", f"R {frame['return']:+.2f} {status}"]
+    return [f"step {t}/{frame['steps']}  reward {reward}", f"return {frame['return']:+.2f}  {status}"]
 
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float) -> Path:
@@ -563,7 +566,7 @@ def episode_frames(
             info = {"reward": reward, "return": ret, "is_success": ok, "steps": steps,
                     "failure_mode": episode.metadata.failure_mode if last else None}
             frame = np.asarray(episode.observations[t])
-            frames.append(_overlay(frame, _overlay_lines(t, info)) if overlay else frame)
+            frames.append(_overlay(frame, _overlay_lines(t, info, frame.shape[1])) if overlay else frame)
         return frames, None
     if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
         raise ReplayError(f"size={size!r} must be an integer in [16, 2048] [px]")
@@ -573,7 +576,7 @@ def episode_frames(
         if t % frame_step and t != info["steps"] and not info["failure_mode"] and not info["is_success"]:
             return  # (an episode that ends early in the replay still shows its last state)
         frame = env.render()
-        frames.append(_overlay(frame, _overlay_lines(t, info)) if overlay else frame)
+        frames.append(_overlay(frame, _overlay_lines(t, info, frame.shape[1])) if overlay else frame)
 
     result = replay_episode(store, index, tolerance=tolerance, pixel_tolerance=pixel_tolerance, on_step=grab,
                             render_mode="rgb_array", render_size=size)
