@@ -967,6 +967,10 @@ def _print_replay(results: list[Any], tolerance: float, pixel_tolerance: float, 
         console.print(_folded(table))
         for event in r.events:
             console.print(f"diverged: {event}", style="red", markup=False, soft_wrap=True)
+        if r.site_source:
+            how = ("resampled by name (the recorded parameters came out again)" if r.site_source == "name"
+                   else f"rebuilt from the recorded {r.site_source}")
+            console.print(f"site {r.site}: {how}", markup=False, soft_wrap=True)
         verdict = ("reproduced exactly (bit-identical)" if r.exact else "reproduced within tolerance"
                    if r.ok else "NOT reproduced")
         console.print(f"episode {r.index}: {verdict}", style=None if r.ok else "red", markup=False)
