@@ -273,17 +273,14 @@ def test_sort_with_actuator_lag_choice_replays_by_site_name(tmp_path):
     path = tmp_path / "sort.zarr"
     collect(CollectConfig(env=EnvConfig(id="loopsim/FactorySort-v0", site="noisy_sensors",
                                         kwargs={"obs_mode": "state"}),
-                          episodes=2, store=str(path), deterministic=False))
-    results = list(replay_store(path))
-    assert all(r.exact for r in results), [r.as_dict() for r in results]
-    assert {r.site_source for r in results} == {"name"}
-    pinned = []
+                          seed=1, episodes=1, store=str(path), deterministic=False))
+    (r,) = replay_store(path)
+    assert r.exact and r.site_source == "name", r.as_dict()
     with EpisodeStore.open(path) as s:
-        for i in range(2):
-            env = make_replay_env(s, i, pin_site=True)
-            pinned.append(replay_episode(s, i, env=env).exact)
-            env.close()
-    assert not all(pinned)  # why the name comes first
+        env = make_replay_env(s, 0, pin_site=True)
+        pinned = replay_episode(s, 0, env=env)
+        env.close()
+    assert not pinned.ok and pinned.max_deviation > 0.01  # why the name comes first
 
 
 def test_a_changed_site_definition_falls_back_to_the_recorded_parameters(tmp_path):
