@@ -449,14 +449,16 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
     Args:
         path: Output file; the format follows the suffix (:data:`VIDEO_FORMATS`).
         frames: ``(H, W, 3)`` uint8 frames, all the same shape (odd sides are padded by one black
-            row/column for the video codecs, which need even sides).
+            row/column for the video codecs, which need even sides). In a GIF, Pillow merges
+            consecutive identical frames into one shown for their summed duration.
         fps: Frames per second (> 0).
 
     Returns:
         The path written (whole or not at all: a temporary file is renamed into place).
 
     Raises:
-        ReplayError: For an unknown suffix, no frames or a bad ``fps``.
+        ReplayError: For an unknown suffix, no frames, a bad ``fps``, or MP4 / WebM without
+            imageio-ffmpeg.
     """
     import imageio.v2 as imageio
     import imageio.v3 as iio
@@ -469,6 +471,12 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
         raise ReplayError("no frames to write")
     if not (math.isfinite(fps) and fps > 0):
         raise ReplayError(f"fps={fps!r} must be a finite number > 0")
+    if suffix != ".gif":
+        try:
+            import imageio_ffmpeg  # noqa: F401 - the ffmpeg binary imageio's FFMPEG plugin runs
+        except ImportError:
+            raise ReplayError(f"video {str(path)!r}: MP4 and WebM need imageio-ffmpeg (pip install "
+                              "imageio-ffmpeg); or write a .gif") from None
     tmp = path.with_name(f".{path.stem}.partial{suffix}")
     try:
         if suffix == ".gif":

@@ -183,7 +183,7 @@ def _robot_hidden_render(env: gym.Env) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif"])
 def test_rendered_replay_video(state_store, tmp_path, suffix):
     path = tmp_path / f"ep{suffix}"
     with EpisodeStore.open(state_store) as s:
@@ -300,3 +300,24 @@ def test_a_changed_site_definition_falls_back_to_the_recorded_parameters(tmp_pat
     assert r.exact and r.site_source.startswith("parameters")
     (r,) = replay_store(src)
     assert r.exact and r.site_source == "parameters"  # an inline site: always pinned
+
+
+def test_write_video_refuses_bad_arguments(tmp_path, monkeypatch):
+    import sys
+
+    from loopsim.replay import write_video
+
+    frame = np.zeros((16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ReplayError, match="suffix"):
+        write_video(tmp_path / "x.avi", [frame], 10)
+    with pytest.raises(ReplayError, match="no frames"):
+        write_video(tmp_path / "x.gif", [], 10)
+    with pytest.raises(ReplayError, match="fps"):
+        write_video(tmp_path / "x.gif", [frame], 0)
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    with pytest.raises(ReplayError, match="imageio-ffmpeg"):
+        write_video(tmp_path / "x.mp4", [frame], 10)
+    assert not list(tmp_path.iterdir())  # nothing half written
+    frames = [np.full((15, 13, 3), 40 * k, dtype=np.uint8) for k in range(3)]
+    out = write_video(tmp_path / "odd.gif", frames, 10)
+    assert iio.imread(out).shape[:3] == (3, 15, 13)
