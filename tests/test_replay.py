@@ -237,14 +237,26 @@ def test_one_episode_at_each_site_replays_exactly(tmp_path, site):
 @pytest.mark.parametrize("env_id", ["loopsim/FactoryPickPlace-v0", "loopsim/FactorySort-v0",
                                     "loopsim/FactoryPegInsert-v0"])
 def test_stores_collected_by_worker_processes_replay_exactly(tmp_path, env_id):
-    """Episodes recorded in 2 worker processes, replayed in 2 others, at every site: bit for bit."""
-    for site in FACTORY_SITES:
-        path = str(tmp_path / f"{site}.zarr")
-        collect(CollectConfig(env=EnvConfig(id=env_id, site=site, kwargs={"obs_mode": "state"}), episodes=4,
-                              store=path, deterministic=False, workers=2))
-        results = list(replay_store(path, workers=2))
-        assert all(r.ok for r in results), [r.as_dict() for r in results if not r.ok]
-        assert sum(r.exact for r in results) >= 3, [r.max_deviation for r in results]
+    """Episodes at every site recorded in 2 worker processes, replayed in 2 others: bit for bit (or
+    within tolerance: the known history-dependent determinism bug shows ~1e-5 on a few)."""
+    from loopsim.config import ExpertPolicyConfig
+    from loopsim.rollout import run_episodes
+
+    env = EnvConfig(id=env_id, kwargs={"obs_mode": "state"})
+    probe = env.make()
+    store = EpisodeStore.create(tmp_path / "sites.zarr", observation_space=probe.observation_space,
+                                action_space=probe.action_space, env_id=env_id, env_kwargs=env.kwargs,
+                                step_extras=["is_success"])
+    probe.close()
+    tasks = [(site, seed) for site in FACTORY_SITES for seed in range(4)]
+    with store:
+        for _, episode in run_episodes(ExpertPolicyConfig(noise_std=0.1), env, tasks, workers=2,
+                                       deterministic=False, record=["is_success"]):
+            store.add_episode(episode)
+    results = list(replay_store(tmp_path / "sites.zarr", workers=2))
+    assert [r.site for r in results] == [site for site, _ in tasks]
+    assert all(r.ok for r in results), [r.as_dict() for r in results if not r.ok]
+    assert sum(r.exact for r in results) >= len(tasks) - 2, [r.max_deviation for r in results]
 
 
 def test_a_store_of_another_gymnasium_env_replays(tmp_path):
