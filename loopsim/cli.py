@@ -919,6 +919,8 @@ def replay(
         opened = EpisodeStore.open(store, mode="r")
     with opened as s, _store_errors(ReplayError, IndexError):
         n = len(s)
+        if n == 0:
+            raise _error(f"{store} holds no episodes: nothing to replay")
         if episode is not None and not -n <= episode < n:
             raise _error(f"--episode {episode} is out of range: the store has {n} episodes")
         if video is not None:

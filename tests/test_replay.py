@@ -134,6 +134,11 @@ def test_cli_replay_ok_and_exit_codes(state_store, tmp_path):
         assert out.exit_code == 2 and msg in out.output, (args, out.output)
     out = runner.invoke(app, ["replay", str(tmp_path / "missing.zarr"), "-e", "0"])
     assert out.exit_code == 2 and "error:" in out.output
+    with EpisodeStore.open(state_store) as s:
+        EpisodeStore.create(tmp_path / "empty.zarr", observation_space=s.observation_space,
+                            action_space=s.action_space, env_id=s.env_id).close()
+    out = runner.invoke(app, ["replay", str(tmp_path / "empty.zarr"), "--all"])
+    assert out.exit_code == 2 and "holds no episodes" in out.output
 
 
 def test_gui_without_display_is_a_clear_error(state_store, monkeypatch):
