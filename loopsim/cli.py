@@ -5,7 +5,8 @@ parameters and bundled sites of a domain), ``loopsim expert`` (run a task's scri
 or more sites and report success with 95% confidence intervals), ``loopsim info STORE`` (summary of
 an episode store), ``loopsim store check STORE [--repair]`` (verify a store, drop a killed writer's
 uncommitted tail), ``loopsim export STORE --to minari NAME`` and ``loopsim import NAME STORE --from
-minari`` (Minari datasets).
+minari`` (Minari datasets), ``loopsim replay STORE`` (re-simulate stored episodes and check the store
+reproduces them; videos), ``loopsim report RUN_DIR`` (a loop run as one HTML file).
 
 Exit codes of the store commands: 0 done (for ``check``: the store is ok), 1 ``check`` found
 problems or an uncommitted tail that remain, 2 the command could not run (missing path, not a store,
@@ -772,6 +773,11 @@ def loop(
             "probability of improvement); each in <run_dir>/seed_<r>."
         ),
     ] = None,
+    report_html: Annotated[
+        bool,
+        typer.Option("--report", help="At the end, write <run_dir>/report.html (as loopsim report; "
+                     "replaying a few episodes per iteration for its videos takes ~10-60 s)."),
+    ] = False,
 ) -> None:
     """Run the data loop: deploy, gather, refine, evaluate, redeploy; resume by re-running the command.
 
@@ -845,3 +851,234 @@ def loop(
             f"{iqm['baseline']['ci'][1]:.1%}]; "
             f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]"
         )
+    if report_html:
+        from loopsim.replay import ReplayError
+        from loopsim.report import ReportError, write_loop_report
+
+        with _store_errors(ReportError, ReplayError):
+            path = write_loop_report(directory)
+        console.print(f"report: {path}", markup=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------ replay and video
+@app.command()
+def replay(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL.")],
+    episode: Annotated[
+        int | None, typer.Option("--episode", "-e", help="Episode index (negative counts from the end).")
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Replay every episode: the store's reproducibility audit.")
+    ] = False,
+    tolerance: Annotated[
+        float,
+        typer.Option(min=0.0, help="Largest absolute deviation of a float observation entry or reward "
+                     "that passes [observation units: m, m/s...]."),
+    ] = 1e-4,
+    pixel_tolerance: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Largest fraction of differing pixel values in one rgb "
+                     "frame that passes."),
+    ] = 0.01,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes (with --all).")] = 1,
+    video: Annotated[
+        Path | None,
+        typer.Option(help="Render the episode to this video (.mp4, .webm or .gif), headless."),
+    ] = None,
+    from_store: Annotated[
+        bool,
+        typer.Option("--from-store", help="Make the video from the stored rgb observations (no "
+                     "simulation) instead of rendering a replay."),
+    ] = False,
+    size: Annotated[int, typer.Option(min=16, max=2048, help="Side of rendered video frames [px].")] = 480,
+    fps: Annotated[
+        float | None, typer.Option(min=0.1, help="Video frames per second [default: the control rate]")
+    ] = None,
+    overlay: Annotated[bool, typer.Option(help="Overlay step, reward, success and failure mode.")] = True,
+    gui: Annotated[bool, typer.Option(help="Replay in the PyBullet GUI (needs a display).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Re-simulate stored episodes and check the store reproduces them; render videos of them.
+
+    Each episode is rebuilt from the store's env id and kwargs, the episode's seed and sampled site
+    parameters, and its stored actions; replayed observations, rewards and events (end step,
+    terminated/truncated, success, failure mode) are compared with the stored ones. Exit code 0:
+    every episode reproduced within the tolerances; 1: some diverged; 2: the command could not run.
+    """
+    import json
+
+    from loopsim.datasets import EpisodeStore
+    from loopsim.replay import ReplayError, render_video, replay_gui, replay_store
+
+    if (episode is None) == (not all_):
+        raise _error("give either --episode N or --all")
+    if all_ and (video is not None or gui):
+        raise _error("--video and --gui show one episode: give --episode N instead of --all")
+    if video is not None and gui:
+        raise _error("give either --video or --gui, not both")
+    if from_store and video is None:
+        raise _error("--from-store makes a video: add --video out.mp4 (or .gif)")
+    if video is not None and video.suffix.lower() not in (".mp4", ".webm", ".gif"):
+        raise _error(f"--video {video}: the suffix must be .mp4, .webm or .gif")
+    for path, flag in ((video, "--video"), (json_out, "--json")):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()
+                                 or not os.access(path.parent, os.W_OK)):
+            raise _error(f"{flag} {path}: cannot write a file there (a directory, or the folder is missing "
+                         "or not writable)")
+    with _store_errors():
+        opened = EpisodeStore.open(store, mode="r")
+    with opened as s, _store_errors(ReplayError, IndexError):
+        n = len(s)
+        if n == 0:
+            raise _error(f"{store} holds no episodes: nothing to replay")
+        if episode is not None and not -n <= episode < n:
+            raise _error(f"--episode {episode} is out of range: the store has {n} episodes")
+        if video is not None:
+            out = render_video(s, episode, video, source="store" if from_store else "replay", size=size,
+                               fps=fps, overlay=overlay)
+            console.print(f"wrote {out.path}: {out.frames} frames of {out.size[1]}x{out.size[0]} px at "
+                          f"{out.fps:g} fps", markup=False, soft_wrap=True)
+            results = [] if out.replay is None else [out.replay]
+        elif gui:
+            results = [replay_gui(s, episode)]
+        elif episode is not None:
+            results = list(replay_store(s.url, [episode], tolerance=tolerance,
+                                        pixel_tolerance=pixel_tolerance))
+    if all_:
+        with _store_errors(ReplayError, IndexError), _progress() as progress:
+            task = progress.add_task(f"replaying {store}", total=n)
+            results = list(replay_store(store, workers=workers, tolerance=tolerance,
+                                        pixel_tolerance=pixel_tolerance,
+                                        on_episode=lambda _r: progress.advance(task)))
+    if not results:  # a video straight from the store: nothing was compared
+        return
+    _print_replay(results, tolerance, pixel_tolerance, detail=not all_)
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2), encoding="utf-8")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def _print_replay(results: list[Any], tolerance: float, pixel_tolerance: float, detail: bool) -> None:
+    """Print one episode's deviations per key, or the audit summary of many."""
+    if detail:
+        r = results[0]
+        table = Table(title=f"replay of episode {r.index} (seed {r.seed}, site {r.site}, {r.steps} steps)")
+        for col in ("compared", "max deviation", "tolerance", "ok"):
+            table.add_column(col)
+        for key, dev in r.deviations.items():
+            img = key in r.image_keys
+            tol = pixel_tolerance if img else tolerance
+            name = ("observation" if key == "" else key if key == "reward" else f"observation/{key}")
+            shown = f"{dev:.2%} of pixel values" if img else f"{dev:.3g}"
+            table.add_row(name, shown, f"{tol:g}", "yes" if dev <= tol else "NO")
+        stored = "success" if r.success else f"failed: {r.failure_mode or '?'}"
+        again = "success" if r.replayed_success else f"failed: {r.replayed_failure_mode or '?'}"
+        table.add_row("events", f"replay: {again}, {r.replayed_steps} steps", f"stored: {stored}",
+                      "yes" if not r.events else "NO")
+        console.print(_folded(table))
+        for event in r.events:
+            console.print(f"diverged: {event}", style="red", markup=False, soft_wrap=True)
+        if r.site_source:
+            how = ("resampled by name (the recorded parameters came out again)" if r.site_source == "name"
+                   else f"rebuilt from the recorded {r.site_source}")
+            console.print(f"site {r.site}: {how}", markup=False, soft_wrap=True)
+        verdict = ("reproduced exactly (bit-identical)" if r.exact else "reproduced within tolerance"
+                   if r.ok else "NOT reproduced")
+        console.print(f"episode {r.index}: {verdict}", style=None if r.ok else "red", markup=False)
+        return
+    exact = sum(r.exact for r in results)
+    ok = sum(r.ok for r in results)
+    bad = [r for r in results if not r.ok]
+    summary = Table(title=f"replay audit: {len(results)} episodes", show_header=False)
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    summary.add_row("bit-identical", str(exact))
+    summary.add_row("within tolerance, not identical", str(ok - exact))
+    summary.add_row("diverged", str(len(bad)))
+    worst = max(r.max_deviation for r in results)
+    summary.add_row("max float deviation", f"{worst:.3g} (tolerance {tolerance:g})")
+    if any(r.image_keys for r in results):
+        summary.add_row("max pixel deviation", f"{max(r.max_pixel_deviation for r in results):.2%} "
+                        f"(tolerance {pixel_tolerance:.2%})")
+    console.print(summary)
+    shown = [r for r in results if not r.exact][:20]
+    if shown:
+        table = Table(title="episodes not replayed bit for bit" + (" (first 20)" if len(shown) == 20 else ""))
+        for col in ("episode", "seed", "site", "steps", "max deviation", "pixels", "events", "ok"):
+            table.add_column(col)
+        for r in shown:
+            table.add_row(str(r.index), str(r.seed), r.site, str(r.steps), f"{r.max_deviation:.3g}",
+                          f"{r.max_pixel_deviation:.2%}" if r.image_keys else "-",
+                          "; ".join(r.events) or "-", "yes" if r.ok else "NO")
+        console.print(_folded(table))
+
+
+@app.command()
+def paths(
+    store: Annotated[str, typer.Argument(help="Episode store: a directory or an fsspec URL.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output image (.png, .svg or .pdf).")],
+    episode: Annotated[
+        list[int] | None,
+        typer.Option("--episode", "-e", help="Episode index (repeatable). [default: the first --limit]"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Episodes plotted without --episode.")] = 50,
+) -> None:
+    """Plot where the robot went: end-effector paths over a top view of the workcell (by domain).
+
+    Episodes are replayed (no rendering) and drawn green for successes, red for failures; the
+    domain's trajectory view (loopsim.trajectory) draws the scene and per-episode marks.
+    """
+    from loopsim.datasets import EpisodeStore
+    from loopsim.replay import ReplayError
+    from loopsim.trajectory import plot_trajectories
+
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise _error(f"--out {out}: the suffix must be .png, .svg or .pdf")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise _error(f"--out {out}: cannot write a file there (a directory, or the folder is missing or "
+                     "not writable)")
+    with _store_errors():
+        opened = EpisodeStore.open(store, mode="r")
+    with opened as s, _store_errors(ReplayError, IndexError, KeyError, ValueError):
+        n = len(s)
+        indices = list(dict.fromkeys(episode)) if episode else list(range(min(n, limit)))
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise _error(f"--episode {bad[0]} is out of range: the store has {n} episodes")
+        if not indices:
+            raise _error(f"{store} holds no episodes")
+        plot_trajectories(s, indices, out)
+    console.print(f"wrote {out}: paths of {len(indices)} episode(s)", markup=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A loop run directory (loopsim loop --run-dir).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output HTML file. [default: RUN_DIR/report.html]")
+    ] = None,
+    videos: Annotated[
+        bool, typer.Option(help="Embed videos of a success and the commonest failures per iteration.")
+    ] = True,
+    paths: Annotated[bool, typer.Option(help="Embed each iteration's end-effector paths.")] = True,
+    video_size: Annotated[int, typer.Option(min=16, max=2048, help="Side of video frames [px].")] = 160,
+    frame_step: Annotated[
+        int, typer.Option(min=1, max=50, help="Show every n-th control step in videos (real-time playback).")
+    ] = 3,
+) -> None:
+    """Write a loop run as one self-contained HTML file: metrics, plots, failure modes, paths, videos.
+
+    Videos and paths are replayed from the run's stores (demos.zarr, operational.zarr) and embedded,
+    so the file opens without a server or internet.
+    """
+    from loopsim.replay import ReplayError
+    from loopsim.report import ReportError, write_loop_report
+
+    with _store_errors(ReportError, ReplayError), _progress() as progress:
+        task = progress.add_task(f"report of {run_dir}", total=None)
+        path = write_loop_report(run_dir, out, videos=videos, paths=paths, video_size=video_size,
+                                 frame_step=frame_step,
+                                 progress=lambda d, t: progress.update(task, completed=d, total=t))
+    size = path.stat().st_size
+    console.print(f"wrote {path} ({_human_bytes(size)}); open it in a browser", markup=False, soft_wrap=True)
