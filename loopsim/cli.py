@@ -503,11 +503,6 @@ def main() -> None:  # pragma: no cover - console entry point
 _OVERRIDES_HELP = "Config overrides key.sub=value (value parsed as YAML), e.g. train.epochs=50 seed=3."
 
 
-def _progress() -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=console, transient=True)
-
-
 @contextmanager
 def _run_errors() -> Iterator[None]:
     """Turn a bad config, store, checkpoint or run directory into one red line and exit code 2."""
