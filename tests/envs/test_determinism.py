@@ -270,3 +270,24 @@ def test_seeds_in_any_order_give_the_same_episodes(env_id, make_env, helpers, si
                         for s in order})
     differ = [s for s in seeds if digests[0][s] != digests[1][s]]
     assert differ == [], f"seeds whose episode depends on the episodes run before it: {differ}"
+
+
+def test_fresh_world_false_only_restores_the_snapshot(make_env, helpers):
+    """``fresh_world=False`` (the old reset, for throughput) starts like a fresh env but carries
+    Bullet's collision caches over: the known pair of PickPlace episodes then differs, which is
+    what the default rebuild prevents."""
+    env_id = "loopsim/FactoryPickPlace-v0"
+    site, prior_seed, seed = HISTORY_CASES[env_id]
+    with pytest.raises(ValueError, match="fresh_world='yes' must be True or False"):
+        make_env(env_id, fresh_world="yes")
+    env = make_env(env_id, site=site)
+    reference = _to_end(helpers, env, seed, _noisy_expert(helpers, env, seed))
+    fast = make_env(env_id, site=site, fresh_world=False)
+    first = _to_end(helpers, fast, seed, _noisy_expert(helpers, fast, seed))
+    assert helpers.first_difference(reference, first) is None  # a new env: nothing to carry over
+    _to_end(helpers, fast, prior_seed, _noisy_expert(helpers, fast, prior_seed))
+    again = _to_end(helpers, fast, seed, _noisy_expert(helpers, fast, seed))
+    assert helpers.first_difference(reference, again) is not None, (
+        "restoring the snapshot into a used world no longer changes this episode: check whether this "
+        "PyBullet still keeps collision caches across restoreState (the default rebuild may be moot)"
+    )
