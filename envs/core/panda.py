@@ -24,6 +24,19 @@ from loopsim.envs.core.sim import Simulation
 
 __all__ = ["Panda", "panda_urdf_path"]
 
+
+# ``np.linalg.solve(a, b)`` for a float64 (n, n) matrix and (n,) vector without its wrapper: the
+# gufunc np.linalg.solve itself calls for a 1-D right-hand side (LAPACK dgesv), so the result is
+# bit-identical, while the wrapper's checks and ``errstate`` block cost ~8x the solve of a 6x6
+# system. For well-posed systems only (the damped J J^T + lambda^2 I is positive definite): a
+# singular matrix would give NaN where np.linalg.solve raises LinAlgError.
+try:  # a private module of NumPy (1.x and 2.x); fall back to the public function if it moves
+    from numpy.linalg import _umath_linalg
+
+    _solve = functools.partial(_umath_linalg.solve1, signature="dd->d")
+except (ImportError, AttributeError):  # pragma: no cover - depends on the NumPy version
+    _solve = np.linalg.solve
+
 #: Arm joint indices in the URDF (``panda_joint1`` .. ``panda_joint7``).
 ARM_JOINTS = (0, 1, 2, 3, 4, 5, 6)
 #: Finger joint indices (``panda_finger_joint1``, ``panda_finger_joint2``), prismatic, 0 .. 0.04 m each.
@@ -52,22 +65,35 @@ MAX_WRIST_REACH = 0.75
 MIN_RADIUS = 0.28
 
 
+#: (text, size in bytes, file name) of the generated URDF, computed once per process.
+_URDF: tuple[str, int, str] | None = None
+
+
 def panda_urdf_path() -> str:
     """Path of the Panda URDF with collision meshes as visuals, generated from ``pybullet_data``.
 
     The file is written into the temp directory once per user (atomically, so concurrent processes
     are safe; rewritten if missing or damaged) and names the ``pybullet_data`` meshes by absolute path.
+    The text is generated once per process; later calls (every env reset rebuilds the scene) only
+    check that the file is still there with the right size, and do the full check when it is not.
 
     Returns:
         Absolute path of the generated URDF.
     """
-    src_dir = Path(pybullet_data.getDataPath()) / "franka_panda"
-    text = (src_dir / "panda.urdf").read_text()
-    text = text.replace("package://meshes/visual/", "package://meshes/collision/")
-    text = text.replace("package://meshes/", f"{(src_dir / 'meshes').as_posix()}/")
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    out = Path(tempfile.gettempdir()) / f"loopsim-panda-{uid}-{digest}.urdf"
+    global _URDF
+    if _URDF is None:
+        src_dir = Path(pybullet_data.getDataPath()) / "franka_panda"
+        text = (src_dir / "panda.urdf").read_text()
+        text = text.replace("package://meshes/visual/", "package://meshes/collision/")
+        text = text.replace("package://meshes/", f"{(src_dir / 'meshes').as_posix()}/")
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        _URDF = (text, len(text.encode()), f"loopsim-panda-{uid}-{digest}.urdf")
+    text, size, name = _URDF
+    out = Path(tempfile.gettempdir()) / name
+    with contextlib.suppress(OSError):
+        if os.stat(out).st_size == size:
+            return str(out)
     try:
         if out.read_text() == text:
             return str(out)
@@ -157,7 +183,7 @@ class Panda:
         )
         self._zeros = [0.0] * 9
         self._damping_eye = np.eye(6) * self.damping**2
-        self._solve = np.linalg.solve
+        self._solve = _solve
         self._arm_joints = list(ARM_JOINTS)
         self._neutral: tuple | None = None  # end-effector kinematics at NEUTRAL, see reset_joints
         self._all_joints = list(ARM_JOINTS) + list(FINGER_JOINTS)

@@ -85,15 +85,12 @@ class Simulation:
         self.id: int = self.bc._client
         self.timestep = float(timestep)
         self.substeps = int(substeps)
+        self.solver_iterations = int(solver_iterations)
         self.gui = gui
         self._closed = False
         self._base_state: int | None = None
         self.bc.setAdditionalSearchPath(pybullet_data.getDataPath())
-        self.bc.setTimeStep(self.timestep)
-        self.bc.setGravity(0.0, 0.0, -9.81)
-        self.bc.setPhysicsEngineParameter(
-            numSolverIterations=solver_iterations, deterministicOverlappingPairs=1
-        )
+        self._configure()
         if gui:  # pragma: no cover - needs a display
             self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_GUI, 0)
         self._step_once = functools.partial(p.stepSimulation, physicsClientId=self.id)
@@ -102,6 +99,35 @@ class Simulation:
         self._num_bodies = functools.partial(p.getNumBodies, physicsClientId=self.id)
         self._collide = functools.partial(p.performCollisionDetection, physicsClientId=self.id)
         self._restore = functools.partial(p.restoreState, physicsClientId=self.id)
+
+    def _configure(self) -> None:
+        """Set the world's parameters (time step, gravity, solver); a new or emptied world needs them."""
+        self.bc.setTimeStep(self.timestep)
+        self.bc.setGravity(0.0, 0.0, -9.81)
+        self.bc.setPhysicsEngineParameter(
+            numSolverIterations=self.solver_iterations, deterministicOverlappingPairs=1
+        )
+
+    def reset_world(self) -> None:
+        """Empty the world (``resetSimulation``) and set its parameters again, as on a new client.
+
+        Every body, constraint, saved state and collision cache goes: what the caller builds next is
+        built into the same engine state as in a newly created :class:`Simulation` (body ids restart
+        at 0), whatever ran before. Bullet's broadphase pair cache, its cleanup cursor, its dynamic
+        AABB trees and the order of the contact manifolds (which is the order the solver treats the
+        contacts in) all carry history that ``restoreState`` does not touch; only an empty world has
+        none.
+
+        Raises:
+            RuntimeError: If the simulation was closed.
+        """
+        if self._closed:
+            raise RuntimeError("reset_world() on a closed simulation")
+        if self._base_state is not None:
+            self.bc.removeState(self._base_state)
+            self._base_state = None
+        self.bc.resetSimulation()
+        self._configure()
 
     @property
     def control_dt(self) -> float:
@@ -126,10 +152,11 @@ class Simulation:
                 self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_RENDERING, 1)
 
     def save_base_state(self) -> None:
-        """Snapshot the freshly built scene; :meth:`restore_base_state` returns to it at each reset.
+        """Snapshot the freshly built scene; :meth:`restore_base_state` returns to it.
 
-        Restoring the snapshot (rather than moving bodies back) also restores contact caches, which is
-        what makes ``reset(seed)`` bit-identical whatever episode ran before.
+        The snapshot holds body poses, velocities and contact points, not Bullet's collision caches
+        (pairs, trees, manifold order): returning to it after an episode is not enough for a
+        bit-identical next episode, see :meth:`reset_world`.
         """
         self._base_state = self.bc.saveState()
 
@@ -141,9 +168,12 @@ class Simulation:
         """
         if self._base_state is None:
             raise RuntimeError("save_base_state() was never called")
-        # restoreState puts bodies back but keeps Bullet's persistent contact manifolds, whose cached
-        # points and impulses would then depend on the previous episode. Pulling every body far apart
-        # and running collision detection empties them first.
+        # restoreState puts bodies back but keeps Bullet's persistent contact manifolds. Pulling every
+        # body far apart and running collision detection releases some of them first (Bullet's
+        # broadphase drops only part of the stale pairs per pass, so not all of them after an
+        # episode: the env restores only a freshly built world, where this sequence is the same
+        # every time). It stays because it is how every episode recorded so far started: episodes in
+        # existing stores still replay bit-exactly (all but the rare ones the old reset disturbed).
         reset_pose = self._reset_pose
         for body in range(self._num_bodies()):
             reset_pose(body, [0.0, 0.0, 1.0e4 + 100.0 * body], [0.0, 0.0, 0.0, 1.0])

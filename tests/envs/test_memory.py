@@ -60,8 +60,11 @@ def _growth(run_python, env_id, mode, warmup, n, obs_mode="state"):
 
 
 def test_rss_flat_over_resets(env_id, run_python):
-    growth, samples = _growth(run_python, env_id, "resets", 200, 2000)
-    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 2000 resets: {samples}"
+    # Every reset after the first rebuilds the physics world (~17 ms of CPU): 300 resets are 300
+    # worlds built and freed (~7 s); growth is taken over the last 240, so a leak of 17 kB per world
+    # exceeds the limit.
+    growth, samples = _growth(run_python, env_id, "resets", 60, 300)
+    assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 300 resets: {samples}"
 
 
 def test_rss_flat_over_make_close(env_id, run_python):
@@ -71,9 +74,9 @@ def test_rss_flat_over_make_close(env_id, run_python):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize(("obs_mode", "n"), [("state", 20000), ("goal", 20000), ("rgb", 5000)])
+@pytest.mark.parametrize(("obs_mode", "n"), [("state", 4000), ("goal", 4000), ("rgb", 2000)])
 def test_rss_flat_over_many_resets(env_id, run_python, obs_mode, n):
-    growth, samples = _growth(run_python, env_id, "resets", 500, n, obs_mode)
+    growth, samples = _growth(run_python, env_id, "resets", 300, n, obs_mode)
     assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over {n} resets: {samples}"
 
 
