@@ -83,6 +83,10 @@ class RobotTaskEnv(gym.Env):
     #: Physics step [s] and physics steps per control step.
     timestep: ClassVar[float] = 0.002
     substeps: ClassVar[int] = 20
+    #: Constraint-solver iterations per physics step.
+    solver_iterations: ClassVar[int] = 50
+    #: Bound of every ``achieved_goal`` / ``desired_goal`` component in ``goal`` mode [m].
+    goal_bound: ClassVar[float] = 10.0
     #: Default time limit [control steps].
     default_max_steps: ClassVar[int] = 200
     #: Success tolerance of the goal distance [m], used by the sparse reward.
@@ -129,7 +133,9 @@ class RobotTaskEnv(gym.Env):
         self.max_steps = max_steps
         self.metadata = {**self.metadata, "render_fps": round(1.0 / (self.timestep * self.substeps))}
 
-        self.sim = Simulation(self.timestep, self.substeps, gui=render_mode == "human")
+        self.sim = Simulation(
+            self.timestep, self.substeps, gui=render_mode == "human", solver_iterations=self.solver_iterations
+        )
         with self.sim.no_rendering():
             self._load_scene()
         self.sim.save_base_state()
@@ -148,7 +154,8 @@ class RobotTaskEnv(gym.Env):
             self.observation_space = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
         else:
             goal_dim = len(self.desired_goal())
-            goal_space = gym.spaces.Box(-10.0, 10.0, shape=(goal_dim,), dtype=np.float32)
+            bound = self.goal_bound
+            goal_space = gym.spaces.Box(-bound, bound, shape=(goal_dim,), dtype=np.float32)
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
@@ -330,8 +337,9 @@ class RobotTaskEnv(gym.Env):
         """Apply one action for one control step.
 
         Args:
-            action: ``(4,)`` array in ``[-1, 1]``: end-effector displacement (dx, dy, dz) scaled by the
-                robot's maximum displacement, and the gripper command. Values outside ``[-1, 1]`` are
+            action: ``(action_dim,)`` array in ``[-1, 1]`` (its meaning is in the task's docstring: for
+                the factory, end-effector displacement (dx, dy, dz) and the gripper command; for the
+                warehouse, linear and angular velocity commands). Values outside ``[-1, 1]`` are
                 clipped.
 
         Returns:
