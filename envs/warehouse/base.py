@@ -119,6 +119,7 @@ WAREHOUSE_SCHEMA = SiteSchema(
             "actuator lag: actions take effect this many steps late",
             integer=True,
         ),
+        ParamDef("cart_mass", 40.0, 5.0, 200.0, "kg", "mass of the loaded cart (WarehouseCartPush)"),
     ],
 )
 

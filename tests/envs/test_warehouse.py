@@ -29,7 +29,7 @@ from loopsim.envs.warehouse.base import (
 from loopsim.envs.warehouse.planner import GridPlanner
 
 WAREHOUSE_IDS = sorted(i for i in ENV_ENTRY_POINTS if i.startswith("loopsim/Warehouse"))
-SHIFTED = ["heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
+SHIFTED = ["heavy_carts", "heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
 NAV = "loopsim/WarehouseNavigate-v0"
 
 
@@ -389,3 +389,76 @@ def test_rgb_is_the_onboard_view(make_env):
     assert np.abs(turned.astype(int) - obs.astype(int)).mean() > 5
     frame = env.render()
     assert frame.shape == (64, 64, 3) and frame.std() > 5
+
+
+# ------------------------------------------------------------------ cart push
+CART = "loopsim/WarehouseCartPush-v0"
+
+
+def _cart_setup(env, seed=0, aisle=1, x=1.5, robot_yaw=0.0):
+    """Cart at rest on ``aisle``'s centre line at ``x``; the robot touching its back, facing ``robot_yaw``."""
+    from loopsim.envs.warehouse.base import BODY_HALF
+    from loopsim.envs.warehouse.cart_push import CART_HALF
+
+    env.reset(seed=seed)
+    u = env.unwrapped
+    y = u.layout.aisle_y(aisle)
+    u._move(u.cart, [x, y, CART_HALF[2]], [0, 0, 0, 1])
+    back = (CART_HALF[0] if robot_yaw == 0.0 else CART_HALF[1]) + BODY_HALF[0] + 0.02
+    u._place_robot(x - back * math.cos(robot_yaw), y - back * math.sin(robot_yaw), robot_yaw)
+    u._read_state()
+    return u
+
+
+def _pushed(make_env, mass, steps=20):
+    env = make_env(CART, site={"cart_mass": mass})
+    u = _cart_setup(env)
+    x0 = u.cart_xy[0]
+    *_, terminated, truncated, info = _drive(env, [0.6, 0.0], steps)
+    assert not terminated, info  # pushing the cart is not a collision
+    return u.cart_xy[0] - x0
+
+
+def test_cart_is_pushed_by_contact_and_heavy_carts_lag(make_env):
+    light = _pushed(make_env, 40.0)
+    heavy = _pushed(make_env, 200.0)
+    assert 0.7 < light < 1.3  # about 0.6 m/s for 2 s, after the start-up
+    assert heavy < 0.8 * light
+
+
+def test_pushing_the_cart_into_a_shelf_loses_it(make_env):
+    env = make_env(CART)
+    _cart_setup(env, robot_yaw=math.pi / 2)  # pushing it sideways, across the aisle
+    *_, terminated, truncated, info = _drive(env, [0.6, 0.0], 60)
+    assert terminated and info["failure_mode"] == "lost_cart"
+
+
+def test_cart_push_expert_quick(make_env):
+    env = make_env(CART, obs_mode="goal", reward_type="sparse")
+    expert = make_expert(env)
+    for seed in range(3000, 3004):
+        env.reset(seed=seed)
+        while True:
+            obs, reward, terminated, truncated, info = env.step(expert.act())
+            if terminated or truncated:
+                break
+        assert info["is_success"], (seed, info)
+        assert reward == 0.0 and env.unwrapped.cart_in_station()
+
+
+@pytest.mark.slow
+def test_cart_push_expert_solves_lab_200_episodes():
+    env = gym.make(CART)
+    expert = make_expert(env)
+    wins = 0
+    try:
+        for s in range(1000, 1200):
+            env.reset(seed=s)
+            while True:
+                *_, terminated, truncated, info = env.step(expert.act())
+                if terminated or truncated:
+                    break
+            wins += info["is_success"]
+    finally:
+        env.close()
+    assert wins >= 190
