@@ -30,9 +30,9 @@ return does).
 Traffic: other robots (boxes 0.70 x 0.50 x 0.50 m) and people (cylinders of radius 0.25 m, 1.7 m tall)
 move kinematically along the aisles, back and forth, each in a lane close to one shelf face, at the
 site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
-control step; each one pauses while the robot is ahead of it in its lane within ``YIELD_DISTANCE``
-(their own safety scanners), so they never run into the robot from behind or head-on: a collision is
-always the robot's doing.
+control step; each one pauses while the robot (or the cart it pushes) is ahead of it in its lane
+within ``YIELD_DISTANCE`` (their own safety scanners), so they never run into the robot from behind or
+head-on: a collision is always the robot's doing.
 """
 
 from __future__ import annotations
@@ -418,10 +418,11 @@ class WarehouseEnv(RobotTaskEnv):
         """Advance the traffic by one control step (vectorised), yielding to the robot ahead in lane."""
         if not self._n_agents:
             return
-        rx, ry = self.robot_xy
-        ahead = (rx - self.agent_x) * self.agent_dir - self._agent_hl - ROBOT_RADIUS
-        in_lane = np.abs(ry - self.agent_y) < self._agent_hw + ROBOT_RADIUS + 0.1
-        waiting = in_lane & (ahead > -ROBOT_RADIUS) & (ahead < YIELD_DISTANCE)
+        waiting = np.zeros(self._n_agents, dtype=bool)
+        for (rx, ry), radius in self._yield_to():
+            ahead = (rx - self.agent_x) * self.agent_dir - self._agent_hl - radius
+            in_lane = np.abs(ry - self.agent_y) < self._agent_hw + radius + 0.1
+            waiting |= in_lane & (ahead > -radius) & (ahead < YIELD_DISTANCE)
         x = self.agent_x + np.where(waiting, 0.0, self.agent_dir * self.agent_speed * self.sim.control_dt)
         over = x > self._agent_hi
         under = x < self._agent_lo
@@ -429,6 +430,10 @@ class WarehouseEnv(RobotTaskEnv):
         self.agent_dir = np.where(over | under, -self.agent_dir, self.agent_dir)
         self.agent_x = x
         self._place_agents()
+
+    def _yield_to(self) -> list[tuple[tuple[float, float], float]]:
+        """What the traffic waits for: ``((x, y) [m], radius [m])`` of the robot (and what it moves)."""
+        return [(self.robot_xy, ROBOT_RADIUS)]
 
     # ------------------------------------------------------------------ per step
     def _apply_action(self, action: list[float]) -> None:
