@@ -190,7 +190,8 @@ class WarehouseCartPushExpert(Expert):
 
     Reactive rules on privileged state (true robot and cart poses, the station, the lidar scan):
 
-    1. The push direction ``d`` points from the cart to the station. The robot's place is right behind
+    1. The push direction ``d`` points from the cart to the station (to a point ``CARROT`` ahead on the
+       aisle's centre line while the station is more than 2 m away). The robot's place is right behind
        the cart on that line, facing ``d``. If it is off that line (more than 0.2 m sideways) or not
        behind the cart, it drives to a point 1.3 m behind the cart on the line, then turns to face ``d``.
     2. Pushing: it heads for a point beyond the cart chosen so that robot, cart and station line up
@@ -201,6 +202,8 @@ class WarehouseCartPushExpert(Expert):
     env_type = WarehouseCartPushEnv
     motion_dims = 2
     PUSH_SPEED = 0.6
+    #: Far from the station the cart is pushed towards the aisle's centre line this far ahead [m].
+    CARROT = 1.5
     CONTACT = CART_HALF[0] + BODY_HALF[0]
 
     def _act(self) -> np.ndarray:
@@ -211,7 +214,13 @@ class WarehouseCartPushExpert(Expert):
         dist = math.hypot(sx - cx, sy - cy)
         if dist < 0.15:
             return np.zeros(2)
-        dx, dy = (sx - cx) / dist, (sy - cy) / dist
+        if dist > 2.0:  # far from the station: steer the cart back onto the aisle's centre line
+            ux = 1.0 if sx > cx else -1.0
+            kx, ky = cx + self.CARROT * ux, sy
+            k = math.hypot(kx - cx, ky - cy)
+            dx, dy = (kx - cx) / k, (ky - cy) / k
+        else:
+            dx, dy = (sx - cx) / dist, (sy - cy) / dist
         # robot relative to the cart in the push frame: along d (negative = behind), and sideways
         along = (rx - cx) * dx + (ry - cy) * dy
         side = -(rx - cx) * dy + (ry - cy) * dx
@@ -257,10 +266,25 @@ class WarehouseCartPushExpert(Expert):
 
     @staticmethod
     def _clear_ahead(env: WarehouseCartPushEnv) -> float:
-        """Distance [m] to the nearest lidar return within +-20 degrees ahead (the cart is below the scan)."""
+        """Distance [m] to the nearest *moving* obstacle within +-20 degrees ahead in the lidar scan.
+
+        The cart is below the scan. Returns on the known layout (shelves and walls, privileged) are
+        left out, so a crooked push in a narrow aisle is not mistaken for traffic ahead.
+        """
         a = env.lidar_angles
         front = (a < math.radians(20)) | (a > 2.0 * math.pi - math.radians(20))
-        r = env.lidar[front]
-        lateral = np.abs(r * np.sin(a[front]))
-        near = r[(lateral < 0.45) & (r < LIDAR_RANGE)]
-        return float(near.min()) if near.size else LIDAR_RANGE
+        r, af = env.lidar[front], a[front]
+        keep = (np.abs(r * np.sin(af)) < 0.45) & (r < LIDAR_RANGE)
+        if not keep.any():
+            return LIDAR_RANGE
+        r, af = r[keep], af[keep]
+        x, y, yaw = env.robot_pose()
+        wx, wy = x + r * np.cos(af + yaw), y + r * np.sin(af + yaw)
+        boxes, margin, lay = env.static_boxes, 0.1, env.layout
+        in_box = (
+            (wx[:, None] > boxes[None, :, 0] - margin) & (wx[:, None] < boxes[None, :, 1] + margin)
+            & (wy[:, None] > boxes[None, :, 2] - margin) & (wy[:, None] < boxes[None, :, 3] + margin)
+        ).any(axis=1)
+        wall = (wx < lay.x_min + margin) | (wx > lay.x_max - margin) | (np.abs(wy) > lay.y_max - margin)
+        moving = r[~in_box & ~wall]
+        return float(moving.min()) if moving.size else LIDAR_RANGE
