@@ -39,6 +39,8 @@ ENV_ENTRY_POINTS: dict[str, str] = {
     "loopsim/FactoryPickPlace-v0": "loopsim.envs.factory.pick_place:FactoryPickPlaceEnv",
     "loopsim/FactorySort-v0": "loopsim.envs.factory.sort:FactorySortEnv",
     "loopsim/FactoryPegInsert-v0": "loopsim.envs.factory.peg_insert:FactoryPegInsertEnv",
+    "loopsim/WarehouseNavigate-v0": "loopsim.envs.warehouse.navigate:WarehouseNavigateEnv",
+    "loopsim/WarehouseCartPush-v0": "loopsim.envs.warehouse.cart_push:WarehouseCartPushEnv",
 }
 
 

@@ -98,7 +98,9 @@ class ExpertPolicy(BasePolicy):
             )
         actions = np.stack([np.asarray(e.act(), dtype=np.float64) for e in self._experts])
         if self.noise_std > 0 and not deterministic:
-            actions[:, :3] += self._rng.normal(0.0, self.noise_std, size=(n, 3))
+            # motion commands only (the factory's gripper command gets none): the expert's motion_dims
+            k = self._experts[0].motion_dims
+            actions[:, :k] += self._rng.normal(0.0, self.noise_std, size=(n, k))
         return actions.astype(np.float32)
 
     def _checkpoint_policy(self) -> dict[str, Any]:

@@ -25,6 +25,17 @@ def test_envs_lists_every_env_with_spaces_and_sites():
     assert "Box(4,) float32" in result.output  # the action space
     assert "uint8" in result.output  # the rgb observation space
     assert "25 Hz" in result.output
+    for site in available_sites("warehouse"):
+        assert site in result.output
+    assert "Box(2,) float32" in result.output and "10 Hz" in result.output  # the warehouse robots
+
+
+def test_sites_warehouse_lists_its_parameters_and_sites():
+    result = runner.invoke(app, ["sites", "warehouse"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    names = ("aisle_width", "floor_friction", "lidar_dropout", "cart_mass", "narrow_aisles", "heavy_carts")
+    for name in names:
+        assert name in result.output
 
 
 def test_sites_shows_parameters_and_what_each_site_changes():

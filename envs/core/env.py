@@ -90,6 +90,10 @@ class RobotTaskEnv(gym.Env):
     #: Physics step [s] and physics steps per control step.
     timestep: ClassVar[float] = 0.002
     substeps: ClassVar[int] = 20
+    #: Constraint-solver iterations per physics step.
+    solver_iterations: ClassVar[int] = 50
+    #: Bound of every ``achieved_goal`` / ``desired_goal`` component in ``goal`` mode [m].
+    goal_bound: ClassVar[float] = 10.0
     #: Default time limit [control steps].
     default_max_steps: ClassVar[int] = 200
     #: Success tolerance of the goal distance [m], used by the sparse reward.
@@ -140,7 +144,9 @@ class RobotTaskEnv(gym.Env):
         self.fresh_world = bool(fresh_world)
         self.metadata = {**self.metadata, "render_fps": round(1.0 / (self.timestep * self.substeps))}
 
-        self.sim = Simulation(self.timestep, self.substeps, gui=render_mode == "human")
+        self.sim = Simulation(
+            self.timestep, self.substeps, gui=render_mode == "human", solver_iterations=self.solver_iterations
+        )
         self.site_params: dict[str, float | int] = {}
         self._build_world()
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(self.action_dim,), dtype=np.float32)
@@ -155,7 +161,8 @@ class RobotTaskEnv(gym.Env):
             self.observation_space = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
         else:
             goal_dim = len(self.desired_goal())
-            goal_space = gym.spaces.Box(-10.0, 10.0, shape=(goal_dim,), dtype=np.float32)
+            bound = self.goal_bound
+            goal_space = gym.spaces.Box(-bound, bound, shape=(goal_dim,), dtype=np.float32)
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
@@ -363,8 +370,9 @@ class RobotTaskEnv(gym.Env):
         """Apply one action for one control step.
 
         Args:
-            action: ``(4,)`` array in ``[-1, 1]``: end-effector displacement (dx, dy, dz) scaled by the
-                robot's maximum displacement, and the gripper command. Values outside ``[-1, 1]`` are
+            action: ``(action_dim,)`` array in ``[-1, 1]`` (its meaning is in the task's docstring: for
+                the factory, end-effector displacement (dx, dy, dz) and the gripper command; for the
+                warehouse, linear and angular velocity commands). Values outside ``[-1, 1]`` are
                 clipped.
 
         Returns:

@@ -23,8 +23,9 @@ class Expert:
 
     Args:
         env: The env to act in (any wrapper of it; the expert reads ``env.unwrapped``).
-        noise_std: Std of Gaussian noise added to the motion part of each action (not the gripper),
-            in action units, for data diversity; actions stay clipped to ``[-1, 1]``.
+        noise_std: Std of Gaussian noise added to the motion part of each action (the first
+            ``motion_dims`` components: not the factory's gripper command), in action units, for
+            data diversity; actions stay clipped to ``[-1, 1]``.
         seed: Seed of the expert's own noise generator (independent of the env's).
 
     Raises:
@@ -34,6 +35,8 @@ class Expert:
 
     #: The env class (or base class) this expert solves.
     env_type: type = gym.Env
+    #: Leading action components that get motion noise (the factory's gripper command does not).
+    motion_dims: int = 3
 
     def __init__(self, env: gym.Env, noise_std: float = 0.0, seed: int | None = None) -> None:
         if (
@@ -60,11 +63,12 @@ class Expert:
         """The expert's action for the env's current state.
 
         Returns:
-            ``(4,)`` float32 in ``[-1, 1]``.
+            ``(action_dim,)`` float32 in ``[-1, 1]``.
         """
         a = np.asarray(self._act(), dtype=np.float64)
         if self.noise_std > 0:
-            a[:3] += self.rng.normal(0.0, self.noise_std, size=3)
+            k = self.motion_dims
+            a[:k] += self.rng.normal(0.0, self.noise_std, size=k)
         return np.clip(a, -1.0, 1.0).astype(np.float32)
 
     def __call__(self, observation: Any = None) -> np.ndarray:

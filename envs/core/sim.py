@@ -252,6 +252,7 @@ class Simulation:
         target: Sequence[float],
         fov: float = 60.0,
         up: Sequence[float] = (0.0, 0.0, 1.0),
+        far: float = 5.0,
     ) -> np.ndarray:
         """Render an RGB image with PyBullet's CPU (tiny) renderer.
 
@@ -262,6 +263,7 @@ class Simulation:
             target: Point the camera looks at (x, y, z) [m], world frame.
             fov: Vertical field of view [deg].
             up: Camera up vector, world frame.
+            far: Far clipping plane [m] (the near plane is at 0.05 m).
 
         Returns:
             Image of shape ``(height, width, 3)``, dtype ``uint8``.
@@ -272,7 +274,7 @@ class Simulation:
         if self._closed:
             raise RuntimeError("render() on a closed env")
         view = self.bc.computeViewMatrix(list(eye), list(target), list(up))
-        proj = self.bc.computeProjectionMatrixFOV(fov, width / height, 0.05, 5.0)
+        proj = self.bc.computeProjectionMatrixFOV(fov, width / height, 0.05, far)
         _, _, rgba, _, _ = self.bc.getCameraImage(
             width,
             height,

@@ -14,7 +14,7 @@ class ExpertActionInfo(gym.Wrapper):
     """Put the scripted expert's action for the current state into ``info["expert_action"]``.
 
     After ``reset`` and after every ``step``, the wrapper asks the task's (noise-free) expert what it
-    would do in the state just reached and returns it as ``info["expert_action"]`` (``(4,)``
+    would do in the state just reached and returns it as ``info["expert_action"]`` (``(action_dim,)``
     float32 in ``[-1, 1]``). That is the label of the state where the *next* action is taken: the
     episode recorder (:mod:`loopsim.datasets.recorder`) stores it beside that action as the
     ``expert_action`` step extra, which is what DAgger relabelling needs. Experts are reactive

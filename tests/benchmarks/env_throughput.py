@@ -34,7 +34,10 @@ Method, per target and per repeat:
    action, so stepping right after a reset prices the arm swinging back (about 600 instead of 980 env
    steps/s for panda-gym after a rollout, history-dependent). The figure without the hold step is kept
    in the JSON (``limit_raw_unprimed``). This prices a quiet scene holding its reset pose.
-4. **rgb frames** (``--frames`` steps): for loopsim, a second env made with ``obs_mode="rgb",
+4. **Lidar** (warehouse envs): the env's batched ``rayTestBatch`` call is timed inside the ``make``
+   rollout of 1.; the lidar table shows its cost per scan, its share of the wall time, and ``% roll``
+   and the overhead with it left out (the scan is sensing the task needs, not per-step bookkeeping).
+5. **rgb frames** (``--frames`` steps): for loopsim, a second env made with ``obs_mode="rgb",
    image_size=84``; ``env.unwrapped.sim.render`` (the camera call behind every ``rgb`` observation) is
    timed inside a rollout. For panda-gym, an env made with ``render_mode="rgb_array",
    render_width=84, render_height=84``; ``env.render()`` is timed after every step. Both figures are
@@ -65,7 +68,7 @@ Columns of the throughput table:
 
 Columns of the rgb table: ``frame`` [ms] and ``frames/s`` of one 84x84 image, ``rgb steps/s`` (env
 steps per second in ``rgb`` mode, for panda-gym step + ``render()``), ``d-step`` [ms] (loopsim only,
-see 4.), ``x panda-gym``: our frames/s over panda-gym's in the same repeat; goal: at least 2x.
+see 5.), ``x panda-gym``: our frames/s over panda-gym's in the same repeat; goal: at least 2x.
 """
 
 from __future__ import annotations
@@ -369,7 +372,12 @@ def measure(target: Target, repeat: int, steps: int, frames: int, seed: int) -> 
     env, unwrapped = target.env, target.env.unwrapped
     actions = sample_actions(env, np.random.default_rng(s), steps)
 
-    made = run_rollout(env, actions, s, None, unwrapped.sim)
+    lidar = [0.0, 0]
+    with (
+        timed_method(unwrapped, "_ray_batch", lidar) if hasattr(unwrapped, "_ray_batch")
+        else contextlib.nullcontext()
+    ):
+        made = run_rollout(env, actions, s, None, unwrapped.sim)
     bare = run_rollout(unwrapped, actions, s, target.episode_limit, unwrapped.sim)
     # Unprimed first: right after the rollout, as a user stepping the engine after reset() would see it.
     raw_unprimed = raw_engine_rate(env, target.client_id, target.substeps, steps, s, None)
@@ -400,6 +408,13 @@ def measure(target: Target, repeat: int, steps: int, frames: int, seed: int) -> 
     )
     if made.resets:
         target.add(reset_ms=made.reset_time / made.resets * 1e3)
+    if lidar[1]:  # warehouse envs: one batched lidar scan per control step (and per reset)
+        target.add(
+            lidar_us=lidar[0] / lidar[1] * 1e6,
+            lidar_share=lidar[0] / made.wall,
+            ratio_rollout_ex_lidar=made.physics / (made.wall - lidar[0]),
+            overhead_us_ex_lidar=(made.wall - made.physics - lidar[0]) / made.steps * 1e6,
+        )
 
     # rgb: one 84x84 frame, timed alone.
     rgb_env = target.rgb_env
@@ -523,6 +538,27 @@ def print_report(
             goal,
         )
     console.print(rgb)
+    with_lidar = [t for t in targets if "lidar_us" in t.metrics]
+    if with_lidar:
+        lid = Table(
+            title="lidar (warehouse envs): one batched rayTestBatch scan per control step, timed in the "
+            "'make' rollout",
+            show_lines=True,
+        )
+        for col in ("env", "scan us", "% of wall", "% roll\nex lidar", "overhead us/step\nex lidar",
+                    f"goal >= {GOAL_RATIO:.0%}\nex lidar"):
+            lid.add_column(col, justify="left" if col == "env" else "right", no_wrap=col == "env")
+        for t in with_lidar:
+            ok = statistics.median(t.metrics["ratio_rollout_ex_lidar"]) >= GOAL_RATIO
+            lid.add_row(
+                t.name,
+                cell(m(t, "lidar_us"), ".0f"),
+                cell(m(t, "lidar_share"), ".1f", 100, "%"),
+                cell(m(t, "ratio_rollout_ex_lidar"), ".1f", 100, "%"),
+                cell(m(t, "overhead_us_ex_lidar"), ".0f"),
+                verdict(ok),
+            )
+        console.print(lid)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     console.print(
         "[dim]Headline: steps/s through gymnasium.make and '% roll' (physics time / wall time of the same "

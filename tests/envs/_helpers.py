@@ -22,6 +22,29 @@ import numpy as np
 import pybullet as p
 
 ACTION_DIM = 4
+#: Per domain: a shifted site that draws from the env's random generator every step (so any slip in
+#: the random stream shows) and another shifted site.
+NOISY_SITE = {"factory": "noisy_sensors", "warehouse": "noisy_lidar"}
+OTHER_SITE = {"factory": "fast_conveyor", "warehouse": "heavy_traffic"}
+
+
+def domain(env_id: str) -> str:
+    """Domain (``factory``, ``warehouse``) of a loopsim env id."""
+    from loopsim.envs import env_class
+
+    return env_class(env_id).site_schema.domain
+
+
+def action_dim(env_id: str) -> int:
+    """Action dimension of a loopsim env id."""
+    from loopsim.envs import env_class
+
+    return int(env_class(env_id).action_dim)
+
+
+def noisy_site(env_id: str) -> str:
+    """:data:`NOISY_SITE` of the env's domain."""
+    return NOISY_SITE[domain(env_id)]
 
 
 @dataclass
@@ -48,8 +71,8 @@ def random_actions(n: int, seed: int, dim: int = ACTION_DIM) -> np.ndarray:
 class RandomPolicy:
     """Replays :func:`random_actions`; ignores the env."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.actions = random_actions(n, seed)
+    def __init__(self, n: int, seed: int, dim: int = ACTION_DIM) -> None:
+        self.actions = random_actions(n, seed, dim)
         self.t = 0
 
     def __call__(self, env: gym.Env) -> np.ndarray:
@@ -117,7 +140,7 @@ class PushOffBeltPolicy:
 def make_policy(name: str, env: gym.Env, n: int, seed: int) -> Any:
     """``"random"`` or ``"expert"`` (noisy expert), deterministic given ``seed``."""
     if name == "random":
-        return RandomPolicy(n, seed)
+        return RandomPolicy(n, seed, int(env.action_space.shape[0]))
     if name == "expert":
         return ExpertPolicy(env, noise_std=0.2, seed=seed)
     raise ValueError(name)

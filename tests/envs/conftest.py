@@ -58,6 +58,13 @@ def env_id(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(params=[i for i in ENV_IDS if i.startswith("loopsim/Factory")])
+def factory_env_id(request: pytest.FixtureRequest) -> str:
+    """Every registered factory env id (for test modules written for the factory tasks)."""
+    skip_if_module_missing(request.param)
+    return request.param
+
+
 @pytest.fixture
 def helpers() -> ModuleType:
     """The module ``_helpers.py`` (rollouts, comparisons, digests, scripted policies)."""

@@ -16,9 +16,10 @@ def _state(env, helpers):
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("index", [0, 3])
 def test_non_finite_action_raises_and_changes_nothing(env_id, make_env, helpers, bad, index):
-    actions = helpers.random_actions(12, seed=4)
-    reference = make_env(env_id, site="noisy_sensors")  # action lag and per-step noise: any slip shows
-    env = make_env(env_id, site="noisy_sensors")
+    actions = helpers.random_actions(12, seed=4, dim=helpers.action_dim(env_id))
+    site = helpers.noisy_site(env_id)  # per-step draws (factory: also action lag): any slip shows
+    reference = make_env(env_id, site=site)
+    env = make_env(env_id, site=site)
     reference.reset(seed=2)
     env.reset(seed=2)
     for a in actions[:6]:
@@ -26,7 +27,7 @@ def test_non_finite_action_raises_and_changes_nothing(env_id, make_env, helpers,
         env.step(a)
     before = _state(env, helpers)
     bad_action = actions[6].copy()
-    bad_action[index] = bad
+    bad_action[min(index, len(bad_action) - 1)] = bad
     with pytest.raises(ValueError, match="finite") as excinfo:
         env.step(bad_action)
     assert "action" in str(excinfo.value)
@@ -64,7 +65,7 @@ def test_non_numeric_action_raises(env_id, make_env):
 
 def test_out_of_range_actions_are_clipped(env_id, make_env, helpers):
     """An action outside [-1, 1] behaves exactly like its clipped value."""
-    actions = helpers.random_actions(20, seed=5)
+    actions = helpers.random_actions(20, seed=5, dim=helpers.action_dim(env_id))
     scaled = actions * np.float32(3.0)
     a, b = make_env(env_id), make_env(env_id)
     a.reset(seed=1)
@@ -77,7 +78,7 @@ def test_out_of_range_actions_are_clipped(env_id, make_env, helpers):
 
 def test_action_dtypes_and_lists_accepted(env_id, make_env, helpers):
     """float32, float64 and plain lists of the same values give the same step."""
-    action = helpers.random_actions(1, seed=6)[0]
+    action = helpers.random_actions(1, seed=6, dim=helpers.action_dim(env_id))[0]
     results = []
     for variant in (action, action.astype(np.float64), action.tolist()):
         env = make_env(env_id)

@@ -11,6 +11,14 @@ import pytest
 
 from loopsim.envs import available_sites
 
+
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
 # Sites whose parameters are drawn at reset and, for some, every step (fast_conveyor: belt jitter;
 # noisy_sensors: sensor noise and actuator lag; gripper_faults: fault draws).
 SITES = ["lab", "fast_conveyor", "noisy_sensors", "gripper_faults", "heavy_slippery"]

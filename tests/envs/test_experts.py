@@ -9,6 +9,14 @@ from loopsim.envs import make_expert
 from loopsim.envs.core.expert import Expert
 from loopsim.evaluation import run_expert
 
+
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
 QUICK_FIRST_SEED, QUICK_EPISODES = 1000, 10
 
 

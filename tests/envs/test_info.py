@@ -8,6 +8,14 @@ import pytest
 from loopsim.envs import env_class, make_expert
 
 
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
+
 def _run_episode(env, policy, seed):
     obs, info = env.reset(seed=seed)
     infos, steps = [info], 0

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import loopsim
+from loopsim.envs import env_class
 
 env_id, mode, warmup, n, obs_mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 proc = psutil.Process()
@@ -20,17 +21,20 @@ def rss_mb():
     gc.collect()
     return proc.memory_info().rss / 2**20
 
-zero = np.zeros(4, dtype=np.float32)
+zero = np.zeros(env_class(env_id).action_dim, dtype=np.float32)
+domain = env_class(env_id).site_schema.domain
+sites = {"factory": ("noisy_sensors", "fast_conveyor"), "warehouse": ("noisy_lidar", "heavy_traffic")}
+noisy, other = sites[domain]
 samples = []
 if mode == "resets":
-    env = gym.make(env_id, obs_mode=obs_mode, site="noisy_sensors")
+    env = gym.make(env_id, obs_mode=obs_mode, site=noisy)
     def cycle(i):
         env.reset(seed=i)
         if i % 10 == 0:
             env.step(zero)
 else:
     def cycle(i):
-        e = gym.make(env_id, obs_mode=obs_mode, site="fast_conveyor", render_mode="rgb_array", render_size=32)
+        e = gym.make(env_id, obs_mode=obs_mode, site=other, render_mode="rgb_array", render_size=32)
         e.reset(seed=i)
         e.step(zero)
         e.render()

@@ -10,6 +10,14 @@ from loopsim.envs.core.panda import ARM_JOINTS, ARM_LOWER, ARM_UPPER
 from loopsim.envs.factory.conveyor import BELT_TOP, ConveyorTaskEnv
 
 
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
+
 def _flat(obs):
     if isinstance(obs, dict):
         return np.concatenate([np.ravel(v) for v in obs.values()])

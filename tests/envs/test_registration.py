@@ -111,15 +111,16 @@ def test_make_vec_sync(env_id):
         envs.close()
 
 
-def test_make_vec_sync_obs_modes_and_kwargs(env_id):
-    envs = gym.make_vec(env_id, num_envs=2, vectorization_mode="sync", obs_mode="goal", site="noisy_sensors")
+def test_make_vec_sync_obs_modes_and_kwargs(env_id, helpers):
+    site = helpers.noisy_site(env_id)
+    envs = gym.make_vec(env_id, num_envs=2, vectorization_mode="sync", obs_mode="goal", site=site)
     try:
         obs, infos = envs.reset(seed=0)
         assert set(obs) == {"observation", "achieved_goal", "desired_goal"}
         assert obs["observation"].shape[0] == 2
         obs, *_ = envs.step(envs.action_space.sample())
         assert envs.observation_space.contains(obs)
-        assert list(infos["site"]) == ["noisy_sensors", "noisy_sensors"]
+        assert list(infos["site"]) == [site, site]
     finally:
         envs.close()
 

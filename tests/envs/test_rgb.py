@@ -9,6 +9,14 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
+
 def _n_colours(img: np.ndarray) -> int:
     return len(np.unique(img.reshape(-1, 3), axis=0))
 

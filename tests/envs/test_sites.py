@@ -14,6 +14,14 @@ import yaml
 from loopsim.envs import Site, SiteError, available_sites, env_class, load_site
 from loopsim.evaluation import run_expert
 
+
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
 EXPECTED_FACTORY_SITES = {"lab", "fast_conveyor", "gripper_faults", "heavy_slippery", "noisy_sensors"}
 SEEDS = range(40)
 

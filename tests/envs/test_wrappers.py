@@ -18,6 +18,14 @@ from loopsim.datasets.recorder import RecordEpisodes
 from loopsim.envs import ExpertActionInfo, ExpertIntervention, make_expert
 
 
+@pytest.fixture
+def env_id(factory_env_id: str) -> str:
+    """This module is written for the factory tasks (Panda, conveyor, factory sites); the warehouse
+    envs have theirs in ``test_warehouse.py``."""
+    return factory_env_id
+
+
+
 def _rollout(env: gym.Env, seed: int, actions: np.ndarray) -> tuple[list[np.ndarray], list[dict]]:
     obs, info = env.reset(seed=seed)
     observations, infos = [obs], [info]

@@ -65,6 +65,21 @@ def test_expert_noise_only_when_not_deterministic_and_seeded(env):
     assert np.all(np.abs(a) <= 1.0)
 
 
+def test_expert_noise_covers_every_motion_command_of_a_two_dim_action():
+    """Warehouse actions are (v, w): both get noise (regression: noise was added to [:3] of a (2,) action)."""
+    env = gym.make("loopsim/WarehouseNavigate-v0")
+    try:
+        policy = ExpertPolicy.for_env(env, noise_std=0.3)
+        obs, _ = env.reset(seed=0)
+        clean = policy.predict(obs, deterministic=True)[0]
+        policy.reset(seed=5)
+        noisy = np.array([policy.predict(obs, deterministic=False)[0] for _ in range(20)])
+        assert noisy.shape == (20, 2) and noisy.dtype == np.float32
+        assert (np.abs(noisy - clean).max(axis=0) > 0.05).all()
+    finally:
+        env.close()
+
+
 def test_unbound_expert_and_batch_mismatch_are_refused(env):
     policy = ExpertPolicy(env.observation_space, env.action_space)
     obs, _ = env.reset(seed=0)

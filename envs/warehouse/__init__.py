@@ -1,0 +1,1 @@
+"""The warehouse domain: mobile robots among shelves and traffic (see :mod:`.base`)."""

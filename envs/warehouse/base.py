@@ -1,0 +1,534 @@
+"""The warehouse domain: a differential-drive robot in aisles of shelving, with moving traffic.
+
+Frame: world frame, z up, metres. Aisles run along +x. The layout is generated from a grid
+(:class:`Layout`): ``n_aisles`` aisles of width ``aisle_width`` between ``n_aisles + 1`` rows of
+shelving; each row is two segments of ``shelf_units`` shelving modules (``MODULE_LENGTH`` long,
+``SHELF_DEPTH`` deep, ``SHELF_HEIGHT`` tall) split by a middle cross aisle (``MID_CROSS`` wide). End
+cross aisles (``END_CROSS`` wide) run along both ends; walls enclose the floor. The dock is in the
+west end cross aisle (``x < 0``).
+
+Robot: a differential-drive base built with ``createMultiBody`` (no URDF file): a 20 kg box body
+(0.60 x 0.44 x 0.20 m), two drive wheels (radius ``WHEEL_RADIUS``, track ``WHEEL_TRACK``) on revolute
+joints and two frictionless ball casters. The action ``(v, w)`` in ``[-1, 1]`` is scaled to
+``MAX_LINEAR`` [m/s] and ``MAX_ANGULAR`` [rad/s] and turned into wheel speeds
+``(v -+ w * track / 2) / radius`` [rad/s], tracked by PyBullet velocity motors with at most
+``WHEEL_TORQUE`` [N m] each. The robot moves only through wheel/floor friction (Bullet combines the
+wheel's coefficient 1.0 with the floor's ``floor_friction`` by product), so on a slippery floor the
+wheels spin, the robot skids in turns and overshoots when braking: slip is physical, not scripted.
+This is why the wheels are driven by motors rather than setting the base velocity directly.
+
+Control: the physics runs at 100 Hz (time step 0.01 s) with 10 substeps per action, so the control
+frequency is 10 Hz.
+
+Lidar: a planar scanner on top of the robot (0.28 m above the floor), ``LIDAR_RAYS`` = 72 rays (every
+5 degrees, counter-clockwise from straight ahead), range ``LIDAR_RANGE`` = 8 m; one batched
+``rayTestBatch`` call per control step, with the rays attached to the robot's base frame (PyBullet
+transforms them in C). A ray that hits nothing (or the floor) reads the full range. Sites add
+Gaussian range noise and dropouts (a dropped ray reads the full range, as a real scanner's missing
+return does).
+
+Traffic: other robots (boxes 0.70 x 0.50 x 0.50 m) and people (cylinders of radius 0.25 m, 1.7 m tall)
+move kinematically along the aisles, back and forth, each in a lane close to one shelf face, at the
+site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
+control step; each one pauses while the robot (or the cart it pushes) is ahead of it in its lane
+within ``YIELD_DISTANCE`` (their own safety scanners), so they never run into the robot from behind or
+head-on: a collision is always the robot's doing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pybullet as p
+
+from loopsim.envs.core.env import RobotTaskEnv
+from loopsim.envs.core.site import ParamDef, SiteSchema
+
+__all__ = [
+    "WAREHOUSE_SCHEMA",
+    "Layout",
+    "WarehouseEnv",
+    "MAX_LINEAR",
+    "MAX_ANGULAR",
+    "LIDAR_RAYS",
+    "LIDAR_RANGE",
+    "ROBOT_RADIUS",
+]
+
+#: Speed limits for an action of 1: linear [m/s], angular [rad/s].
+MAX_LINEAR, MAX_ANGULAR = 1.0, 1.5
+#: Drive wheel radius [m], distance between the wheels [m], motor torque limit [N m].
+WHEEL_RADIUS, WHEEL_TRACK, WHEEL_TORQUE = 0.08, 0.50, 8.0
+#: Robot body half extents (x, y, z) [m], base mass [kg], height of the base centre above the floor [m].
+BODY_HALF = (0.30, 0.22, 0.10)
+BODY_MASS = 20.0
+BODY_Z = 0.13
+#: Radius of a circle around the robot's centre that contains its footprint [m].
+ROBOT_RADIUS = 0.38
+#: Lidar: number of rays, range [m], mount height above the base centre [m].
+LIDAR_RAYS, LIDAR_RANGE, LIDAR_HEIGHT = 72, 8.0, 0.15
+#: Shelving module length along x [m], shelf depth [m], shelf height [m].
+MODULE_LENGTH, SHELF_DEPTH, SHELF_HEIGHT = 1.0, 0.8, 1.8
+#: Width of the middle cross aisle [m] and of the two end cross aisles [m].
+MID_CROSS, END_CROSS = 2.0, 2.5
+#: Largest layout the body pools cover.
+MAX_AISLES, MAX_UNITS, MAX_ROBOTS, MAX_PEOPLE = 5, 6, 6, 6
+#: Traffic robot half extents [m]; person radius and height [m].
+TRAFFIC_ROBOT_HALF = (0.35, 0.25, 0.25)
+PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
+#: An agent pauses while the robot is ahead of it in its lane, closer than this [m] (gap between bodies).
+YIELD_DISTANCE = 1.0
+#: Clearance between a traffic lane and the shelf face [m].
+LANE_MARGIN = 0.1
+#: Where unused shelf modules and agents wait, far off the floor [m].
+PARK = (500.0, 500.0)
+
+WAREHOUSE_SCHEMA = SiteSchema(
+    "warehouse",
+    [
+        ParamDef("aisle_width", 2.6, 1.2, 4.0, "m", "width of every aisle between shelf faces"),
+        ParamDef("n_aisles", 3, 1, MAX_AISLES, "aisles", "number of parallel aisles", integer=True),
+        ParamDef(
+            "shelf_units",
+            4,
+            2,
+            MAX_UNITS,
+            "modules",
+            f"shelving modules ({MODULE_LENGTH} m each) per row segment (two segments per row)",
+            integer=True,
+        ),
+        ParamDef(
+            "n_robots", 0, 0, MAX_ROBOTS, "robots", "other robots driving along the aisles", integer=True
+        ),
+        ParamDef("n_people", 0, 0, MAX_PEOPLE, "people", "people walking along the aisles", integer=True),
+        ParamDef("traffic_speed", 0.6, 0.0, 1.5, "m/s", "nominal speed of the traffic"),
+        ParamDef("floor_friction", 1.0, 0.02, 1.5, "-", "floor friction coefficient (times the wheels' 1.0)"),
+        ParamDef("lidar_noise", 0.0, 0.0, 0.5, "m", "std of Gaussian noise on each lidar range"),
+        ParamDef("lidar_dropout", 0.0, 0.0, 0.9, "1/ray/step", "probability that a ray returns nothing"),
+        ParamDef(
+            "action_delay",
+            0,
+            0,
+            5,
+            "control steps",
+            "actuator lag: actions take effect this many steps late",
+            integer=True,
+        ),
+        ParamDef("cart_mass", 40.0, 5.0, 200.0, "kg", "mass of the loaded cart (WarehouseCartPush)"),
+    ],
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A warehouse floor generated from the grid parameters.
+
+    Attributes:
+        n_aisles: Number of aisles.
+        aisle_width: Aisle width between shelf faces [m].
+        shelf_units: Shelving modules per row segment.
+    """
+
+    n_aisles: int
+    aisle_width: float
+    shelf_units: int
+
+    @property
+    def segment_length(self) -> float:
+        """Length of one row segment along x [m]."""
+        return self.shelf_units * MODULE_LENGTH
+
+    @property
+    def width(self) -> float:
+        """Extent of the shelving along y [m] (outer shelf back to outer shelf back)."""
+        return (self.n_aisles + 1) * SHELF_DEPTH + self.n_aisles * self.aisle_width
+
+    @property
+    def x_min(self) -> float:
+        """West wall x [m]."""
+        return -END_CROSS
+
+    @property
+    def x_max(self) -> float:
+        """East wall x [m]."""
+        return 2.0 * self.segment_length + MID_CROSS + END_CROSS
+
+    @property
+    def y_max(self) -> float:
+        """North wall y [m] (the south wall is at ``-y_max``)."""
+        return 0.5 * self.width
+
+    def row_y(self, k: int) -> float:
+        """Centre y of shelf row ``k`` in ``[0, n_aisles]`` [m]."""
+        return -0.5 * self.width + 0.5 * SHELF_DEPTH + k * (SHELF_DEPTH + self.aisle_width)
+
+    def aisle_y(self, k: int) -> float:
+        """Centre line y of aisle ``k`` in ``[0, n_aisles)`` [m]."""
+        return self.row_y(k) + 0.5 * (SHELF_DEPTH + self.aisle_width)
+
+    def segment_x0(self, s: int) -> float:
+        """West end x of row segment ``s`` in ``{0, 1}`` [m]."""
+        return s * (self.segment_length + MID_CROSS)
+
+    def shelf_boxes(self) -> list[tuple[float, float, float, float]]:
+        """Every shelving module as ``(x_min, x_max, y_min, y_max)`` [m], row by row, west to east."""
+        out = []
+        for k in range(self.n_aisles + 1):
+            y = self.row_y(k)
+            for s in range(2):
+                for u in range(self.shelf_units):
+                    x0 = self.segment_x0(s) + u * MODULE_LENGTH
+                    out.append((x0, x0 + MODULE_LENGTH, y - 0.5 * SHELF_DEPTH, y + 0.5 * SHELF_DEPTH))
+        return out
+
+    def bay(self, aisle: int, segment: int, unit: int) -> tuple[float, float]:
+        """Bay point in front of module ``unit`` of ``segment``, on the centre line of ``aisle`` [m]."""
+        return self.segment_x0(segment) + (unit + 0.5) * MODULE_LENGTH, self.aisle_y(aisle)
+
+    def aisle_x_range(self) -> tuple[float, float]:
+        """Stretch of x [m] the traffic uses along an aisle (shelf ends, both segments)."""
+        return 0.0, 2.0 * self.segment_length + MID_CROSS
+
+
+def _wrap(angle: float) -> float:
+    """Angle wrapped to ``[-pi, pi)`` [rad]."""
+    return (angle + math.pi) % (2.0 * math.pi) - math.pi
+
+
+class WarehouseEnv(RobotTaskEnv):
+    """Base class of the warehouse tasks: the robot, the generated layout, lidar, traffic and site effects.
+
+    The action is ``(2,)`` float32 in ``[-1, 1]``: forward speed command times ``MAX_LINEAR`` [m/s]
+    and turn rate command times ``MAX_ANGULAR`` [rad/s] (counter-clockwise positive).
+
+    Robot part of every ``state`` observation (first ``10 + LIDAR_RAYS`` entries; tasks append theirs):
+    position (x, y) [m], heading (cos yaw, sin yaw), velocity in the robot frame (forward [m/s],
+    leftward [m/s], yaw rate [rad/s]), the task's goal in the robot frame (forward, leftward) [m] and its
+    distance [m], then the ``LIDAR_RAYS`` lidar ranges [m] in ``[0, LIDAR_RANGE]``.
+    """
+
+    site_schema: ClassVar = WAREHOUSE_SCHEMA
+    timestep: ClassVar[float] = 0.01
+    substeps: ClassVar[int] = 10
+    solver_iterations: ClassVar[int] = 20
+    default_max_steps: ClassVar[int] = 400
+    goal_bound: ClassVar[float] = 40.0
+    action_dim: ClassVar[int] = 2
+    #: Speed below which the robot counts as stopped [m/s].
+    stop_speed: ClassVar[float] = 0.1
+
+    # ------------------------------------------------------------------ scene
+    def _load_scene(self) -> None:
+        sim, bc = self.sim, self.sim.bc
+        self.floor = bc.loadURDF("plane.urdf")
+        bc.changeVisualShape(self.floor, -1, rgbaColor=[0.72, 0.72, 0.70, 1])
+        self.robot = self._build_robot()
+        # shelving modules: one shared shape, a pool large enough for the largest layout
+        half = [0.5 * MODULE_LENGTH, 0.5 * SHELF_DEPTH, 0.5 * SHELF_HEIGHT]
+        col = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=half)
+        vis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=half, rgbaColor=[0.25, 0.40, 0.70, 1])
+        n_modules = (MAX_AISLES + 1) * 2 * MAX_UNITS
+        self.shelves = [
+            bc.createMultiBody(0.0, col, vis, [PARK[0] + 2.0 * i, PARK[1], 0.5 * SHELF_HEIGHT])
+            for i in range(n_modules)
+        ]
+        # walls: long enough for the largest layout, moved to the layout's edges at reset
+        wall_half = [30.0, 0.05, 0.6]
+        wcol = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=wall_half)
+        wvis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=wall_half, rgbaColor=[0.55, 0.55, 0.52, 1])
+        self.walls = [bc.createMultiBody(0.0, wcol, wvis, [PARK[0], PARK[1] - 10.0 - 2.0 * i, 0.6])
+                      for i in range(4)]
+        # traffic
+        rcol = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=list(TRAFFIC_ROBOT_HALF))
+        rvis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=list(TRAFFIC_ROBOT_HALF),
+                                    rgbaColor=[0.95, 0.60, 0.10, 1])
+        pcol = bc.createCollisionShape(bc.GEOM_CYLINDER, radius=PERSON_RADIUS, height=PERSON_HEIGHT)
+        pvis = bc.createVisualShape(bc.GEOM_CYLINDER, radius=PERSON_RADIUS, length=PERSON_HEIGHT,
+                                    rgbaColor=[0.85, 0.20, 0.20, 1])
+        self.agents = [
+            bc.createMultiBody(0.0, rcol, rvis, [PARK[0] - 2.0 * i, PARK[1], TRAFFIC_ROBOT_HALF[2]])
+            for i in range(MAX_ROBOTS)
+        ] + [
+            bc.createMultiBody(0.0, pcol, pvis, [PARK[0] - 2.0 * i, PARK[1] + 5.0, 0.5 * PERSON_HEIGHT])
+            for i in range(MAX_PEOPLE)
+        ]
+        self._agent_half_width = np.array(
+            [TRAFFIC_ROBOT_HALF[1]] * MAX_ROBOTS + [PERSON_RADIUS] * MAX_PEOPLE, dtype=np.float64
+        )
+        self._agent_half_length = np.array(
+            [TRAFFIC_ROBOT_HALF[0]] * MAX_ROBOTS + [PERSON_RADIUS] * MAX_PEOPLE, dtype=np.float64
+        )
+        self._agent_z = [TRAFFIC_ROBOT_HALF[2]] * MAX_ROBOTS + [0.5 * PERSON_HEIGHT] * MAX_PEOPLE
+        # lidar rays in the robot's base frame, transformed by PyBullet
+        angles = 2.0 * np.pi * np.arange(LIDAR_RAYS) / LIDAR_RAYS
+        self.lidar_angles = angles
+        self._ray_from = [[0.0, 0.0, LIDAR_HEIGHT]] * LIDAR_RAYS
+        self._ray_to = [
+            [LIDAR_RANGE * math.cos(a), LIDAR_RANGE * math.sin(a), LIDAR_HEIGHT] for a in angles.tolist()
+        ]
+        cid = sim.id
+        self._ray_batch = functools.partial(
+            p.rayTestBatch, self._ray_from, self._ray_to, parentObjectUniqueId=self.robot,
+            parentLinkIndex=-1, physicsClientId=cid,
+        )
+        self._base_pose = functools.partial(p.getBasePositionAndOrientation, self.robot, physicsClientId=cid)
+        self._base_vel = functools.partial(p.getBaseVelocity, self.robot, physicsClientId=cid)
+        self._contacts = functools.partial(p.getContactPoints, bodyA=self.robot, physicsClientId=cid)
+        self._motors = functools.partial(
+            p.setJointMotorControlArray, self.robot, [0, 1], p.VELOCITY_CONTROL,
+            forces=[WHEEL_TORQUE, WHEEL_TORQUE], physicsClientId=cid,
+        )
+        self._move = functools.partial(p.resetBasePositionAndOrientation, physicsClientId=cid)
+        self._n_agents = 0
+        self.layout = Layout(3, 2.6, 4)
+        # robot state before the first reset (the spaces are built from it)
+        self.robot_xy, self.robot_z, self.robot_yaw = (0.0, 0.0), BODY_Z, 0.0
+        self.robot_vel, self.robot_speed = (0.0, 0.0, 0.0), 0.0
+        self.lidar = np.full(LIDAR_RAYS, LIDAR_RANGE)
+        self._collided = False
+        self._load_task_scene()
+
+    def _build_robot(self) -> int:
+        """Create the differential-drive robot; returns its body id (wheel joints 0 and 1)."""
+        bc = self.sim.bc
+        body_col = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=list(BODY_HALF))
+        body_vis = bc.createVisualShape(
+            bc.GEOM_BOX, halfExtents=list(BODY_HALF), rgbaColor=[0.2, 0.7, 0.3, 1]
+        )
+        wheel_col = bc.createCollisionShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, height=0.04)
+        wheel_vis = bc.createVisualShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, length=0.04,
+                                         rgbaColor=[0.1, 0.1, 0.1, 1])
+        caster_col = bc.createCollisionShape(bc.GEOM_SPHERE, radius=0.03)
+        caster_vis = bc.createVisualShape(bc.GEOM_SPHERE, radius=0.03, rgbaColor=[0.3, 0.3, 0.3, 1])
+        # cylinders have their axis along local z: turn the wheel links so it points along y
+        wheel_q = bc.getQuaternionFromEuler([-math.pi / 2, 0.0, 0.0])
+        wz = WHEEL_RADIUS - BODY_Z
+        robot = bc.createMultiBody(
+            baseMass=BODY_MASS,
+            baseCollisionShapeIndex=body_col,
+            baseVisualShapeIndex=body_vis,
+            basePosition=[0.0, 0.0, BODY_Z],
+            linkMasses=[1.0, 1.0, 0.5, 0.5],
+            linkCollisionShapeIndices=[wheel_col, wheel_col, caster_col, caster_col],
+            linkVisualShapeIndices=[wheel_vis, wheel_vis, caster_vis, caster_vis],
+            linkPositions=[
+                [0.0, 0.5 * WHEEL_TRACK, wz],
+                [0.0, -0.5 * WHEEL_TRACK, wz],
+                [0.22, 0.0, 0.03 - BODY_Z],
+                [-0.22, 0.0, 0.03 - BODY_Z],
+            ],
+            linkOrientations=[wheel_q, wheel_q, [0, 0, 0, 1], [0, 0, 0, 1]],
+            linkInertialFramePositions=[[0, 0, 0]] * 4,
+            linkInertialFrameOrientations=[[0, 0, 0, 1]] * 4,
+            linkParentIndices=[0, 0, 0, 0],
+            linkJointTypes=[bc.JOINT_REVOLUTE, bc.JOINT_REVOLUTE, bc.JOINT_FIXED, bc.JOINT_FIXED],
+            linkJointAxis=[[0, 0, 1], [0, 0, 1], [0, 0, 0], [0, 0, 0]],
+        )
+        for link in (0, 1):
+            bc.changeDynamics(robot, link, lateralFriction=1.0, rollingFriction=0.0, spinningFriction=0.0)
+        for link in (2, 3):  # ball casters: roll freely in every direction
+            bc.changeDynamics(robot, link, lateralFriction=0.0, rollingFriction=0.0, spinningFriction=0.0)
+        bc.changeDynamics(robot, -1, lateralFriction=0.5)
+        return robot
+
+    def _load_task_scene(self) -> None:
+        """Create the task's own bodies (subclasses)."""
+
+    # ------------------------------------------------------------------ site
+    def _apply_site(self, params: Mapping[str, float | int]) -> None:
+        self.layout = Layout(
+            int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"])
+        )
+        self._lidar_noise = float(params["lidar_noise"])
+        self._lidar_dropout = float(params["lidar_dropout"])
+        self._traffic_speed = float(params["traffic_speed"])
+        self._n_robots = int(params["n_robots"])
+        self._n_people = int(params["n_people"])
+        self.sim.bc.changeDynamics(self.floor, -1, lateralFriction=float(params["floor_friction"]))
+        self._apply_task_site(params)
+
+    def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
+        """Apply the task's own site parameters (subclasses)."""
+
+    # ------------------------------------------------------------------ episode
+    def _place_layout(self) -> None:
+        """Move shelf modules and walls to the current layout; unused modules stay parked."""
+        lay = self.layout
+        boxes = lay.shelf_boxes()
+        move = self._move
+        for body, (x0, x1, y0, y1) in zip(self.shelves, boxes, strict=False):
+            move(body, [0.5 * (x0 + x1), 0.5 * (y0 + y1), 0.5 * SHELF_HEIGHT], [0, 0, 0, 1])
+        cx = 0.5 * (lay.x_min + lay.x_max)
+        yaw90 = [0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)]
+        w = 0.05
+        move(self.walls[0], [cx, lay.y_max + w, 0.6], [0, 0, 0, 1])
+        move(self.walls[1], [cx, -lay.y_max - w, 0.6], [0, 0, 0, 1])
+        move(self.walls[2], [lay.x_min - w, 0.0, 0.6], yaw90)
+        move(self.walls[3], [lay.x_max + w, 0.0, 0.6], yaw90)
+        self.static_boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+    def _place_robot(self, x: float, y: float, yaw: float) -> None:
+        """Put the robot at rest at ``(x, y)`` [m] with heading ``yaw`` [rad]."""
+        q = [0.0, 0.0, math.sin(0.5 * yaw), math.cos(0.5 * yaw)]
+        self._move(self.robot, [x, y, BODY_Z], q)
+        self._motors(targetVelocities=[0.0, 0.0])
+
+    def _init_traffic(self, rng: np.random.Generator) -> None:
+        """Draw the traffic's lanes, start points, directions and speeds (a fixed number of draws)."""
+        lay = self.layout
+        n = MAX_ROBOTS + MAX_PEOPLE
+        aisle = rng.integers(0, lay.n_aisles, size=n)
+        side = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        direction = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        lo, hi = lay.aisle_x_range()
+        start = rng.uniform(lo + 0.5, hi - 0.5, size=n)
+        factor = rng.uniform(0.8, 1.2, size=n)
+        active = np.zeros(n, dtype=bool)
+        active[: self._n_robots] = True
+        active[MAX_ROBOTS : MAX_ROBOTS + self._n_people] = True
+        self._agent_idx = np.flatnonzero(active)
+        idx = self._agent_idx
+        self._n_agents = len(idx)
+        centre = np.array([lay.aisle_y(int(k)) for k in aisle[idx]], dtype=np.float64)
+        offset = 0.5 * lay.aisle_width - self._agent_half_width[idx] - LANE_MARGIN
+        self.agent_y = centre + side[idx] * np.maximum(offset, 0.0)
+        self.agent_x = start[idx].copy()
+        self.agent_dir = direction[idx].copy()
+        self.agent_speed = self._traffic_speed * factor[idx]
+        self._agent_lo = lo + self._agent_half_length[idx]
+        self._agent_hi = hi - self._agent_half_length[idx]
+        self._agent_hw = self._agent_half_width[idx]
+        self._agent_hl = self._agent_half_length[idx]
+        self._agent_bodies = [self.agents[i] for i in idx.tolist()]
+        self._agent_zs = [self._agent_z[i] for i in idx.tolist()]
+        self._place_agents()
+
+    def _place_agents(self) -> None:
+        move = self._move
+        for body, x, y, z, d in zip(self._agent_bodies, self.agent_x.tolist(), self.agent_y.tolist(),
+                                    self._agent_zs, self.agent_dir.tolist(), strict=True):
+            move(body, [x, y, z], [0.0, 0.0, 0.0, 1.0] if d > 0 else [0.0, 0.0, 1.0, 0.0])
+
+    def _step_traffic(self) -> None:
+        """Advance the traffic by one control step (vectorised), yielding to the robot ahead in lane."""
+        if not self._n_agents:
+            return
+        waiting = np.zeros(self._n_agents, dtype=bool)
+        for (rx, ry), radius in self._yield_to():
+            ahead = (rx - self.agent_x) * self.agent_dir - self._agent_hl - radius
+            in_lane = np.abs(ry - self.agent_y) < self._agent_hw + radius + 0.1
+            waiting |= in_lane & (ahead > -radius) & (ahead < YIELD_DISTANCE)
+        x = self.agent_x + np.where(waiting, 0.0, self.agent_dir * self.agent_speed * self.sim.control_dt)
+        over = x > self._agent_hi
+        under = x < self._agent_lo
+        x = np.where(over, 2.0 * self._agent_hi - x, np.where(under, 2.0 * self._agent_lo - x, x))
+        self.agent_dir = np.where(over | under, -self.agent_dir, self.agent_dir)
+        self.agent_x = x
+        self._place_agents()
+
+    def _yield_to(self) -> list[tuple[tuple[float, float], float]]:
+        """What the traffic waits for: ``((x, y) [m], radius [m])`` of the robot (and what it moves)."""
+        return [(self.robot_xy, ROBOT_RADIUS)]
+
+    # ------------------------------------------------------------------ per step
+    def _apply_action(self, action: list[float]) -> None:
+        v = action[0] * MAX_LINEAR
+        w = action[1] * MAX_ANGULAR
+        half = 0.5 * WHEEL_TRACK * w
+        # wheel 0 is on the left (+y); both joint axes point along +y after the link rotation, so a
+        # positive joint speed rolls a wheel forwards (+x)
+        self._motors(targetVelocities=[(v - half) / WHEEL_RADIUS, (v + half) / WHEEL_RADIUS])
+        self._step_traffic()
+        self._before_physics()
+
+    def _before_physics(self) -> None:
+        """Hook run after the wheels are commanded, before the physics steps (subclasses)."""
+
+    def _read_state(self) -> None:
+        pos, orn = self._base_pose()
+        lin, ang = self._base_vel()
+        self.robot_xy = (pos[0], pos[1])
+        self.robot_z = pos[2]
+        x, y, z, w = orn
+        self.robot_yaw = math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+        c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
+        self.robot_vel = (c * lin[0] + s * lin[1], -s * lin[0] + c * lin[1], ang[2])
+        self.robot_speed = math.hypot(lin[0], lin[1])
+        hits = self._ray_batch()
+        floor = self.floor
+        frac = np.array([1.0 if h[0] == floor else h[2] for h in hits], dtype=np.float64)
+        ranges = frac * LIDAR_RANGE
+        # exactly two draws per step, whatever the site, so the env's random stream stays aligned
+        noise = self.np_random.normal(0.0, 1.0, size=LIDAR_RAYS)
+        drop = self.np_random.random(LIDAR_RAYS) < self._lidar_dropout
+        if self._lidar_noise > 0.0:
+            ranges = np.clip(ranges + self._lidar_noise * noise, 0.0, LIDAR_RANGE)
+        ranges[drop] = LIDAR_RANGE
+        self.lidar = ranges
+        self._collided = self._robot_collided()
+        self._read_task_state()
+
+    def _robot_collided(self) -> bool:
+        """Whether the robot touches anything but the floor (or the task's allowed contacts)."""
+        floor = self.floor
+        allowed = self._allowed_contacts()
+        return any(c[2] != floor and c[2] not in allowed for c in self._contacts())
+
+    def _allowed_contacts(self) -> tuple[int, ...]:
+        """Bodies the robot may touch without it being a collision (e.g. the pushed cart)."""
+        return ()
+
+    def _read_task_state(self) -> None:
+        """Read and cache the task's bodies after each physics update (subclasses)."""
+
+    def robot_pose(self) -> tuple[float, float, float]:
+        """Robot position (x, y) [m] and heading yaw [rad], world frame."""
+        return self.robot_xy[0], self.robot_xy[1], self.robot_yaw
+
+    def to_robot_frame(self, x: float, y: float) -> tuple[float, float]:
+        """World point ``(x, y)`` [m] in the robot frame (forward, leftward) [m]."""
+        dx, dy = x - self.robot_xy[0], y - self.robot_xy[1]
+        c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
+        return c * dx + s * dy, -s * dx + c * dy
+
+    def nav_goal(self) -> tuple[float, float]:
+        """The point the robot's observation reports as its goal (x, y) [m], world frame (subclasses)."""
+        raise NotImplementedError
+
+    def _robot_observation(self) -> list[float]:
+        gx, gy = self.nav_goal()
+        fx, fy = self.to_robot_frame(gx, gy)
+        c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
+        return [self.robot_xy[0], self.robot_xy[1], c, s, *self.robot_vel, fx, fy, math.hypot(fx, fy)]
+
+    def _robot_bounds(self) -> tuple[list[float], list[float]]:
+        b = self.goal_bound
+        low = [-b, -b, -1.0, -1.0, -5.0, -5.0, -10.0, -2 * b, -2 * b, 0.0] + [0.0] * LIDAR_RAYS
+        high = [b, b, 1.0, 1.0, 5.0, 5.0, 10.0, 2 * b, 2 * b, 3 * b] + [LIDAR_RANGE] * LIDAR_RAYS
+        return low, high
+
+    def _camera(self) -> tuple[Any, Any, float]:
+        """On-board camera: 0.5 m above the floor at the robot's front, looking ahead and slightly down."""
+        x, y, yaw = self.robot_pose()
+        c, s = math.cos(yaw), math.sin(yaw)
+        eye = (x + 0.32 * c, y + 0.32 * s, 0.55)
+        target = (x + 2.32 * c, y + 2.32 * s, 0.35)
+        return eye, target, 70.0
+
+    def render(self) -> np.ndarray | None:
+        """Render the scene from above, following the robot.
+
+        Returns:
+            In ``rgb_array`` mode an image ``(render_size, render_size, 3)`` uint8; ``None`` otherwise.
+        """
+        if self.render_mode != "rgb_array":
+            return None
+        x, y, _ = self.robot_pose()
+        size = self.render_size
+        eye, target = (x - 0.01, y, 12.0), (x, y, 0.0)
+        return self.sim.render(size, size, eye, target, 60.0, up=(1.0, 0.0, 0.0), far=15.0)

@@ -1,0 +1,224 @@
+"""Path planning and driving for the warehouse experts.
+
+A cost-to-go field on the aisle grid, path following, and reactive avoidance of traffic from the lidar.
+
+:class:`GridPlanner` rasterises the known layout (shelves and walls) into an occupancy grid of
+``RESOLUTION`` cells, inflates it by the robot's radius plus a margin, and runs Dijkstra from the goal
+over the 8-connected free cells (``scipy.sparse.csgraph.dijkstra``): the cost to go from *every* cell
+at once, i.e. the A* answer for every start. Cells near shelves cost more, so paths keep to the aisle
+centre lines. The expert stays reactive (its action depends only on the current state): at each step it
+follows the steepest descent of the field from the robot's cell for a look-ahead distance.
+
+:func:`drive_command` turns a look-ahead point into ``(v, w)``: it picks, among candidate headings,
+the one closest to the look-ahead direction whose corridor (the robot's width) is free in the lidar
+scan for the distance it needs, and slows down for obstacles ahead, sharp turns and the goal (braking
+within what the floor friction allows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from loopsim.envs.warehouse.base import LIDAR_RANGE, MAX_ANGULAR, MAX_LINEAR, ROBOT_RADIUS, Layout
+
+__all__ = ["GridPlanner", "drive_command"]
+
+#: Grid cell size [m].
+RESOLUTION = 0.1
+#: Extra clearance beyond the robot's radius when inflating obstacles [m].
+INFLATE_MARGIN = 0.06
+#: Cells closer than this to an obstacle (before inflation) cost more, up to 1 + ``CENTRE_WEIGHT`` [m].
+CENTRE_BAND, CENTRE_WEIGHT = 1.2, 3.0
+_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+class GridPlanner:
+    """Cost-to-go field to one goal on the occupancy grid of a layout.
+
+    Args:
+        layout: The warehouse layout (shelves and walls are the obstacles).
+        goal: Goal point (x, y) [m], world frame.
+        extra_boxes: More static obstacles ``(K, 4)`` as ``(x_min, x_max, y_min, y_max)`` [m].
+
+    Raises:
+        ValueError: If the goal is not in a free cell (too close to a shelf or wall).
+    """
+
+    def __init__(
+        self, layout: Layout, goal: tuple[float, float], extra_boxes: np.ndarray | None = None
+    ) -> None:
+        self.layout = layout
+        self.goal = (float(goal[0]), float(goal[1]))
+        r = RESOLUTION
+        self.x0, self.y0 = layout.x_min, -layout.y_max
+        nx = int(math.ceil((layout.x_max - layout.x_min) / r))
+        ny = int(math.ceil(2.0 * layout.y_max / r))
+        self.shape = (nx, ny)
+        occ = np.zeros((nx, ny), dtype=bool)
+        occ[0, :] = occ[-1, :] = occ[:, 0] = occ[:, -1] = True  # walls
+        boxes = [*layout.shelf_boxes(), *([] if extra_boxes is None else [tuple(b) for b in extra_boxes])]
+        for x0, x1, y0, y1 in boxes:
+            i0, i1 = self._index(x0, self.x0), self._index(x1, self.x0)
+            j0, j1 = self._index(y0, self.y0), self._index(y1, self.y0)
+            occ[max(i0, 0) : min(i1 + 1, nx), max(j0, 0) : min(j1 + 1, ny)] = True
+        clearance = ndimage.distance_transform_edt(~occ) * r  # [m] to the nearest obstacle cell
+        self.free = clearance > ROBOT_RADIUS + INFLATE_MARGIN
+        cost = 1.0 + CENTRE_WEIGHT * np.clip((CENTRE_BAND - clearance) / CENTRE_BAND, 0.0, 1.0)
+        gi, gj = self.cell(*self.goal)
+        if not self.free[gi, gj]:
+            raise ValueError(f"goal {self.goal} is not in free space")
+        # 8-connected graph over free cells; edge weight = length x mean cost of its two cells
+        ids = -np.ones((nx, ny), dtype=np.int64)
+        fi, fj = np.nonzero(self.free)
+        ids[fi, fj] = np.arange(len(fi))
+        rows, cols, weights = [], [], []
+        for di, dj in _NEIGHBOURS:
+            ti, tj = fi + di, fj + dj
+            ok = (ti >= 0) & (ti < nx) & (tj >= 0) & (tj < ny)
+            ok[ok] &= self.free[ti[ok], tj[ok]]
+            a, b = ids[fi[ok], fj[ok]], ids[ti[ok], tj[ok]]
+            length = r * math.hypot(di, dj)
+            rows.append(a)
+            cols.append(b)
+            weights.append(length * 0.5 * (cost[fi[ok], fj[ok]] + cost[ti[ok], tj[ok]]))
+        n = len(fi)
+        graph = coo_matrix(
+            (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+        ).tocsr()
+        dist = dijkstra(graph, directed=True, indices=int(ids[gi, gj]))
+        self.cost_to_go = np.full((nx, ny), np.inf)
+        self.cost_to_go[fi, fj] = dist
+        # the next cell on the best path from every cell (steepest descent of the field)
+        padded = np.pad(self.cost_to_go, 1, constant_values=np.inf)
+        stack = np.stack([padded[1 + di : 1 + di + nx, 1 + dj : 1 + dj + ny] for di, dj in _NEIGHBOURS])
+        best = np.argmin(stack, axis=0)
+        better = np.take_along_axis(stack, best[None], 0)[0] < self.cost_to_go
+        offs = np.array(_NEIGHBOURS)
+        self.next_i = np.where(better, np.arange(nx)[:, None] + offs[best, 0], -1)
+        self.next_j = np.where(better, np.arange(ny)[None, :] + offs[best, 1], -1)
+
+    @staticmethod
+    def _index(v: float, origin: float) -> int:
+        return int(math.floor((v - origin) / RESOLUTION))
+
+    def cell(self, x: float, y: float) -> tuple[int, int]:
+        """Grid cell of ``(x, y)`` [m], clamped to the grid."""
+        i = min(max(self._index(x, self.x0), 0), self.shape[0] - 1)
+        j = min(max(self._index(y, self.y0), 0), self.shape[1] - 1)
+        return i, j
+
+    def centre(self, i: int, j: int) -> tuple[float, float]:
+        """World coordinates [m] of the centre of cell ``(i, j)``."""
+        return self.x0 + (i + 0.5) * RESOLUTION, self.y0 + (j + 0.5) * RESOLUTION
+
+    def _nearest_reachable(self, i: int, j: int) -> tuple[int, int]:
+        """The closest cell with a finite cost to go (the robot may stand in an inflated cell)."""
+        if math.isfinite(self.cost_to_go[i, j]):
+            return i, j
+        for radius in range(1, 12):
+            i0, i1 = max(i - radius, 0), min(i + radius + 1, self.shape[0])
+            j0, j1 = max(j - radius, 0), min(j + radius + 1, self.shape[1])
+            window = self.cost_to_go[i0:i1, j0:j1]
+            finite = np.isfinite(window)
+            if finite.any():
+                ci, cj = np.nonzero(finite)
+                d = (ci + i0 - i) ** 2 + (cj + j0 - j) ** 2
+                k = int(np.argmin(d))
+                return int(ci[k] + i0), int(cj[k] + j0)
+        return i, j
+
+    def lookahead(self, x: float, y: float, distance: float) -> tuple[float, float]:
+        """Point [m] about ``distance`` [m] ahead along the best path from ``(x, y)`` (the goal if closer)."""
+        i, j = self._nearest_reachable(*self.cell(x, y))
+        steps = max(1, int(distance / RESOLUTION))
+        for _ in range(steps):
+            ni, nj = int(self.next_i[i, j]), int(self.next_j[i, j])
+            if ni < 0:
+                return self.goal
+            i, j = ni, nj
+        return self.centre(i, j)
+
+    def remaining(self, x: float, y: float) -> float:
+        """Cost to go from ``(x, y)`` [weighted m]; ``inf`` where no path exists."""
+        return float(self.cost_to_go[self._nearest_reachable(*self.cell(x, y))])
+
+
+_CANDIDATES = np.deg2rad(np.arange(-90, 91, 10, dtype=np.float64))
+
+
+def drive_command(
+    target_fx: float,
+    target_fy: float,
+    goal_distance: float,
+    lidar: np.ndarray,
+    lidar_angles: np.ndarray,
+    max_decel: float,
+    half_width: float = 0.34,
+) -> tuple[float, float]:
+    """``(v, w)`` actions in ``[-1, 1]`` to drive towards a look-ahead point, avoiding lidar obstacles.
+
+    Args:
+        target_fx: Look-ahead point, forward of the robot [m].
+        target_fy: Look-ahead point, leftward of the robot [m].
+        goal_distance: Distance left to the final goal [m] (the robot brakes to stop there).
+        lidar: ``(N,)`` ranges [m].
+        lidar_angles: ``(N,)`` ray angles in the robot frame [rad].
+        max_decel: Deceleration the robot may plan with [m/s^2].
+        half_width: Half width of the corridor that must be free ahead [m].
+
+    Returns:
+        ``(v, w)``: linear and angular commands in ``[-1, 1]`` (times ``MAX_LINEAR``, ``MAX_ANGULAR``).
+    """
+    bearing = math.atan2(target_fy, target_fx)
+    # obstacle points in the robot frame
+    px = lidar * np.cos(lidar_angles)
+    py = lidar * np.sin(lidar_angles)
+    real = lidar < LIDAR_RANGE - 1e-6
+    px, py = px[real], py[real]
+    # clearance along each candidate heading: nearest point inside the robot-wide corridor
+    c, s = np.cos(_CANDIDATES)[:, None], np.sin(_CANDIDATES)[:, None]
+    along = c * px[None] + s * py[None]
+    lateral = np.abs(-s * px[None] + c * py[None])
+    blocked = (lateral < half_width) & (along > 0.0)
+    if px.size:
+        clear = np.where(blocked, along, LIDAR_RANGE).min(axis=1)
+    else:
+        clear = np.full(len(_CANDIDATES), LIDAR_RANGE)
+    need = min(goal_distance, 1.2) + ROBOT_RADIUS - 0.05
+    heading = bearing
+    straight_clear = _clearance(bearing, px, py, half_width)
+    if straight_clear < need and abs(bearing) < math.radians(100):
+        ok = clear >= need
+        if ok.any():
+            k = int(np.argmin(np.where(ok, np.abs(_CANDIDATES - bearing), np.inf)))
+            heading = float(_CANDIDATES[k])
+            straight_clear = float(clear[k])
+    # forward clearance in the direction of travel limits the speed
+    free = straight_clear - ROBOT_RADIUS - 0.1
+    v = min(MAX_LINEAR, math.sqrt(2.0 * max_decel * max(goal_distance - 0.05, 0.0)))
+    v = min(v, max(0.0, 0.9 * free))
+    turn = abs(heading)
+    if turn > math.radians(60):
+        v = 0.0
+    else:
+        v *= math.cos(turn)
+    w = max(-MAX_ANGULAR, min(MAX_ANGULAR, 2.0 * heading))
+    if goal_distance < 0.12:
+        v, w = 0.0, 0.0
+    return v / MAX_LINEAR, w / MAX_ANGULAR
+
+
+def _clearance(heading: float, px: np.ndarray, py: np.ndarray, half_width: float) -> float:
+    """Distance [m] to the nearest lidar point in the corridor along ``heading`` (robot frame)."""
+    if not px.size:
+        return LIDAR_RANGE
+    c, s = math.cos(heading), math.sin(heading)
+    along = c * px + s * py
+    lateral = np.abs(-s * px + c * py)
+    hit = (lateral < half_width) & (along > 0.0)
+    return float(along[hit].min()) if hit.any() else LIDAR_RANGE

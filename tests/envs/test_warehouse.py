@@ -1,0 +1,464 @@
+"""The warehouse envs: sites, determinism, observations, physics (drive, slip, lidar, collisions,
+traffic), episode ends and the scripted expert.
+
+The domain-independent quality bars (checkers, NaN actions, own physics client, close, memory,
+registration) run for these envs too, in the shared test modules parametrized over every env id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import yaml
+
+from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, make_expert
+from loopsim.envs.warehouse.base import (
+    LIDAR_RANGE,
+    LIDAR_RAYS,
+    MAX_ANGULAR,
+    MAX_LINEAR,
+    SHELF_DEPTH,
+    WAREHOUSE_SCHEMA,
+    Layout,
+)
+from loopsim.envs.warehouse.planner import GridPlanner
+
+WAREHOUSE_IDS = sorted(i for i in ENV_ENTRY_POINTS if i.startswith("loopsim/Warehouse"))
+SHIFTED = ["heavy_carts", "heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
+NAV = "loopsim/WarehouseNavigate-v0"
+
+
+@pytest.fixture(params=WAREHOUSE_IDS)
+def wh_id(request: pytest.FixtureRequest) -> str:
+    """Every registered warehouse env id."""
+    return request.param
+
+
+def _site_file(name: str) -> dict:
+    from importlib import resources
+
+    path = resources.files("loopsim.configs").joinpath("sites", "warehouse", f"{name}.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def _drive(env, action, n):
+    out = None
+    for _ in range(n):
+        out = env.step(np.asarray(action, dtype=np.float32))
+        if out[2] or out[3]:
+            break
+    return out
+
+
+def _park_in_aisle(env, aisle=1, x=1.5, yaw=0.0):
+    """Put the robot at rest on the centre line of ``aisle`` at ``x`` [m] facing +x; returns the layout."""
+    u = env.unwrapped
+    u._place_robot(x, u.layout.aisle_y(aisle), yaw)
+    u._read_state()
+    return u.layout
+
+
+# ------------------------------------------------------------------ sites
+def test_sites_bundled_and_follow_their_files(make_env):
+    assert set(available_sites("warehouse")) >= {"lab", *SHIFTED}
+    env = make_env(NAV)
+    lab = WAREHOUSE_SCHEMA.lab_values()
+    for name in SHIFTED:
+        spec = _site_file(name)["params"]
+        env = make_env(NAV, site=name)
+        for seed in range(8):
+            params = env.reset(seed=seed)[1]["site_params"]
+            for key, value in params.items():
+                if key not in spec:
+                    assert value == lab[key], (name, key)
+                elif isinstance(spec[key], dict) and "uniform" in spec[key]:
+                    lo, hi = spec[key]["uniform"]
+                    assert lo <= value <= hi, (name, key, value)
+                elif isinstance(spec[key], dict) and "choice" in spec[key]:
+                    assert value in spec[key]["choice"], (name, key, value)
+                else:
+                    assert value == spec[key], (name, key, value)
+
+
+def test_lab_is_wide_dry_and_empty():
+    lab = WAREHOUSE_SCHEMA.lab_values()
+    assert lab["n_robots"] == lab["n_people"] == 0
+    assert lab["floor_friction"] == 1.0 and lab["lidar_noise"] == 0.0 and lab["aisle_width"] >= 2.5
+
+
+def test_unknown_site_and_parameter_refused_with_valid_names():
+    with pytest.raises(SiteError, match="narrow_aisles"):
+        gym.make(NAV, site="no_such_site")
+    with pytest.raises(SiteError, match="aisle_width"):
+        gym.make(NAV, site={"aisle_widht": 2.0})
+    with pytest.raises(SiteError, match=r"allowed range"):
+        gym.make(NAV, site={"aisle_width": 0.3})
+
+
+def test_layout_follows_sampled_site(make_env):
+    env = make_env(NAV, site={"aisle_width": 1.6, "n_aisles": 4, "shelf_units": 5})
+    env.reset(seed=0)
+    lay = env.unwrapped.layout
+    assert lay == Layout(4, 1.6, 5)
+    assert lay.width == pytest.approx(5 * SHELF_DEPTH + 4 * 1.6)
+    assert len(lay.shelf_boxes()) == 5 * 2 * 5
+    # the distance between the faces of neighbouring rows is the aisle width
+    assert lay.row_y(1) - lay.row_y(0) - SHELF_DEPTH == pytest.approx(1.6)
+
+
+# ------------------------------------------------------------------ determinism
+def _cases(env_id):
+    base = {"env_id": env_id, "n_steps": 90}
+    return [
+        {**base, "kwargs": {"site": "lab", "obs_mode": "state", "max_steps": 60}, "seed": 3,
+         "policy": "expert"},
+        {**base, "kwargs": {"site": "heavy_traffic", "obs_mode": "goal", "max_steps": 60}, "seed": 4,
+         "policy": "random"},
+        {**base, "kwargs": {"site": "noisy_lidar", "obs_mode": "state", "max_steps": 60}, "seed": 5,
+         "policy": "expert"},
+        {**base, "kwargs": {"site": "slippery_floor", "obs_mode": "rgb", "max_steps": 10}, "seed": 6,
+         "policy": "random", "n_steps": 14},
+    ]
+
+
+def test_bit_identical_in_fresh_processes(wh_id, run_python, helpers):
+    cases = _cases(wh_id)
+    first, second = run_python(Path(helpers.__file__), json.dumps(cases), procs=2, timeout=900)
+    here = [helpers.run_case(case) for case in cases]
+    assert first == second == here
+    assert all(r["resets"] > 0 for r in here)
+
+
+@pytest.mark.parametrize("site", ["heavy_traffic", "noisy_lidar"])
+def test_same_seed_after_a_different_prior_episode(wh_id, make_env, helpers, site):
+    fresh = make_env(wh_id, site=site, max_steps=50)
+    used = make_env(wh_id, site=site, max_steps=50)
+    helpers.rollout(used, 99, helpers.RandomPolicy(80, 1, 2), 80)  # different episodes first
+    r1 = helpers.rollout(fresh, 7, helpers.RandomPolicy(60, 2, 2), 60, reset_on_end=False)
+    r2 = helpers.rollout(used, 7, helpers.RandomPolicy(60, 2, 2), 60, reset_on_end=False)
+    assert helpers.first_difference(r1, r2) is None
+
+
+def test_seeded_then_unseeded_reset_reproducible(wh_id, make_env, helpers):
+    runs = []
+    for _ in range(2):
+        env = make_env(wh_id, site="heavy_traffic", max_steps=30)
+        runs.append(helpers.rollout(env, 11, helpers.RandomPolicy(100, 3, 2), 100))
+    assert runs[0].resets >= 2
+    assert helpers.first_difference(*runs) is None
+
+
+def test_different_seeds_differ(wh_id, make_env):
+    env = make_env(wh_id, site="heavy_traffic")
+    a = env.reset(seed=1)[0]
+    b = env.reset(seed=2)[0]
+    assert not np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------ observations
+@pytest.mark.parametrize("obs_mode", ["state", "goal"])
+@pytest.mark.parametrize("site", ["heavy_traffic", "noisy_lidar", "slippery_floor"])
+def test_random_rollouts_stay_in_space(wh_id, make_env, helpers, obs_mode, site):
+    env = make_env(wh_id, site=site, obs_mode=obs_mode, max_steps=80)
+    rec = helpers.rollout(env, 21, helpers.RandomPolicy(240, 4, 2), 240)
+    for obs in rec.obs:
+        assert env.observation_space.contains(obs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["lab", *SHIFTED])
+def test_long_random_rollouts_stay_in_space(wh_id, make_env, helpers, site):
+    env = make_env(wh_id, site=site, obs_mode="goal")
+    rec = helpers.rollout(env, 31, helpers.RandomPolicy(5000, 5, 2), 5000)
+    assert rec.resets > 5
+    for obs in rec.obs:
+        assert env.observation_space.contains(obs)
+        assert all(np.isfinite(v).all() for v in obs.values())
+
+
+def test_state_layout_and_goal_in_robot_frame(make_env):
+    env = make_env(NAV)
+    obs, _ = env.reset(seed=5)
+    u = env.unwrapped
+    assert obs.shape == (10 + LIDAR_RAYS,) and obs.dtype == np.float32
+    x, y, yaw = u.robot_pose()
+    assert obs[:4] == pytest.approx([x, y, math.cos(yaw), math.sin(yaw)], abs=1e-5)
+    gx, gy = u.bay
+    fx, fy = obs[7], obs[8]
+    # rotate back into the world frame: the bay
+    assert x + math.cos(yaw) * fx - math.sin(yaw) * fy == pytest.approx(gx, abs=1e-4)
+    assert y + math.sin(yaw) * fx + math.cos(yaw) * fy == pytest.approx(gy, abs=1e-4)
+    assert obs[9] == pytest.approx(math.hypot(gx - x, gy - y), abs=1e-4)
+
+
+# ------------------------------------------------------------------ physics
+def test_full_commands_reach_documented_limits(make_env):
+    env = make_env(NAV)
+    env.reset(seed=0)
+    lay = _park_in_aisle(env, x=0.5)
+    _drive(env, [1.0, 0.0], 15)
+    v, lateral, w = env.unwrapped.robot_vel
+    assert v == pytest.approx(MAX_LINEAR, rel=0.03) and abs(lateral) < 0.02 and abs(w) < 0.02
+    assert env.unwrapped.robot_xy[1] == pytest.approx(lay.aisle_y(1), abs=0.03)
+    env.reset(seed=0)
+    _drive(env, [0.0, 1.0], 10)
+    assert env.unwrapped.robot_vel[2] == pytest.approx(MAX_ANGULAR, rel=0.03)
+
+
+def _stopping_distance(make_env, friction):
+    env = make_env(NAV, site={"floor_friction": friction})
+    env.reset(seed=0)
+    _park_in_aisle(env, x=0.3)
+    _drive(env, [1.0, 0.0], 25)
+    x0 = env.unwrapped.robot_xy[0]
+    _drive(env, [0.0, 0.0], 30)
+    return env.unwrapped.robot_xy[0] - x0
+
+
+def test_slippery_floor_makes_the_wheels_slip(make_env):
+    """Braking from 1 m/s: on a dry floor the motors stop the robot within centimetres; at friction
+    0.1 the wheels lock and it slides about v^2 / (2 mu g) ~ 0.5 m (less: casters carry no load)."""
+    dry = _stopping_distance(make_env, 1.0)
+    wet = _stopping_distance(make_env, 0.1)
+    assert dry < 0.15
+    assert wet > 3 * dry and 0.3 < wet < 1.2
+
+
+def test_lidar_reads_the_distance_to_the_shelves(make_env):
+    env = make_env(NAV)
+    env.reset(seed=0)
+    lay = _park_in_aisle(env, x=1.5)
+    lidar = env.unwrapped.lidar
+    left, right = lidar[LIDAR_RAYS // 4], lidar[3 * LIDAR_RAYS // 4]
+    assert left == pytest.approx(0.5 * lay.aisle_width, abs=0.01)
+    assert right == pytest.approx(0.5 * lay.aisle_width, abs=0.01)
+    # along the aisle: the east wall (through the cross aisles) is beyond the range
+    assert lidar[0] == LIDAR_RANGE
+    obs = env.unwrapped._get_obs()
+    assert obs[10:] == pytest.approx(lidar.astype(np.float32))
+
+
+def test_lidar_noise_and_dropouts(make_env):
+    clean = make_env(NAV, site={"lidar_noise": 0.0})
+    noisy = make_env(NAV, site={"lidar_noise": 0.1, "lidar_dropout": 0.3})
+    diffs, drops = [], []
+    for env in (clean, noisy):
+        env.reset(seed=3)
+        _park_in_aisle(env)
+    for _ in range(20):
+        clean.step(np.zeros(2, dtype=np.float32))
+        noisy.step(np.zeros(2, dtype=np.float32))
+        a, b = clean.unwrapped.lidar, noisy.unwrapped.lidar
+        hit = (a < LIDAR_RANGE) & (b < LIDAR_RANGE)
+        diffs.append(b[hit] - a[hit])
+        drops.append(np.mean((b == LIDAR_RANGE) & (a < LIDAR_RANGE - 0.5)) / np.mean(a < LIDAR_RANGE - 0.5))
+    d = np.concatenate(diffs)
+    assert np.std(d) == pytest.approx(0.1, rel=0.15) and abs(np.mean(d)) < 0.02
+    assert np.mean(drops) == pytest.approx(0.3, abs=0.06)
+
+
+def test_driving_into_a_shelf_is_a_collision(make_env):
+    env = make_env(NAV)
+    env.reset(seed=0)
+    _park_in_aisle(env, x=1.5, yaw=math.pi / 2)  # facing the shelf across the aisle
+    obs, reward, terminated, truncated, info = _drive(env, [1.0, 0.0], 40)
+    assert terminated and not truncated
+    assert info["failure_mode"] == "collision" and info["is_success"] is False
+
+
+def test_traffic_moves_at_its_speed_and_yields(make_env):
+    env = make_env(NAV, site={"n_people": 1, "traffic_speed": 0.8})
+    env.reset(seed=2)
+    u = env.unwrapped
+    x0 = u.agent_x.copy()
+    u._place_robot(-1.25, 0.0, 0.0)  # far from the aisles
+    env.step(np.zeros(2, dtype=np.float32))
+    speed = abs(u.agent_x[0] - x0[0]) / u.sim.control_dt
+    assert speed == pytest.approx(0.8 * u.agent_speed[0] / 0.8, rel=1e-9)
+    assert 0.8 * 0.8 <= speed <= 0.8 * 1.2
+    # the robot standing in the person's lane, just ahead of it: the person waits
+    ahead = u.agent_x[0] + u.agent_dir[0] * 1.0
+    u._place_robot(float(ahead), float(u.agent_y[0]), 0.0)
+    u._read_state()
+    before = u.agent_x.copy()
+    env.step(np.zeros(2, dtype=np.float32))
+    assert u.agent_x[0] == before[0]
+
+
+def test_person_in_the_way_is_a_collision(make_env):
+    env = make_env(NAV, site={"n_people": 1, "traffic_speed": 0.0})
+    env.reset(seed=2)
+    u = env.unwrapped
+    # face the (standing) person from 1.5 m away in its lane and drive into it
+    px, py = float(u.agent_x[0]), float(u.agent_y[0])
+    u._place_robot(px - 1.5, py, 0.0)
+    u._read_state()
+    *_, terminated, truncated, info = _drive(env, [0.6, 0.0], 40)
+    assert terminated and info["failure_mode"] == "collision"
+
+
+# ------------------------------------------------------------------ episode ends and rewards
+def test_standing_still_times_out(make_env):
+    env = make_env(NAV, max_steps=25)
+    env.reset(seed=1)
+    for t in range(25):
+        obs, reward, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+        assert "is_success" in info and info["is_success"] is False
+        assert truncated == (t == 24) and not terminated
+    assert info["failure_mode"] == "timeout"
+
+
+def test_expert_succeeds_with_sparse_reward_zero(make_env):
+    env = make_env(NAV, obs_mode="goal", reward_type="sparse")
+    expert = make_expert(env)
+    obs, info = env.reset(seed=4)
+    for _ in range(400):
+        obs, reward, terminated, truncated, info = env.step(expert.act())
+        assert reward == env.unwrapped.compute_reward(obs["achieved_goal"], obs["desired_goal"], info)
+        if terminated or truncated:
+            break
+    assert info["is_success"] is True and info["failure_mode"] is None and reward == 0.0
+    u = env.unwrapped
+    assert u.bay_distance() <= 0.35 and u.robot_speed < 0.1
+
+
+# ------------------------------------------------------------------ expert
+def test_planner_paths_descend_to_the_bay(make_env):
+    env = make_env(NAV, site="narrow_aisles")
+    env.reset(seed=6)
+    u = env.unwrapped
+    plan = GridPlanner(u.layout, u.bay)
+    x, y, _ = u.robot_pose()
+    assert math.isfinite(plan.remaining(x, y))
+    costs = [plan.remaining(x, y)]
+    for _ in range(200):
+        x, y = plan.lookahead(x, y, 0.3)
+        costs.append(plan.remaining(x, y))
+        if (x, y) == u.bay:
+            break
+    assert (x, y) == u.bay and all(b < a for a, b in zip(costs, costs[1:], strict=False))
+
+
+def _expert_success(site, seeds):
+    env = gym.make(NAV, site=site)
+    expert = make_expert(env)
+    wins = 0
+    try:
+        for s in seeds:
+            env.reset(seed=s)
+            while True:
+                *_, terminated, truncated, info = env.step(expert.act())
+                if terminated or truncated:
+                    break
+            wins += info["is_success"]
+    finally:
+        env.close()
+    return wins
+
+
+def test_expert_solves_lab_quick():
+    assert _expert_success("lab", range(2000, 2010)) == 10
+
+
+@pytest.mark.slow
+def test_expert_solves_lab_200_episodes():
+    assert _expert_success("lab", range(1000, 1200)) >= 190
+
+
+def test_expert_noise_on_both_commands(make_env):
+    env = make_env(NAV)
+    env.reset(seed=0)
+    clean = make_expert(env).act()
+    noisy = np.array([make_expert(env, noise_std=0.3, seed=k).act() for k in range(20)])
+    assert noisy.shape == (20, 2)
+    assert (np.abs(noisy - clean).max(axis=0) > 0.05).all()
+
+
+def test_rgb_is_the_onboard_view(make_env):
+    env = make_env(NAV, obs_mode="rgb", render_mode="rgb_array", render_size=64)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (84, 84, 3) and obs.dtype == np.uint8
+    # flat-shaded: floor, shelves, walls and background, at least
+    assert len(np.unique(obs.reshape(-1, 3), axis=0)) >= 3
+    turned = _drive(env, [0.0, 1.0], 8)[0]
+    assert np.abs(turned.astype(int) - obs.astype(int)).mean() > 5
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.std() > 5
+
+
+# ------------------------------------------------------------------ cart push
+CART = "loopsim/WarehouseCartPush-v0"
+
+
+def _cart_setup(env, seed=0, aisle=1, x=1.5, robot_yaw=0.0):
+    """Cart at rest on ``aisle``'s centre line at ``x``; the robot touching its back, facing ``robot_yaw``."""
+    from loopsim.envs.warehouse.base import BODY_HALF
+    from loopsim.envs.warehouse.cart_push import CART_HALF
+
+    env.reset(seed=seed)
+    u = env.unwrapped
+    y = u.layout.aisle_y(aisle)
+    u._move(u.cart, [x, y, CART_HALF[2]], [0, 0, 0, 1])
+    back = (CART_HALF[0] if robot_yaw == 0.0 else CART_HALF[1]) + BODY_HALF[0] + 0.02
+    u._place_robot(x - back * math.cos(robot_yaw), y - back * math.sin(robot_yaw), robot_yaw)
+    u._read_state()
+    return u
+
+
+def _pushed(make_env, mass, steps=20):
+    env = make_env(CART, site={"cart_mass": mass})
+    u = _cart_setup(env)
+    x0 = u.cart_xy[0]
+    *_, terminated, truncated, info = _drive(env, [0.6, 0.0], steps)
+    assert not terminated, info  # pushing the cart is not a collision
+    return u.cart_xy[0] - x0
+
+
+def test_cart_is_pushed_by_contact_and_heavy_carts_lag(make_env):
+    light = _pushed(make_env, 40.0)
+    heavy = _pushed(make_env, 200.0)
+    assert 0.7 < light < 1.3  # about 0.6 m/s for 2 s, after the start-up
+    assert heavy < 0.8 * light
+
+
+def test_pushing_the_cart_into_a_shelf_loses_it(make_env):
+    env = make_env(CART)
+    _cart_setup(env, robot_yaw=math.pi / 2)  # pushing it sideways, across the aisle
+    *_, terminated, truncated, info = _drive(env, [0.6, 0.0], 60)
+    assert terminated and info["failure_mode"] == "lost_cart"
+
+
+def test_cart_push_expert_quick(make_env):
+    env = make_env(CART, obs_mode="goal", reward_type="sparse")
+    expert = make_expert(env)
+    for seed in range(3000, 3004):
+        env.reset(seed=seed)
+        while True:
+            obs, reward, terminated, truncated, info = env.step(expert.act())
+            if terminated or truncated:
+                break
+        assert info["is_success"], (seed, info)
+        assert reward == 0.0 and env.unwrapped.cart_in_station()
+
+
+@pytest.mark.slow
+def test_cart_push_expert_solves_lab_200_episodes():
+    env = gym.make(CART)
+    expert = make_expert(env)
+    wins = 0
+    try:
+        for s in range(1000, 1200):
+            env.reset(seed=s)
+            while True:
+                *_, terminated, truncated, info = env.step(expert.act())
+                if terminated or truncated:
+                    break
+            wins += info["is_success"]
+    finally:
+        env.close()
+    assert wins >= 190
