@@ -835,3 +835,49 @@ def loop(
             f"{iqm['baseline']['ci'][1]:.1%}]; "
             f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]"
         )
+
+
+@app.command()
+def bench(
+    config: Annotated[
+        str,
+        typer.Argument(help="Benchmark config (YAML), or a bundled suite name: factory-v0, shift-v0, "
+                       "warehouse-v0."),
+    ],
+    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory. [default: runs/bench/<name>]")
+    ] = None,
+) -> None:
+    """Benchmark policies across envs, sites and training seeds; resume by re-running the command.
+
+    Every cell (policy x env x site x training seed) runs the same held-out episode seeds in worker
+    processes and is written to the output directory as soon as it finishes; finished cells are not
+    run again. Writes results.json, results.csv (one row per cell), results.md, plots/*.png and
+    report.html, with IQM, mean and probability of improvement (rliable, 95% stratified bootstrap).
+    """
+    from loopsim.bench import BenchConfig, BenchError, bundled_suite, run_bench
+    from loopsim.config import load_config
+
+    path = Path(config)
+    if not path.exists() and bundled_suite(config) is not None:
+        path = bundled_suite(config)
+    with _run_errors():
+        cfg = load_config(BenchConfig, path, overrides or [])
+    directory = out or Path("runs") / "bench" / cfg.name
+    with _run_errors(), _store_errors(BenchError), _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        def log(line: str) -> None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        run_bench(cfg, directory, progress=report, log=log)
+    console.print((directory / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
+    console.print(f"output directory: {directory} (results.json, results.csv, results.md, plots/, "
+                  "report.html)", markup=False, soft_wrap=True)
