@@ -1,7 +1,8 @@
 """The ``loopsim`` command line (Typer).
 
 Commands so far: ``loopsim envs`` (registered envs, spaces, sites), ``loopsim sites`` (site
-parameters and bundled sites of a domain), ``loopsim expert`` (run a task's scripted expert at one
+parameters and bundled sites of a domain), ``loopsim bench CONFIG`` (benchmark suites, see
+:mod:`loopsim.bench`), ``loopsim expert`` (run a task's scripted expert at one
 or more sites and report success with 95% confidence intervals), ``loopsim info STORE`` (summary of
 an episode store), ``loopsim store check STORE [--repair]`` (verify a store, drop a killed writer's
 uncommitted tail), ``loopsim export STORE --to minari NAME`` and ``loopsim import NAME STORE --from
