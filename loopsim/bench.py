@@ -85,6 +85,7 @@ __all__ = [
     "SB3ZipSpec",
     "aggregate",
     "check_bench_config",
+    "probability_of_improvement",
     "resolve_path",
     "run_bench",
 ]
@@ -891,17 +892,42 @@ def aggregate(
         for name in scores:
             for j, metric in enumerate(("iqm", "mean")):
                 out[metric][name] = {"value": float(point[name][j]), "ci": [float(c) for c in ci[name][:, j]]}
-        for x, y in pairs:
-            if np.shape(scores[x])[1] != np.shape(scores[y])[1]:
-                raise ValueError(f"P({x} > {y}): {x} and {y} have different numbers of tasks")
-            p, pci = rly.get_interval_estimates(
-                {f"{x},{y}": (scores[x], scores[y])}, metrics.probability_of_improvement, reps=reps
-            )
-            out["probability_of_improvement"][f"{x},{y}"] = {
-                "value": float(np.ravel(p[f"{x},{y}"])[0]),
-                "ci": [float(c) for c in np.ravel(pci[f"{x},{y}"])],
-            }
+    for x, y in pairs:
+        if np.shape(scores[x])[1] != np.shape(scores[y])[1]:
+            raise ValueError(f"P({x} > {y}): {x} and {y} have different numbers of tasks")
+        out["probability_of_improvement"][f"{x},{y}"] = probability_of_improvement(
+            scores[x], scores[y], seed=seed, reps=reps
+        )
     return out
+
+
+def probability_of_improvement(
+    x: np.ndarray, y: np.ndarray, seed: int, reps: int = 2000
+) -> dict[str, Any]:
+    """``P(X > Y)`` with its 95% stratified bootstrap interval (rliable).
+
+    The probability that a run of X scores higher than a run of Y on a task drawn at random (ties
+    count one half; Mann-Whitney U statistic per task, averaged over tasks), with runs of X and of Y
+    resampled independently within each task. Source: Agarwal et al. (2021);
+    ``rliable.metrics.probability_of_improvement``.
+
+    Args:
+        x: ``(runs_x, tasks)`` scores of X.
+        y: ``(runs_y, tasks)`` scores of Y, the same tasks in the same order.
+        seed: Seed of the resampling.
+        reps: Bootstrap resamples.
+
+    Returns:
+        ``{"value": float, "ci": [low, high]}``.
+    """
+    from rliable import library as rly
+    from rliable import metrics
+
+    from loopsim.rollout import seeded_global_numpy
+
+    with seeded_global_numpy(seed):
+        p, pci = rly.get_interval_estimates({"xy": (x, y)}, metrics.probability_of_improvement, reps=reps)
+    return {"value": float(np.ravel(p["xy"])[0]), "ci": [float(c) for c in np.ravel(pci["xy"])]}
 
 
 def _task(cell: Mapping[str, Any]) -> str:
@@ -967,15 +993,21 @@ def summarize(config: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> dict[s
                     m[i, j] = rate[sd]
             scores[name] = m
             task_lists[name] = [f"{e.split('/')[-1]}@{s}" for e, s in cols]
-        pairs = [(x, y) for x, y in config.pairs() if x in scores and y in scores
-                 and task_lists[x] == task_lists[y]]
-        agg = aggregate(scores, pairs, seed=config.seed, reps=config.reps)
+        agg = aggregate(scores, [], seed=config.seed, reps=config.reps)
         agg["tasks"] = task_lists
         agg["runs"] = {k: int(v.shape[0]) for k, v in scores.items()}
         agg["scores"] = {k: v.tolist() for k, v in scores.items()}
-        skipped = [f"{x},{y}" for x, y in config.pairs() if (x, y) not in pairs]
-        if skipped:
-            agg["pairs_skipped"] = skipped  # no common task list
+        agg["pair_tasks"] = {}
+        for x, y in config.pairs():  # on the tasks both policies were benchmarked on
+            common = [t for t in task_lists.get(x, []) if t in task_lists.get(y, [])]
+            if not common:
+                continue
+            sx = scores[x][:, [task_lists[x].index(t) for t in common]]
+            sy = scores[y][:, [task_lists[y].index(t) for t in common]]
+            agg["probability_of_improvement"][f"{x},{y}"] = probability_of_improvement(
+                sx, sy, seed=config.seed, reps=config.reps
+            )
+            agg["pair_tasks"][f"{x},{y}"] = common
         aggregates[group] = agg
     return {
         "name": config.name,
@@ -1077,12 +1109,13 @@ def markdown(results: Mapping[str, Any]) -> str:
             out.append(f"| {group} ({len(agg['tasks'][p])}) | {p} | {agg['runs'][p]} | {_pct(i['value'])} "
                        f"[{_pct(i['ci'][0])}, {_pct(i['ci'][1])}] | {_pct(m['value'])} "
                        f"[{_pct(m['ci'][0])}, {_pct(m['ci'][1])}] |")
-    out += ["", "### Probability of improvement P(X > Y) [95% CI]", "", "| tasks | X | Y | P(X > Y) |",
-            "|---|---|---|---|"]
+    out += ["", "### Probability of improvement P(X > Y) [95% CI], on the tasks both were run on", "",
+            "| tasks | X | Y | P(X > Y) |", "|---|---|---|---|"]
     for group, agg in results["aggregates"].items():
         for pair, v in agg["probability_of_improvement"].items():
             x, y = pair.split(",")
-            out.append(f"| {group} | {x} | {y} | {v['value']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}] |")
+            n, (lo, hi) = len(agg["pair_tasks"][pair]), v["ci"]
+            out.append(f"| {group} ({n}) | {x} | {y} | {v['value']:.2f} [{lo:.2f}, {hi:.2f}] |")
     out += ["", "### Protocol", "", *[f"- {line}" for line in results["protocol"].splitlines()], ""]
     return "\n".join(out)
 
@@ -1154,7 +1187,7 @@ def plot_results(config: BenchConfig, results: Mapping[str, Any], out: Path) -> 
                 {k: v["value"] for k, v in poi.items()},
                 {k: np.array(v["ci"]) for k, v in poi.items()}, ax=ax,
             )
-            ax.set_title(f"{results['name']}: P(X > Y), all tasks", fontsize=10)
+            ax.set_title(f"{results['name']}: P(X > Y) on common tasks", fontsize=10)
             path = plots / "probability_of_improvement.png"
             fig.savefig(path, bbox_inches="tight")
             plt.close(fig)
