@@ -1148,13 +1148,13 @@ def plot_results(config: BenchConfig, results: Mapping[str, Any], out: Path) -> 
             points = {n: np.array([agg["iqm"][n]["value"], agg["mean"][n]["value"]]) for n in names}
             cis = {n: np.array([agg["iqm"][n]["ci"], agg["mean"][n]["ci"]]).T for n in names}
             fig, axes = plot_utils.plot_interval_estimates(
-                points, cis, metric_names=["IQM", "Mean"], algorithms=names, xlabel="success rate",
+                points, cis, metric_names=[f"IQM, {group} tasks", f"mean, {group} tasks"], algorithms=names,
+                xlabel=f"{results['name']}: success rate (95% CI)",
                 subfigure_width=4.2, row_height=0.5, max_ticks=3, xlabel_y_coordinate=-0.3,
             )
             for ax in np.ravel(axes):
                 ax.set_xlim(-0.02, 1.02)
                 ax.set_xticks([0.0, 0.5, 1.0])
-            fig.suptitle(f"{results['name']}: success over {group} tasks (95% CI)", y=1.08, fontsize=12)
             path = plots / f"aggregate_{group}.png"
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
@@ -1185,8 +1185,10 @@ def plot_results(config: BenchConfig, results: Mapping[str, Any], out: Path) -> 
             fig, ax = plt.subplots(figsize=(5.0, 0.45 * len(poi) + 1.2), dpi=110)
             plot_utils.plot_probability_of_improvement(
                 {k: v["value"] for k, v in poi.items()},
-                {k: np.array(v["ci"]) for k, v in poi.items()}, ax=ax,
+                {k: np.array(v["ci"]) for k, v in poi.items()}, ax=ax, xticks=[0.0, 0.25, 0.5, 0.75, 1.0],
+                left_ylabel="policy X", right_ylabel="policy Y",
             )
+            ax.set_xlim(-0.02, 1.02)
             ax.set_title(f"{results['name']}: P(X > Y) on common tasks", fontsize=10)
             path = plots / "probability_of_improvement.png"
             fig.savefig(path, bbox_inches="tight")
