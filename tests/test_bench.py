@@ -342,3 +342,34 @@ def test_cli_bench_prints_the_table_and_refuses_bad_overrides(tmp_path: Path) ->
     ok = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "o")])
     assert ok.exit_code == 0, ok.output
     assert "| expert | 1 | 100% [100%, 100%] |" in ok.output and "results.csv" in ok.output
+
+
+def _cell(policy: str, env_id: str, successes: list[int], seed: int | None = None) -> dict[str, Any]:
+    """A finished cell as ``run_bench`` writes it, from per-episode successes (return = success - 1)."""
+    n = len(successes)
+    return {
+        "policy": policy, "policy_type": "expert", "env_id": env_id, "site": "lab", "seed": seed,
+        "episodes": n, "success_rate": sum(successes) / n, "success_ci": [0.0, 1.0],
+        "mean_return": sum(successes) / n - 1, "return_ci": [-1.0, 0.0], "mean_length": 10.0,
+        "failure_modes": {}, "env_kwargs": {},
+        "per_episode": [{"seed": i, "success": bool(s), "return": s - 1.0} for i, s in enumerate(successes)],
+    }
+
+
+def test_summary_compares_policies_on_their_common_tasks() -> None:
+    pick = "loopsim/FactoryPickPlace-v0"
+    cfg = _cfg(envs=[{"id": PEG}, {"id": pick}], sites=["lab"],
+               policies={"a": {"type": "expert"}, "b": {"type": "random", "envs": [PEG]}})
+    cells = [_cell("a", PEG, [1, 1]), _cell("a", pick, [1, 0]), _cell("b", PEG, [0, 0])]
+    res = bench_mod.summarize(cfg, cells)
+    agg = res["aggregates"]["all"]
+    assert agg["tasks"] == {"a": ["FactoryPegInsert-v0@lab", "FactoryPickPlace-v0@lab"],
+                            "b": ["FactoryPegInsert-v0@lab"]}
+    assert agg["iqm"]["a"]["value"] == pytest.approx(0.75) and agg["mean"]["b"]["value"] == 0.0
+    assert agg["pair_tasks"] == {"a,b": ["FactoryPegInsert-v0@lab"]}
+    assert agg["probability_of_improvement"]["a,b"] == {"value": 1.0, "ci": [1.0, 1.0]}
+    per = {(r["policy"], r["task"]): r for r in res["per_task"]}
+    assert per[("a", "FactoryPickPlace-v0@lab")]["success_rate"] == 0.5
+    assert per[("a", "FactoryPickPlace-v0@lab")]["mean_return"] == -0.5
+    md = bench_mod.markdown(res)
+    assert "| b | 1 | 0% [0%, 0%] | - |" in md and "| all (1) | a | b | 1.00 [1.00, 1.00] |" in md
