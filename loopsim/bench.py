@@ -700,6 +700,13 @@ def _train_one(name: str, env_id: str, seed: int, t: _Trained, out: Path, log: C
     if (run_dir / "done").exists():
         from loopsim.training import RunDir
 
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        old = (saved.get("train") or {}).get("stores")
+        new = getattr(cfg.train, "stores", None)
+        if old and new and old != new and [Path(s).name for s in old] == [Path(s).name for s in new]:
+            # A finished run copied from another benchmark's output: its demos are the same collect
+            # config's (the store name is that config's digest), at the other output's path.
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stores": old})})
         RunDir.start(run_dir, cfg, resume=True)  # refuses a run of another config
         return run_dir / "checkpoint"
     resume = (run_dir / "config.yaml").is_file()

@@ -282,7 +282,9 @@ def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
     assert res["cells"][0]["mean_return"] == pytest.approx(np.mean(expected), abs=1e-9)
 
 
-def test_trained_policy_per_seed_with_demos_collected_first(tmp_path: Path) -> None:
+def test_trained_policy_per_seed_with_demos_collected_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``type: train`` collects demos once, trains one run per seed, and reuses finished runs."""
     train = {
         "seed": 0,
@@ -306,6 +308,18 @@ def test_trained_policy_per_seed_with_demos_collected_first(tmp_path: Path) -> N
     again = run_bench(cfg, tmp_path / "out")  # re-evaluates seed 1 from its finished run, no retraining
     assert (runs[1] / "checkpoint" / "policy.json").stat().st_mtime_ns == mtime
     assert again["cells"] == res["cells"]
+    # train/ and demos/ copied into a new output are reused as they are (no training, no collection)
+    import shutil
+
+    for part in ("train", "demos"):
+        shutil.copytree(tmp_path / "out" / part, tmp_path / "copy" / part)
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("loopsim.training.train", no_training)
+    monkeypatch.setattr("loopsim.rollout.collect", no_training)
+    assert run_bench(cfg, tmp_path / "copy")["cells"] == res["cells"]
 
 
 # ======================================================================================== statistics
