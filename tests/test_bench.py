@@ -166,6 +166,7 @@ def test_a_different_config_is_refused_in_the_same_out_dir(tmp_path: Path) -> No
         run_bench(_cfg(sites=["lab"]), tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_same_config_gives_the_same_numbers(tmp_path: Path) -> None:
     """Determinism: two runs (one with 2 worker processes) give identical results and CSV files."""
     a = run_bench(_cfg(sites=["lab"]), tmp_path / "a")
@@ -236,6 +237,7 @@ def _write_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "bench_user_policy", raising=False)
 
 
+@pytest.mark.slow
 def test_callable_policy_in_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_module(tmp_path, monkeypatch)
     pol = {"push": {"type": "callable", "function": "bench_user_policy:hold_and_push"}}
