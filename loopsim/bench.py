@@ -1204,12 +1204,54 @@ def plot_results(config: BenchConfig, results: Mapping[str, Any], out: Path) -> 
     return written
 
 
-def html_page(title: str, markdown_text: str, images: Sequence[Path]) -> str:
-    """A minimal self-contained HTML page: the Markdown tables rendered as HTML, the PNGs inlined (base64).
+def _markdown_blocks(markdown_text: str) -> list[tuple[str, Any]]:
+    """``[(kind, value)]`` of the Markdown ``markdown`` writes: heading (level, text), table (rows), text."""
+    blocks: list[tuple[str, Any]] = []
+    table: list[list[str]] = []
+    for line in [*markdown_text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line.replace("|", "").strip()) <= {"-"}:  # not the |---| separator
+                table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            blocks.append(("table", table))
+            table = []
+        if line.startswith("#"):
+            blocks.append(("heading", (len(line) - len(line.lstrip("#")), line.lstrip("#").strip())))
+        elif line.strip():
+            blocks.append(("text", line.removeprefix("- ")))
+    return blocks
 
-    Stand-in until ``loopsim report``'s HTML style (``loopsim.html_report``) is available; one
-    function, so it can be swapped for it.
+
+def html_page(title: str, markdown_text: str, images: Sequence[Path]) -> str:
+    """The benchmark as one self-contained HTML page: the Markdown tables as HTML, the PNGs inlined.
+
+    Built with :class:`loopsim.html_report.HtmlReport` (the ``loopsim report`` style) when that module
+    is installed; otherwise a minimal page of the same content (tables, base64 PNGs).
     """
+    try:
+        from loopsim.html_report import HtmlReport
+    except ImportError:
+        return _html_page_minimal(title, markdown_text, images)
+    report = HtmlReport(title)
+    for kind, value in _markdown_blocks(markdown_text):
+        if kind == "heading" and value[0] > 1:
+            report.heading(value[1], level=value[0])
+        elif kind == "table":
+            header, rows = value[0], value[1:]
+            keys = [f"{i}" for i in range(len(header))]
+            report.table([dict(zip(keys, r, strict=False)) for r in rows], columns=keys,
+                         headers=dict(zip(keys, header, strict=True)))
+        elif kind == "text":
+            report.paragraph(value)
+    report.heading("Plots")
+    for img in images:
+        report.image(img, caption=img.stem)
+    return report.render()
+
+
+def _html_page_minimal(title: str, markdown_text: str, images: Sequence[Path]) -> str:
+    """A minimal self-contained HTML page (used when ``loopsim.html_report`` is not installed)."""
     import base64
     import html
 
