@@ -1,7 +1,8 @@
 """The ``loopsim`` command line (Typer).
 
 Commands so far: ``loopsim envs`` (registered envs, spaces, sites), ``loopsim sites`` (site
-parameters and bundled sites of a domain), ``loopsim expert`` (run a task's scripted expert at one
+parameters and bundled sites of a domain), ``loopsim bench CONFIG`` (benchmark suites, see
+:mod:`loopsim.bench`), ``loopsim expert`` (run a task's scripted expert at one
 or more sites and report success with 95% confidence intervals), ``loopsim info STORE`` (summary of
 an episode store), ``loopsim store check STORE [--repair]`` (verify a store, drop a killed writer's
 uncommitted tail), ``loopsim export STORE --to minari NAME`` and ``loopsim import NAME STORE --from
@@ -1077,3 +1078,51 @@ def report(
                                  progress=lambda d, t: progress.update(task, completed=d, total=t))
     size = path.stat().st_size
     console.print(f"wrote {path} ({_human_bytes(size)}); open it in a browser", markup=False, soft_wrap=True)
+
+
+
+
+@app.command()
+def bench(
+    config: Annotated[
+        str,
+        typer.Argument(help="Benchmark config (YAML), or a bundled suite name: factory-v0, shift-v0, "
+                       "warehouse-v0."),
+    ],
+    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory. [default: runs/bench/<name>]")
+    ] = None,
+) -> None:
+    """Benchmark policies across envs, sites and training seeds; resume by re-running the command.
+
+    Every cell (policy x env x site x training seed) runs the same held-out episode seeds in worker
+    processes and is written to the output directory as soon as it finishes; finished cells are not
+    run again. Writes results.json, results.csv (one row per cell), results.md, plots/*.png and
+    report.html, with IQM, mean and probability of improvement (rliable, 95% stratified bootstrap).
+    """
+    from loopsim.bench import BenchConfig, BenchError, bundled_suite, run_bench
+    from loopsim.config import load_config
+
+    path = Path(config)
+    if not path.exists() and bundled_suite(config) is not None:
+        path = bundled_suite(config)
+    with _run_errors():
+        cfg = load_config(BenchConfig, path, overrides or [])
+    directory = out or Path("runs") / "bench" / cfg.name
+    with _run_errors(), _store_errors(BenchError), _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        def log(line: str) -> None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        run_bench(cfg, directory, progress=report, log=log)
+    console.print((directory / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
+    console.print(f"output directory: {directory} (results.json, results.csv, results.md, plots/, "
+                  "report.html)", markup=False, soft_wrap=True)

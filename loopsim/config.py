@@ -489,6 +489,10 @@ def _walk(model: type[BaseModel], loc: Sequence[Any]) -> tuple[list[str], Any]:
             and part in current.model_fields
         ):
             current = current.model_fields[part].annotation
+        elif typing.get_origin(current) in (dict, Mapping) and isinstance(part, str):
+            current = typing.get_args(current)[1]  # a user's key of a mapping section (``policies.<name>``)
+        elif typing.get_origin(current) is list and isinstance(part, int):
+            current = typing.get_args(current)[0]  # an item of a list section (``envs.0``)
         else:
             current = None
         shown.append(str(part))

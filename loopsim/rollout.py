@@ -23,9 +23,10 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
@@ -42,17 +43,54 @@ from loopsim.evaluation import EpisodeResult, SiteSummary
 __all__ = [
     "CollectResult",
     "EvaluationResult",
+    "PolicyFactory",
     "bootstrap_ci",
     "collect",
     "evaluate_policy",
     "make_policy",
     "run_episodes",
+    "seeded_global_numpy",
 ]
 
 PolicySpec = ExpertPolicyConfig | RandomPolicyConfig | CheckpointPolicyConfig
 
+
+@runtime_checkable
+class PolicyFactory(Protocol):
+    """A picklable recipe for a policy that each worker process builds for itself.
+
+    For policies that cannot be written to a loopsim checkpoint (a user's SB3 ``.zip`` model, a Python
+    callable): :func:`make_policy` calls :meth:`make_policy` in every process, with its env.
+    """
+
+    def make_policy(self, env: gym.Env) -> Any:
+        """The policy, bound to ``env``."""
+        ...
+
 #: Bootstrap resamples for confidence intervals (rliable's default is 2000 for point estimates).
 BOOTSTRAP_REPS = 2000
+
+
+@contextmanager
+def seeded_global_numpy(seed: int) -> Iterator[None]:
+    """Seed NumPy's global generator for the block, then restore the caller's state.
+
+    rliable 1.2's ``StratifiedBootstrap`` draws its indices from NumPy's *global* generator and ignores
+    ``random_state``, so every rliable call that resamples runs inside this block; the caller's own
+    global draws are left as they were. Also silences arch's ``FutureWarning`` that ``random_state``
+    will become a NumPy ``Generator``.
+
+    Args:
+        seed: Seed of the block's draws (the same seed gives the same intervals).
+    """
+    saved = np.random.get_state()  # noqa: NPY002 - see above
+    try:
+        np.random.seed(seed)  # noqa: NPY002
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        np.random.set_state(saved)  # noqa: NPY002
 
 
 def bootstrap_ci(
@@ -83,24 +121,14 @@ def bootstrap_ci(
         raise ValueError(f"bootstrap_ci needs >= 1 finite value, got {x.size} values")
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    # rliable 1.2's StratifiedBootstrap draws its indices from NumPy's *global* generator and ignores
-    # random_state, so the global state is seeded here and restored afterwards (the caller's global
-    # draws are left as they were).
-    saved = np.random.get_state()  # noqa: NPY002 - see above
-    try:
-        np.random.seed(seed)  # noqa: NPY002
-        with warnings.catch_warnings():
-            # arch (under rliable) warns that random_state will become a NumPy Generator.
-            warnings.simplefilter("ignore", FutureWarning)
-            _, cis = rly.get_interval_estimates(
-                {"x": x[:, None]},
-                lambda s: np.array([np.mean(s)]),
-                reps=reps,
-                confidence_interval_size=size,
-                random_state=np.random.RandomState(seed),
-            )
-    finally:
-        np.random.set_state(saved)  # noqa: NPY002
+    with seeded_global_numpy(seed):
+        _, cis = rly.get_interval_estimates(
+            {"x": x[:, None]},
+            lambda s: np.array([np.mean(s)]),
+            reps=reps,
+            confidence_interval_size=size,
+            random_state=np.random.RandomState(seed),
+        )
     low, high = cis["x"][:, 0]
     return float(low), float(high)
 
@@ -158,8 +186,9 @@ def make_policy(spec: Any, env: gym.Env) -> Any:
     """Build the policy a spec names, bound to ``env`` where it needs privileged state.
 
     Args:
-        spec: A policy config (``expert``, ``random``, ``checkpoint``), a checkpoint path, or a
-            policy object (returned as is, bound to ``env`` if it has ``bind``).
+        spec: A policy config (``expert``, ``random``, ``checkpoint``), a checkpoint path, a
+            :class:`PolicyFactory` (its ``make_policy(env)``), or a policy object (returned as is,
+            bound to ``env`` if it has ``bind``).
         env: The env the policy acts in.
 
     Returns:
@@ -178,6 +207,8 @@ def make_policy(spec: Any, env: gym.Env) -> Any:
         return load_policy(spec.path, env=env)
     if isinstance(spec, str | os.PathLike):
         return load_policy(spec, env=env)
+    if isinstance(spec, PolicyFactory):
+        return spec.make_policy(env)
     if hasattr(spec, "bind"):
         spec.bind(env)
     return spec
@@ -412,8 +443,9 @@ def run_episodes(
     """Run one episode per ``(site, seed)`` task; yield the results in task order.
 
     Args:
-        policy: A policy config, a checkpoint path, or a policy object (saved to a temporary
-            checkpoint for the workers when ``workers > 1``).
+        policy: A policy config, a checkpoint path, a :class:`PolicyFactory` (pickled to the workers,
+            each builds its own policy), or a policy object (saved to a temporary checkpoint for the
+            workers when ``workers > 1``).
         env: The env config (its ``site`` is ignored: each task names its site).
         tasks: ``(site, seed)`` pairs; ``site`` is a bundled site name or an inline mapping.
         workers: Processes; 1 runs in this process.
@@ -449,7 +481,7 @@ def run_episodes(
     )
     tasks = list(tasks)
     if workers == 1 or len(tasks) <= 1:
-        is_spec = isinstance(policy, PolicySpec | str | os.PathLike)
+        is_spec = isinstance(policy, PolicySpec | str | os.PathLike | PolicyFactory)
         job.policy = policy if is_spec else None
         runner = _Runner(job, policy=None if is_spec else policy)
         try:
@@ -459,7 +491,7 @@ def run_episodes(
             runner.close()
         return
     with tempfile.TemporaryDirectory(prefix="loopsim-policy-") as tmp:
-        if isinstance(policy, PolicySpec | str | os.PathLike):
+        if isinstance(policy, PolicySpec | str | os.PathLike | PolicyFactory):
             job.policy = policy
         else:
             job.policy = str(policy.save(Path(tmp) / "checkpoint"))
