@@ -1226,13 +1226,10 @@ def _markdown_blocks(markdown_text: str) -> list[tuple[str, Any]]:
 def html_page(title: str, markdown_text: str, images: Sequence[Path]) -> str:
     """The benchmark as one self-contained HTML page: the Markdown tables as HTML, the PNGs inlined.
 
-    Built with :class:`loopsim.html_report.HtmlReport` (the ``loopsim report`` style) when that module
-    is installed; otherwise a minimal page of the same content (tables, base64 PNGs).
+    Built with :class:`loopsim.html_report.HtmlReport`, in the style of ``loopsim report``.
     """
-    try:
-        from loopsim.html_report import HtmlReport
-    except ImportError:
-        return _html_page_minimal(title, markdown_text, images)
+    from loopsim.html_report import HtmlReport
+
     report = HtmlReport(title)
     for kind, value in _markdown_blocks(markdown_text):
         if kind == "heading" and value[0] > 1:
@@ -1250,44 +1247,6 @@ def html_page(title: str, markdown_text: str, images: Sequence[Path]) -> str:
     return report.render()
 
 
-def _html_page_minimal(title: str, markdown_text: str, images: Sequence[Path]) -> str:
-    """A minimal self-contained HTML page (used when ``loopsim.html_report`` is not installed)."""
-    import base64
-    import html
-
-    body, table = [], []
-
-    def flush() -> None:
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            head = "".join(f"<th>{c}</th>" for c in cells[0])
-            rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rest}</tbody></table>")
-            table.clear()
-
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<p>{html.escape(line[2:])}</p>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    for img in images:
-        data = base64.b64encode(img.read_bytes()).decode("ascii")
-        body.append(f'<figure><img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(img.stem)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "font-size:14px}th{background:#f3f3f3}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 CSV_FIELDS = [
