@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,16 @@ def test_bad_loop_configs_are_refused_before_any_work(tmp_path, overrides, match
     assert result.exit_code == 2, result.output
     assert match in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.name for p in (Path(__file__).parents[2] / "configs" / "loop").glob("*.yaml"))
+)
+def test_bundled_loop_configs_validate(path):
+    cfg = load_config(LoopConfig, Path(__file__).parents[2] / "configs" / "loop" / path)
+    assert cfg.loop.deploy_sites and cfg.loop.iterations >= 1
+    if cfg.strategy.type != "rl_finetune":  # rl_finetune needs a trained checkpoint first
+        check_loop_config(cfg)
 
 
 def test_resolved_config_loads_again():
