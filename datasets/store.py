@@ -385,7 +385,12 @@ class EpisodeStore:
     def _make_zarr_store(self, read_only: bool) -> Any:
         if _is_local(self.url):
             return _InlineLocalStore(_local_path(self.url), read_only=read_only)
-        return FsspecStore.from_url(self.url, read_only=read_only)
+        try:
+            return FsspecStore.from_url(self.url, read_only=read_only)
+        except ImportError as exc:  # fsspec names the package to install, e.g. "Install s3fs to access S3"
+            raise StoreError(f"{self.url}: {exc}") from None
+        except ValueError as exc:  # e.g. "Protocol not known: foo"
+            raise StoreError(f"{self.url} is not a URL fsspec can open ({exc})") from None
 
     @classmethod
     def create(

@@ -359,6 +359,13 @@ def _check_rl_finetune(config: LoopConfig) -> None:
             f"strategy.checkpoint = {path!r}: rl_finetune does not support image observations yet "
             "(use obs_mode state or goal)"
         )
+    env_section = policy.config.get("env") if isinstance(policy.config, dict) else None
+    trained_on = env_section.get("id") if isinstance(env_section, dict) else None
+    if trained_on is not None and trained_on != config.env.id:
+        raise ConfigError(
+            f"strategy.checkpoint = {path!r} was trained on {trained_on}, but env.id = {config.env.id!r}; "
+            "fine-tune a policy of the same env (same-shaped spaces are not the same task)"
+        )
     check_policy(path, config.env, site=config.loop.deploy_sites[0])
 
 
@@ -999,7 +1006,7 @@ class LoopRun:
                     # Percentage points of success gained over the no-refine baseline per 1000 expert actions.
                     "return_on_expert_effort": 100 * gain / (expert_actions / 1000)
                     if expert_actions
-                    else 0.0,
+                    else float("nan"),  # no expert effort spent (rl_finetune): undefined, not 0
                     "deploy_s": timing.get("deploy", 0.0),
                     "refine_s": timing.get("refine", 0.0),
                     "evaluate_s": timing.get("evaluate", 0.0),

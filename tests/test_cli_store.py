@@ -142,6 +142,18 @@ def test_info_on_an_empty_store(tmp_path):
 # ----------------------------------------------------------------------------- store check
 
 
+URL = "foo://bucket/x.zarr"
+
+
+@pytest.mark.parametrize("args", [("info", URL), ("store", "check", URL), ("replay", URL, "--all")])
+def test_a_url_fsspec_cannot_open_is_a_one_line_error(args):
+    # Was a traceback with exit code 1 (replay's "diverged" code); fsspec's own reason is kept.
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"{URL} is not a URL fsspec can open (Protocol not known: foo)" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_check_ok(tmp_path):
     build_store(tmp_path / "s")
     before = tree_digest(tmp_path / "s")

@@ -29,7 +29,9 @@ def _sac_checkpoint(path, algo="SAC", steps=300):
         model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, seed=0, device="cpu",
                     policy_kwargs={"net_arch": [32, 32]})
     model.learn(steps)
-    SB3Policy.from_model(model).save(path)
+    policy = SB3Policy.from_model(model)
+    policy.config = {"env": {"id": ENV}}  # as `loopsim train` records it
+    policy.save(path)
     env.close()
     return path
 
@@ -77,6 +79,8 @@ def test_rl_finetune_trains_the_checkpoint_on_every_operational_transition(tmp_p
     assert meta["provenance"]["initial_checkpoint"] == str(sac_checkpoint)
     assert {r["iteration"] for r in rows} == {0, 1}
     assert all(r["expert_actions"] == 0 for r in rows)
+    # No expert effort was spent, so its return is undefined (not a "0 points per 1000 actions").
+    assert all(np.isnan(r["return_on_expert_effort"]) for r in rows)
 
 
 def test_replay_buffer_holds_the_store_transitions(tmp_path, sac_checkpoint):
@@ -133,7 +137,15 @@ def test_bad_rl_finetune_configs_are_refused_before_any_work(tmp_path, sac_check
         config(sac_checkpoint, "strategy.ent_coef=auto_x")
     with pytest.raises(ConfigError, match="gradient_steps"):
         config(sac_checkpoint, "strategy.gradient_steps=0")
-    # The checkpoint's spaces must be the env's (the sorting env has other observations).
+    # A checkpoint of another env is refused, even when the spaces have the same shapes (PickPlace's
+    # observations are 22 numbers too)...
+    with pytest.raises(ConfigError, match="was trained on loopsim/FactoryPegInsert-v0, but env.id = "
+                       "'loopsim/FactoryPickPlace-v0'"):
+        check_loop_config(config(sac_checkpoint, "env.id=loopsim/FactoryPickPlace-v0"))
+    # ...and one whose spaces do not fit the env (no env id recorded) too.
+    unknown = load_policy(sac_checkpoint)
+    unknown.config = {}
+    unknown.save(tmp_path / "no_env_id")
     with pytest.raises(ConfigError, match="expects observations"):
-        check_loop_config(config(sac_checkpoint, "env.id=loopsim/FactorySort-v0"))
+        check_loop_config(config(tmp_path / "no_env_id", "env.id=loopsim/FactorySort-v0"))
     assert not (tmp_path / "run").exists()
