@@ -1169,7 +1169,7 @@ def run_loop(
         runs[0] = LoopRun(config, path, 0, progress, log).run()
         return {"runs": runs, "aggregate": {}}
     if (path / "config.yaml").exists():
-        raise ConfigError(f"{path} holds a single loop run; give --seeds runs another --run-dir")
+        raise ConfigError(f"{path} holds a single loop run; give the --seeds run another --run-dir")
     for r in seeds:
         runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), progress, log).run()
     aggregate = aggregate_replicates(runs, config)
