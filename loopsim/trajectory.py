@@ -162,6 +162,39 @@ register_trajectory_view("factory", TrajectoryView(_factory_track, _factory_scen
                                                    ("end effector",)))
 
 
+# ==================================================================================== warehouse
+def _warehouse_track(env: gym.Env) -> np.ndarray:
+    """The robot's (x, y) [m]; with a cart (WarehouseCartPush) the cart's too."""
+    u = env.unwrapped
+    points = [u.robot_pose()[:2]]
+    if hasattr(u, "cart_xy"):
+        points.append(tuple(u.cart_xy))
+    return np.array(points, dtype=np.float64)
+
+
+def _warehouse_scene(ax: Any, env: gym.Env) -> None:
+    """Top view of the warehouse: walls and every shelving module of the episode's layout."""
+    from matplotlib.patches import Rectangle
+
+    lay = env.unwrapped.layout
+    ax.add_patch(Rectangle((lay.x_min, -lay.y_max), lay.x_max - lay.x_min, 2 * lay.y_max, fill=False,
+                           lw=1.5, ec="#333333", zorder=0))
+    for x0, x1, y0, y1 in lay.shelf_boxes():
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="#8c6d46", alpha=0.55, zorder=0))
+    ax.set_xlim(lay.x_min - 0.3, lay.x_max + 0.3)
+    ax.set_ylim(-lay.y_max - 0.3, lay.y_max + 0.3)
+
+
+def _warehouse_episode(ax: Any, env: gym.Env, color: str) -> None:
+    """The episode's goal (star: the target bay, or the packing station's centre)."""
+    gx, gy = env.unwrapped.nav_goal()
+    ax.scatter([gx], [gy], marker="*", s=90, color=color, edgecolors="black", linewidths=0.5, zorder=4)
+
+
+register_trajectory_view("warehouse", TrajectoryView(_warehouse_track, _warehouse_scene, _warehouse_episode,
+                                                     labels=("robot", "cart")))
+
+
 # ======================================================================================== tracks
 @dataclass
 class Track:
