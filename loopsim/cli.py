@@ -771,9 +771,9 @@ def loop(
     ] = None,
     report_html: Annotated[
         bool,
-        typer.Option("--report", help="At the end, write <run_dir>/report.html (as loopsim report; "
-                     "replaying a few episodes per iteration for its videos takes ~10-60 s)."),
-    ] = False,
+        typer.Option("--report/--no-report", help="At the end, write <run_dir>/report.html (as loopsim "
+                     "report; replaying a few episodes per iteration for its videos takes ~10-60 s)."),
+    ] = True,
 ) -> None:
     """Run the data loop: deploy, gather, refine, evaluate, redeploy; resume by re-running the command.
 

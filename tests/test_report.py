@@ -166,9 +166,13 @@ def test_loop_report_flag_writes_the_report_of_a_finished_run(run_dir, tmp_path)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     (run_dir / "report.html").unlink(missing_ok=True)
-    out = runner.invoke(app, ["loop", str(cfg), "--run-dir", str(run_dir), "--report"])  # resumes: all done
+    # Resumes (every phase is done) and writes the report: --report is the default.
+    out = runner.invoke(app, ["loop", str(cfg), "--run-dir", str(run_dir)])
     assert out.exit_code == 0, out.output
     assert "report:" in out.output and (run_dir / "report.html").stat().st_size > 10_000
+    (run_dir / "report.html").unlink()
+    out = runner.invoke(app, ["loop", str(cfg), "--run-dir", str(run_dir), "--no-report"])
+    assert out.exit_code == 0 and not (run_dir / "report.html").exists(), out.output
 
 
 @pytest.mark.slow

@@ -165,7 +165,7 @@ def test_killed_loop_resumes_without_duplicates_and_matches_an_uninterrupted_run
     cfg_file = tmp_path / "loop.yaml"
     cfg_file.write_text(yaml.safe_dump({**TINY, "loop": {**TINY["loop"], "iterations": 2, "episodes": 3}}))
     clean = tmp_path / "clean"
-    assert runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(clean)]).exit_code == 0
+    assert runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(clean), "--no-report"]).exit_code == 0
     killed = tmp_path / "killed"
     for delay in (6.0, 14.0, 22.0):  # kill it at three different moments, resuming in between
         proc = subprocess.Popen(
@@ -177,6 +177,7 @@ def test_killed_loop_resumes_without_duplicates_and_matches_an_uninterrupted_run
                 str(cfg_file),
                 "--run-dir",
                 str(killed),
+                "--no-report",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -184,7 +185,7 @@ def test_killed_loop_resumes_without_duplicates_and_matches_an_uninterrupted_run
         time.sleep(delay)
         proc.kill()
         proc.wait()
-    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(killed)])
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(killed), "--no-report"])
     assert result.exit_code == 0, result.output
     with EpisodeStore.open(killed / "operational.zarr") as op:
         meta = op.metadata()
@@ -217,7 +218,8 @@ def test_single_runs_and_replicates_do_not_share_a_directory(tmp_path):
 def test_replicates_are_independent_and_aggregated(tmp_path):
     cfg_file = tmp_path / "loop.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
-    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "m"), "--seeds", "0,1"])
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "m"), "--seeds", "0,1",
+                                 "--no-report"])
     assert result.exit_code == 0, result.output
     agg = json.loads((tmp_path / "m" / "aggregate.json").read_text())["noisy_sensors"]
     assert agg["replicates"] == 2
