@@ -845,7 +845,8 @@ def loop(
             f"loop {iqm['loop']['value']:.1%} [{iqm['loop']['ci'][0]:.1%}, {iqm['loop']['ci'][1]:.1%}], "
             f"no-refine baseline {iqm['baseline']['value']:.1%} [{iqm['baseline']['ci'][0]:.1%}, "
             f"{iqm['baseline']['ci'][1]:.1%}]; "
-            f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]"
+            f"P(loop > baseline) = {poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]",
+            soft_wrap=True,  # one line per site in logs, whatever the width
         )
     if report_html:
         from loopsim.replay import ReplayError
