@@ -39,9 +39,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-#: Piped output (logs, CI) is 120 columns wide rather than rich's 80, so tables do not fold; a terminal
-#: keeps its own width, and ``COLUMNS`` overrides both.
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+#: Piped output (logs, CI) is 120 columns wide rather than rich's 80, so tables do not fold, and text
+#: lines are never wrapped (one message, one line: greppable); a terminal keeps its own width and
+#: wrapping, and ``COLUMNS`` overrides the width.
+_PIPED = not sys.stdout.isatty()
+console = Console(width=120 if _PIPED and "COLUMNS" not in os.environ else None, soft_wrap=_PIPED)
 store_app = typer.Typer(
     name="store",
     help="Episode stores: verify and repair.",
