@@ -791,7 +791,7 @@ def loop(
     replicate_list = None
     if seeds is not None:
         try:
-            replicate_list = [int(x) for x in seeds.split(",") if x.strip()]
+            replicate_list = [int(x) for x in seeds.split(",")]  # "0,,1" or "0," is refused too
         except ValueError:
             raise _error(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
         if (

@@ -52,6 +52,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from pydantic import Field, model_validator
 
 from loopsim.config import (
@@ -342,6 +343,13 @@ def _check_rl_finetune(config: LoopConfig) -> None:
     from loopsim.train_sb3 import _is_off_policy
 
     path = config.strategy.checkpoint
+    if not Path(path).exists():
+        raise ConfigError(
+            f"strategy.checkpoint = {path!r} does not exist; rl_finetune starts from a trained SB3 "
+            "off-policy checkpoint: run `loopsim train CONFIG` first (e.g. "
+            "configs/train/factory_peg_sac.yaml writes runs/factory_peg_sac/checkpoint), or point "
+            "strategy.checkpoint at one"
+        )
     try:
         policy = load_policy(path)
     except CheckpointError as exc:
@@ -774,7 +782,8 @@ class LoopRun:
         try:
             for epoch in range(cfg.train.epochs):
                 losses.append(trainer.train_epoch().loss)
-                self.progress(f"iteration {k}: refine ({cfg.strategy.type})", epoch + 1, cfg.train.epochs)
+                self.progress(f"iteration {k}: {'train (bc)' if k == 0 else f'refine ({cfg.strategy.type})'}",
+                              epoch + 1, cfg.train.epochs)
         finally:
             torch.set_num_threads(threads)
         policy.config = cfg.model_dump(mode="json")
@@ -797,8 +806,12 @@ class LoopRun:
             },
         )
         self._record_time(k, "refine", time.perf_counter() - start)
+        what = (
+            "trained (behaviour cloning on the demonstrations)" if k == 0
+            else f"refined ({cfg.strategy.type})"
+        )
         self.log(
-            f"iteration {k}: refined ({cfg.strategy.type}) on {info['training_samples']} samples, "
+            f"iteration {k}: {what} on {info['training_samples']} samples, "
             f"{cfg.train.epochs} epochs, final loss {losses[-1]:.4f}, in {time.perf_counter() - start:.0f} s"
         )
 
@@ -1159,22 +1172,93 @@ def run_loop(
     """
     check_loop_config(config)
     path = Path(path)
-    runs: dict[int, list[dict[str, Any]]] = {}
-    if seeds is None:
-        if any(path.glob("seed_*/config.yaml")):
-            raise ConfigError(
-                f"{path} holds replicates of a --seeds run; run them with --seeds again, or "
-                "give another --run-dir"
+    _check_run_dir(path, replicates=seeds is not None)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"{path} is in use by another `loopsim loop` (its lock {path / LOCK_NAME} is held); wait for "
+            "it to finish, or give another --run-dir"
+        ) from None
+    try:
+        runs: dict[int, list[dict[str, Any]]] = {}
+        if seeds is None:
+            runs[0] = LoopRun(config, path, 0, progress, log).run()
+            return {"runs": runs, "aggregate": {}}
+        for r in seeds:
+            rep_log = None if log is None else (lambda line, r=int(r): log(f"replicate {r}: {line}"))
+            rep_progress = (
+                None if progress is None
+                else (lambda phase, done, total, r=int(r): progress(f"replicate {r}: {phase}", done, total))
             )
-        runs[0] = LoopRun(config, path, 0, progress, log).run()
-        return {"runs": runs, "aggregate": {}}
-    if (path / "config.yaml").exists():
+            runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), rep_progress, rep_log).run()
+        runs = {**_finished_replicates(config, path), **runs}
+        runs = dict(sorted(runs.items()))
+        aggregate = aggregate_replicates(runs, config)
+        _atomic_json(path / "aggregate.json", aggregate)
+        return {"runs": runs, "aggregate": aggregate}
+    finally:
+        lock.release()
+
+
+#: Name of the lock file a running ``loopsim loop`` holds in its run directory (filelock).
+LOCK_NAME = ".loopsim-loop.lock"
+
+
+def _check_run_dir(path: Path, replicates: bool) -> None:
+    """Refuse a directory that is not (the start of) a loop run of the right kind, before any work.
+
+    A run directory is new, empty, or holds what ``loopsim loop`` wrote there: ``config.yaml`` (one run)
+    or ``seed_<r>/`` folders (``--seeds`` replicates). Anything else (a store, a training run, a folder
+    of the user's files) is refused, so a loop never writes into, or deletes from, data it does not own.
+
+    Raises:
+        ConfigError: If ``path`` is a file, a directory of another kind, or a run of the other kind.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"run directory {path} is a file; give a new or empty directory")
+    entries = sorted(e.name for e in path.iterdir() if e.name not in (LOCK_NAME, "config.yaml.tmp"))
+    if not entries:
+        return
+    single = (path / "config.yaml").is_file()
+    multi = any(e.is_dir() and e.name.startswith("seed_") for e in path.iterdir())
+    if replicates and single:
         raise ConfigError(f"{path} holds a single loop run; give the --seeds run another --run-dir")
-    for r in seeds:
-        runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), progress, log).run()
-    aggregate = aggregate_replicates(runs, config)
-    _atomic_json(path / "aggregate.json", aggregate)
-    return {"runs": runs, "aggregate": aggregate}
+    if not replicates and multi:
+        raise ConfigError(
+            f"{path} holds replicates of a --seeds run; run them with --seeds again, or give another "
+            "--run-dir"
+        )
+    if not (single or multi):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(
+            f"{path} is not a loop run directory (no config.yaml or seed_<r>/; it holds {shown}); "
+            "give a new or empty --run-dir"
+        )
+
+
+def _finished_replicates(config: LoopConfig, path: Path) -> dict[int, list[dict[str, Any]]]:
+    """Metrics of the finished replicates already in ``path`` (``seed_<r>/metrics.csv``) of this config.
+
+    So re-running ``--seeds 3`` after ``--seeds 0,1,2`` aggregates all four replicates, not the last.
+    A replicate folder of another config, or one not finished, is left out.
+    """
+    from loopsim.report import _read_metrics
+
+    text = yaml.safe_load(dump_config(config))
+    out: dict[int, list[dict[str, Any]]] = {}
+    for rep in path.glob("seed_*"):
+        name = rep.name.removeprefix("seed_")
+        if not name.isdigit() or not (rep / "metrics.csv").is_file() or not (rep / "config.yaml").is_file():
+            continue
+        if yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8")) != text:
+            continue
+        out[int(name)] = _read_metrics(rep)
+    return out
 
 
 def aggregate_replicates(

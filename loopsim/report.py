@@ -145,6 +145,7 @@ def write_loop_report(
         if progress is not None:
             progress(done[0], total)
 
+    _aggregate_section(report, run_dir, len(runs))
     with tempfile.TemporaryDirectory(prefix="loopsim-report-") as tmp:
         for prefix, path, plan in plans:
             rows = _read_metrics(path)
@@ -161,8 +162,9 @@ def write_loop_report(
             if plan:
                 report.heading(f"{prefix}Episodes per iteration")
                 report.paragraph(
-                    "Replayed from the run's stores (iteration 0: the expert demonstrations; later: the "
-                    "episodes the policy deployed). Paths: end effector from above, green = success, red = "
+                    "Replayed from the run's stores (iteration 0: the expert demonstrations, if the "
+                    "strategy uses them; later: the episodes the policy deployed). "
+                    "Paths: end effector from above, green = success, red = "
                     "failure, dot = start, square = end, x = where the parts ended up. Videos play at real "
                     f"time, one frame every {frame_step} control steps.")
             for k, episodes in plan.items():
@@ -209,6 +211,36 @@ def _config(path: Path) -> dict[str, Any]:
     if not f.is_file():
         return {}
     return yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+
+
+def _aggregate_section(report: HtmlReport, run_dir: Path, n_runs: int) -> None:
+    """The replicates' aggregate (``aggregate.json`` of a ``--seeds`` run): IQM and P(improvement)."""
+    file = run_dir / "aggregate.json"
+    if n_runs < 2 or not file.is_file():
+        return
+    try:
+        aggregate = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report.paragraph(f"({file.name} is unreadable: no aggregate over replicates)")
+        return
+    report.heading("Aggregate over replicates")
+    report.paragraph(
+        "Final-iteration success at each deployment site over independent replicates: interquartile mean "
+        "(IQM) with a 95% stratified-bootstrap interval, and the probability that the loop's final policy "
+        "beats the never-refined baseline (rliable; Agarwal et al. 2021).")
+    rows = []
+    for site, agg in aggregate.items():
+        iqm, poi = agg["iqm_success"], agg["probability_of_improvement"]
+        rows.append({
+            "site": site, "replicates": agg["replicates"],
+            "loop IQM [95% CI]": f"{iqm['loop']['value']:.1%} [{iqm['loop']['ci'][0]:.1%}, "
+                                 f"{iqm['loop']['ci'][1]:.1%}]",
+            "baseline IQM [95% CI]": f"{iqm['baseline']['value']:.1%} [{iqm['baseline']['ci'][0]:.1%}, "
+                                     f"{iqm['baseline']['ci'][1]:.1%}]",
+            "P(loop > baseline) [95% CI]": f"{poi['value']:.2f} [{poi['ci'][0]:.2f}, {poi['ci'][1]:.2f}]",
+            "loop final success per replicate": ", ".join(f"{v:.0%}" for v in agg["final_success"]["loop"]),
+        })
+    report.table(rows)
 
 
 def _plan(path: Path, failures: int) -> dict[int, list[tuple[int, str]]]:

@@ -214,6 +214,48 @@ def test_single_runs_and_replicates_do_not_share_a_directory(tmp_path):
         run_loop(tiny(), tmp_path / "multi")
 
 
+def test_a_directory_that_is_not_a_loop_run_is_refused_untouched(tmp_path):
+    """--run-dir pointing at the user's data (here a folder with a store and a file) writes nothing there."""
+    data = tmp_path / "data"
+    (data / "my.zarr").mkdir(parents=True)
+    (data / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in data.rglob("*"))
+    for seeds in (None, [0]):
+        with pytest.raises(ConfigError, match="is not a loop run directory .*my.zarr, notes.txt"):
+            run_loop(tiny(), data, seeds=seeds)
+    assert sorted(p.name for p in data.rglob("*")) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_loop(tiny(), tmp_path / "file")
+    # An empty directory is fine to start in (checked, then the run begins).
+    (tmp_path / "empty").mkdir()
+    LoopRun(tiny(), tmp_path / "empty").start()
+    assert (tmp_path / "empty" / "config.yaml").is_file()
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    """Two loops in one run directory would interleave their stores: the second stops before any work."""
+    from filelock import FileLock
+
+    from loopsim.loop import LOCK_NAME
+
+    path = tmp_path / "run"
+    path.mkdir()
+    with FileLock(path / LOCK_NAME):
+        with pytest.raises(ConfigError, match="in use by another `loopsim loop`"):
+            run_loop(tiny(), path)
+    assert sorted(p.name for p in path.iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.parametrize("seeds", ["0,,1", "0,", ",", "a", "0,0", "100"])
+def test_bad_seeds_are_refused(tmp_path, seeds):
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "m"), "--seeds", seeds])
+    assert result.exit_code == 2 and "--seeds" in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_replicates_are_independent_and_aggregated(tmp_path):
     cfg_file = tmp_path / "loop.yaml"
@@ -233,3 +275,12 @@ def test_replicates_are_independent_and_aggregated(tmp_path):
         # Replicates gather different demonstrations (seeds shifted per replicate).
         assert set(a.metadata()["seed"]).isdisjoint(set(b.metadata()["seed"]))
     assert "P(loop > baseline)" in result.output
+    assert "replicate 1: iteration 1: refined (dagger)" in result.output
+    # A later replicate joins the finished ones: the aggregate covers all three, not the last alone.
+    result = runner.invoke(app, ["loop", str(cfg_file), "--run-dir", str(tmp_path / "m"), "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    agg3 = json.loads((tmp_path / "m" / "aggregate.json").read_text())["noisy_sensors"]
+    assert agg3["replicates"] == 3
+    assert agg3["final_success"]["loop"][:2] == agg["final_success"]["loop"]
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "Aggregate over replicates" in page and "P(loop &gt; baseline)" in page
