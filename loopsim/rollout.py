@@ -240,8 +240,9 @@ def check_policy(spec: Any, env: EnvConfig, site: str | Mapping[str, Any] | None
         site: The site to build the env at (default ``env.site``).
 
     Raises:
-        loopsim.config.ConfigError: If the checkpoint cannot be loaded, or the policy's observation or
-            action space does not have the env's shapes and dtypes (both are named).
+        loopsim.config.ConfigError: If the checkpoint cannot be loaded, was trained on another env id
+            (recorded in its config), or the policy's observation or action space does not have the
+            env's shapes and dtypes (both are named).
     """
     from loopsim.config import ConfigError
     from loopsim.policies import CheckpointError
@@ -252,6 +253,16 @@ def check_policy(spec: Any, env: EnvConfig, site: str | Mapping[str, Any] | None
             policy = make_policy(spec, probe)
         except CheckpointError as exc:
             raise ConfigError(f"policy: {exc}") from None
+        recorded = getattr(policy, "config", None)
+        env_section = recorded.get("env") if isinstance(recorded, dict) else None
+        trained_on = env_section.get("id") if isinstance(env_section, dict) else None
+        if trained_on is not None and isinstance(spec, CheckpointPolicyConfig | str | os.PathLike):
+            if str(trained_on).rsplit(":", 1)[-1] != env.id.rsplit(":", 1)[-1]:  # "module:id" form too
+                raise ConfigError(
+                    f"policy {getattr(spec, 'path', spec)} was trained on {trained_on}, but the env is "
+                    f"{env.id}; deploy it on the env it was trained on (same-shaped observations of another "
+                    "task mean something else)"
+                )
         for what in ("observation_space", "action_space"):
             theirs, ours = getattr(policy, what, None), getattr(probe, what)
             if theirs is not None and not _same_shapes(theirs, ours):

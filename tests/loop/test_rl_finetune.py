@@ -149,3 +149,19 @@ def test_bad_rl_finetune_configs_are_refused_before_any_work(tmp_path, sac_check
     with pytest.raises(ConfigError, match="expects observations"):
         check_loop_config(config(tmp_path / "no_env_id", "env.id=loopsim/FactorySort-v0"))
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_a_checkpoint_of_another_env_with_the_same_shapes(tmp_path, sac_checkpoint):
+    """check_policy (eval, collect, bench, loop) reads the env id the checkpoint records, not only shapes."""
+    from typer.testing import CliRunner
+
+    from loopsim.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(sac_checkpoint), "--env", "loopsim/FactoryPickPlace-v0",
+                                      "--site", "lab", "--episodes", "1"])
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    assert "was trained on loopsim/FactoryPegInsert-v0, but the env is loopsim/FactoryPickPlace-v0" in out
+    ok = CliRunner().invoke(app, ["eval", str(sac_checkpoint), "--env", "loopsim/FactoryPegInsert-v0",
+                                  "--site", "lab", "--episodes", "1"])
+    assert ok.exit_code == 0, ok.output
