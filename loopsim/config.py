@@ -34,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from loopsim.yaml_io import load_unique
+
 __all__ = [
     "BCPolicyConfig",
     "BCTrainConfig",
@@ -394,28 +396,6 @@ def _check_finite(value: Any, where: str) -> None:
 M = TypeVar("M", bound=BaseModel)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with the same key twice.
-
-    PyYAML silently keeps the last of duplicated keys, so ``epochs: 30`` written twice in a config would
-    lose one value without a word; a config is refused instead.
-    """
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found the key {key!r} twice (first {seen[key]}); each key may appear once",
-                    key_node.start_mark,
-                )
-            seen[key] = str(key_node.start_mark).strip()
-        return super().construct_mapping(node, deep=deep)
-
-
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else ""
@@ -583,7 +563,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe
+            data = load_unique(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if data is None:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from loopsim.yaml_io import load_unique
+
 __all__ = [
     "ParamDef",
     "SiteSchema",
@@ -277,7 +279,10 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
     if site not in names:
         raise SiteError(f"unknown {schema.domain} site {site!r}; available sites are {names}")
     text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text()
-    doc = yaml.safe_load(text) or {}
+    try:
+        doc = load_unique(text) or {}
+    except yaml.YAMLError as exc:
+        raise SiteError(f"site file {site}.yaml is not valid YAML: {exc}") from None
     if not isinstance(doc, Mapping):
         raise SiteError(f"site file {site}.yaml must hold a mapping, got {type(doc).__name__}")
     extra = sorted(set(doc) - {"description", "params"})

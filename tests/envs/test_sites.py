@@ -352,3 +352,18 @@ def test_weak_gripper_cannot_hold(env_id):
         for name, site in sites.items()
     }
     assert results["lab"] == 3 and results["weak"] == 0, results
+
+
+def test_a_site_file_with_a_repeated_key_is_refused(tmp_path, monkeypatch):
+    """PyYAML keeps the last of two equal keys silently; a site file that repeats one is refused."""
+    import loopsim.envs.core.site as site_module
+    from loopsim.envs.core.site import SiteError, load_site
+    from loopsim.envs.factory.base import FACTORY_SCHEMA
+
+    (tmp_path / "factory").mkdir()
+    (tmp_path / "factory" / "twice.yaml").write_text(
+        "description: x\nparams:\n  part_mass: 0.5\n  part_mass: 2.0\n"
+    )
+    monkeypatch.setattr(site_module, "_site_dir", lambda domain: tmp_path / domain)
+    with pytest.raises(SiteError, match="(?s)twice.yaml is not valid YAML.*'part_mass' twice"):
+        load_site(FACTORY_SCHEMA, "twice")
