@@ -144,7 +144,13 @@ class _Dist:
                 raise SiteError(f"{where}: parameter is an integer ({pdef.unit}), got {self.args}")
 
     def sample(self, rng: np.random.Generator) -> float | int:
-        """Draw one value from ``rng`` (always exactly one draw, so streams stay aligned)."""
+        """Draw one value from ``rng``.
+
+        A constant still spends one ``rng.random()`` so that most specs advance the stream alike, but
+        the stream is NOT kept aligned across sites in general: NumPy's bounded integers (``uniform``
+        of an integer parameter, ``choice``) and ``normal`` (ziggurat) use rejection sampling and now
+        and then take more than one draw. The same site and seed always give the same values.
+        """
         p = self.pdef
         if self.kind == "constant":
             rng.random()  # keep the number of draws independent of the spec kind
