@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -607,8 +608,16 @@ def train(
     with _run_errors():
         cfg = load_config(TrainConfig, config, overrides or [])
     directory = run_dir or default_run_dir(config, cfg)
-    with _run_errors(), _store_errors():
-        run = run_train(cfg, directory, resume=resume)
+    try:
+        with _run_errors(), _store_errors():
+            run = run_train(cfg, directory, resume=resume)
+    except KeyboardInterrupt:
+        again = " ".join(["loopsim train", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
+                          "--run-dir", shlex.quote(str(directory)), "--resume"])
+        console.print(f"interrupted: {directory} keeps its last periodic checkpoint "
+                      "(train.checkpoint_every); "
+                      f"continue from it with: {again}", style="yellow", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     evals = run.evaluations()
     last = [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []
     table = Table(
@@ -814,7 +823,16 @@ def loop(
         def log(line: str) -> None:
             progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        result = run_loop(cfg, directory, seeds=replicate_list, progress=report, log=log)
+        try:
+            result = run_loop(cfg, directory, seeds=replicate_list, progress=report, log=log)
+        except KeyboardInterrupt:
+            again = " ".join(["loopsim loop", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
+                              "--run-dir", shlex.quote(str(directory))]
+                             + ([] if seeds is None else ["--seeds", seeds]))
+            progress.stop()
+            console.print(f"interrupted: every finished phase and episode is kept in {directory}; resume "
+                          f"with: {again}", style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     for replicate, rows in result["runs"].items():
         where = directory if replicate_list is None else directory / f"seed_{replicate}"
         table = Table(
