@@ -56,7 +56,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -937,6 +937,15 @@ def probability_of_improvement(
     return {"value": float(np.ravel(p["xy"])[0]), "ci": [float(c) for c in np.ravel(pci["xy"])]}
 
 
+def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Counts summed key by key, largest first (ties by name)."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _task(cell: Mapping[str, Any]) -> str:
     return f"{cell['env_id'].split('/')[-1]}@{cell['site']}"
 
@@ -945,7 +954,9 @@ def summarize(config: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> dict[s
     """Per-task summaries and aggregates of finished cells (the content of ``results.json``).
 
     Aggregates are computed over every task ("all"), per site when there are several sites, and
-    over the shifted sites (every site but ``lab``) when ``lab`` and others are benchmarked.
+    over the shifted sites (every site but ``lab``) when ``lab`` and others are benchmarked. Each
+    per-task entry also holds ``success_per_run`` (the runs' success rates in training-seed order)
+    and ``failure_modes`` (episode counts summed over the runs, largest first).
     """
     from loopsim.rollout import bootstrap_ci
 
@@ -977,6 +988,8 @@ def summarize(config: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> dict[s
                 "mean_return": float(np.mean([c["mean_return"] for c in group])),
                 "return_ci": list(bootstrap_ci(rets, seed=config.seed, reps=config.reps)),
                 "mean_length": float(np.mean([c["mean_length"] for c in group])),
+                "success_per_run": rates,
+                "failure_modes": _sum_counts(c["failure_modes"] for c in group),
             })
     groups: dict[str, list[str]] = {"all": list(config.sites)}
     if len(config.sites) > 1:
@@ -1108,6 +1121,20 @@ def markdown(results: Mapping[str, Any]) -> str:
             out.append(f"| {p} | {runs} | " + " | ".join(fmt(idx[(p, t)]) if (p, t) in idx else "-"
                                                          for t in tasks) + " |")
         out.append("")
+    def _runs_and_failures(r: Mapping[str, Any]) -> str:
+        runs = r.get("success_per_run", [])
+        failures = ", ".join(f"{k} {v}" for k, v in r.get("failure_modes", {}).items()) or "no failures"
+        if len(runs) > 1:
+            return "(" + ", ".join(_pct(x) for x in runs) + "); " + failures
+        return failures
+
+    out += ["### Success per run and failure modes per task (episodes, summed over runs)", "",
+            "| policy | runs | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for p in policies:
+        runs = max(r["runs"] for r in per if r["policy"] == p)
+        out.append(f"| {p} | {runs} | " + " | ".join(
+            _runs_and_failures(idx[(p, t)]) if (p, t) in idx else "-" for t in tasks) + " |")
+    out.append("")
     out += ["### Aggregate success over tasks (IQM and mean, 95% stratified bootstrap CI)", "",
             "| tasks | policy | runs | IQM | mean |", "|---|---|---|---|---|"]
     for group, agg in results["aggregates"].items():

@@ -389,3 +389,19 @@ def test_summary_compares_policies_on_their_common_tasks() -> None:
     assert per[("a", "FactoryPickPlace-v0@lab")]["mean_return"] == -0.5
     md = bench_mod.markdown(res)
     assert "| b | 1 | 0% [0%, 0%] | - |" in md and "| all (1) | a | b | 1.00 [1.00, 1.00] |" in md
+
+
+def test_markdown_gives_each_runs_success_and_the_failure_modes_per_task() -> None:
+    cfg = _cfg(sites=["lab"], policies={"a": {"type": "expert"},
+                                        "b": {"type": "train", "per_env": {PEG: {"config": "x.yaml"}}}},
+               train_seeds=[0, 1, 2])
+    b_cells = [_cell("b", PEG, s, seed=i) for i, s in enumerate([[1, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 1]])]
+    b_cells[1]["failure_modes"] = {"dropped": 1, "timeout": 1}
+    b_cells[2]["failure_modes"] = {"timeout": 2, "dropped": 1}
+    res = bench_mod.summarize(cfg, [_cell("a", PEG, [1, 1, 1, 1]), *b_cells])
+    per = {r["policy"]: r for r in res["per_task"]}
+    assert per["b"]["success_per_run"] == [1.0, 0.5, 0.25]
+    assert per["b"]["failure_modes"] == {"timeout": 3, "dropped": 2}  # summed, largest first
+    md = bench_mod.markdown(res)
+    assert "| a | 1 | no failures |" in md
+    assert "| b | 3 | (100%, 50%, 25%); timeout 3, dropped 2 |" in md
