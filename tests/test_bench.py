@@ -117,7 +117,7 @@ def test_check_refuses_before_any_work(tmp_path: Path, over: dict[str, Any], mes
     assert not (tmp_path / "out").exists()
 
 
-def test_bundled_suites_parse_and_factory_suites_pass_the_checks() -> None:
+def test_bundled_suites_parse_and_pass_the_checks() -> None:
     for name in ("factory-v0", "shift-v0", "warehouse-v0"):
         cfg = load_config(BenchConfig, CONFIGS / "bench" / f"{name}.yaml")
         assert cfg.name == name
@@ -126,6 +126,10 @@ def test_bundled_suites_parse_and_factory_suites_pass_the_checks() -> None:
     # factory suites: every env, site, training and collect config checks out (demos not yet collected)
     trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "factory-v0.yaml"))
     assert len(trained) == 6  # bc and sac on three envs
+    trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "warehouse-v0.yaml"))
+    assert sorted(trained) == sorted((p, e) for p in ("bc", "ppo")
+                                     for e in ("loopsim/WarehouseNavigate-v0", "loopsim/WarehouseCartPush-v0"))
+    assert all(t.collect is not None for (p, _), t in trained.items() if p == "bc")
 
 
 # ======================================================================================= end to end
