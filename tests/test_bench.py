@@ -127,8 +127,8 @@ def test_bundled_suites_parse_and_pass_the_checks() -> None:
     trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "factory-v0.yaml"))
     assert len(trained) == 6  # bc and sac on three envs
     trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "warehouse-v0.yaml"))
-    assert sorted(trained) == sorted((p, e) for p in ("bc", "ppo")
-                                     for e in ("loopsim/WarehouseNavigate-v0", "loopsim/WarehouseCartPush-v0"))
+    envs = ("loopsim/WarehouseNavigate-v0", "loopsim/WarehouseCartPush-v0")
+    assert sorted(trained) == sorted((p, e) for p in ("bc", "ppo") for e in envs)
     assert all(t.collect is not None for (p, _), t in trained.items() if p == "bc")
 
 
@@ -409,3 +409,27 @@ def test_markdown_gives_each_runs_success_and_the_failure_modes_per_task() -> No
     md = bench_mod.markdown(res)
     assert "| a | 1 | no failures |" in md
     assert "| b | 3 | (100%, 50%, 25%); timeout 3, dropped 2 |" in md
+
+
+@pytest.mark.parametrize("n_policies", [1, 2, 4, 6])
+def test_aggregate_plot_label_clears_the_tick_labels(n_policies: int) -> None:
+    """The x label sits below the tick labels, and the two panels' tick labels do not touch.
+
+    With a fixed ``xlabel_y_coordinate`` (a fraction of the figure height) the label ran into the
+    tick labels of a 2-policy suite (shift-v0: expert, BC).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = {m: {f"p{i}": {"value": 0.5, "ci": [0.4, 0.6]} for i in range(n_policies)} for m in ("iqm", "mean")}
+    fig = bench_mod._aggregate_figure(agg, "all", "suite")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    label = next(t for t in fig.texts if t.get_text() == "suite: success rate (95% CI)")
+    label_box = label.get_window_extent(renderer)
+    ticks = [[t.get_window_extent(renderer) for t in ax.get_xticklabels()] for ax in fig.axes]
+    assert label_box.y1 < min(b.y0 for boxes in ticks for b in boxes)  # below every tick label
+    assert ticks[0][-1].x1 < ticks[1][0].x0  # left panel's "1.0" before the right panel's "0.0"
+    plt.close(fig)
