@@ -1032,13 +1032,26 @@ def summarize(config: BenchConfig, cells: Sequence[Mapping[str, Any]]) -> dict[s
     return {
         "name": config.name,
         "protocol": protocol(config),
-        "cells": [_row(c) for c in cells],
+        "cells": [_row(c, config) for c in cells],
         "per_task": per_task,
         "aggregates": aggregates,
     }
 
 
-def _row(cell: Mapping[str, Any]) -> dict[str, Any]:
+def _row(cell: Mapping[str, Any], config: BenchConfig) -> dict[str, Any]:
+    """One ``results.csv`` row of a cell.
+
+    Its intervals are recomputed from the cell's episodes with the benchmark's bootstrap (seed
+    ``config.seed``, ``config.reps`` resamples), the one of the per-task tables: a policy with one
+    run shows the same interval in ``results.csv`` and ``results.md`` (the cell file's own intervals
+    were drawn with the evaluation seed).
+    """
+    from loopsim.rollout import bootstrap_ci
+
+    succ = [float(e["success"]) for e in cell["per_episode"]]
+    rets = [float(e["return"]) for e in cell["per_episode"]]
+    success_ci = bootstrap_ci(succ, seed=config.seed, reps=config.reps)
+    return_ci = bootstrap_ci(rets, seed=config.seed, reps=config.reps)
     return {
         "policy": cell["policy"],
         "policy_type": cell["policy_type"],
@@ -1047,11 +1060,11 @@ def _row(cell: Mapping[str, Any]) -> dict[str, Any]:
         "seed": cell["seed"],
         "episodes": cell["episodes"],
         "success_rate": cell["success_rate"],
-        "success_low": cell["success_ci"][0],
-        "success_high": cell["success_ci"][1],
+        "success_low": success_ci[0],
+        "success_high": success_ci[1],
         "mean_return": cell["mean_return"],
-        "return_low": cell["return_ci"][0],
-        "return_high": cell["return_ci"][1],
+        "return_low": return_ci[0],
+        "return_high": return_ci[1],
         "mean_length": cell["mean_length"],
         "failure_modes": json.dumps(cell["failure_modes"], sort_keys=True),
         "env_kwargs": json.dumps(cell["env_kwargs"], sort_keys=True),

@@ -433,3 +433,17 @@ def test_aggregate_plot_label_clears_the_tick_labels(n_policies: int) -> None:
     assert label_box.y1 < min(b.y0 for boxes in ticks for b in boxes)  # below every tick label
     assert ticks[0][-1].x1 < ticks[1][0].x0  # left panel's "1.0" before the right panel's "0.0"
     plt.close(fig)
+
+
+def test_csv_rows_and_per_task_tables_share_one_bootstrap() -> None:
+    """A one-run policy's cell has the same intervals in results.csv as in the per-task tables."""
+    from loopsim.rollout import bootstrap_ci
+
+    cfg = _cfg(sites=["lab"], seed=7, reps=300, policies={"a": {"type": "expert"}})
+    cell = _cell("a", PEG, [1, 0, 1, 1, 0, 1, 1, 1])  # its stored intervals: placeholders [0, 1]
+    res = bench_mod.summarize(cfg, [cell])
+    row, task = res["cells"][0], res["per_task"][0]
+    successes = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert [row["success_low"], row["success_high"]] == task["success_ci"] == list(
+        bootstrap_ci(successes, seed=7, reps=300))
+    assert [row["return_low"], row["return_high"]] == task["return_ci"] != [-1.0, 0.0]
