@@ -117,7 +117,7 @@ def test_check_refuses_before_any_work(tmp_path: Path, over: dict[str, Any], mes
     assert not (tmp_path / "out").exists()
 
 
-def test_bundled_suites_parse_and_factory_suites_pass_the_checks() -> None:
+def test_bundled_suites_parse_and_pass_the_checks() -> None:
     for name in ("factory-v0", "shift-v0", "warehouse-v0"):
         cfg = load_config(BenchConfig, CONFIGS / "bench" / f"{name}.yaml")
         assert cfg.name == name
@@ -126,6 +126,10 @@ def test_bundled_suites_parse_and_factory_suites_pass_the_checks() -> None:
     # factory suites: every env, site, training and collect config checks out (demos not yet collected)
     trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "factory-v0.yaml"))
     assert len(trained) == 6  # bc and sac on three envs
+    trained = check_bench_config(load_config(BenchConfig, CONFIGS / "bench" / "warehouse-v0.yaml"))
+    envs = ("loopsim/WarehouseNavigate-v0", "loopsim/WarehouseCartPush-v0")
+    assert sorted(trained) == sorted((p, e) for p in ("bc", "ppo") for e in envs)
+    assert all(t.collect is not None for (p, _), t in trained.items() if p == "bc")
 
 
 # ======================================================================================= end to end
@@ -389,3 +393,78 @@ def test_summary_compares_policies_on_their_common_tasks() -> None:
     assert per[("a", "FactoryPickPlace-v0@lab")]["mean_return"] == -0.5
     md = bench_mod.markdown(res)
     assert "| b | 1 | 0% [0%, 0%] | - |" in md and "| all (1) | a | b | 1.00 [1.00, 1.00] |" in md
+
+
+def test_markdown_gives_each_runs_success_and_the_failure_modes_per_task() -> None:
+    cfg = _cfg(sites=["lab"], policies={"a": {"type": "expert"},
+                                        "b": {"type": "train", "per_env": {PEG: {"config": "x.yaml"}}}},
+               train_seeds=[0, 1, 2])
+    b_cells = [_cell("b", PEG, s, seed=i) for i, s in enumerate([[1, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 1]])]
+    b_cells[1]["failure_modes"] = {"dropped": 1, "timeout": 1}
+    b_cells[2]["failure_modes"] = {"timeout": 2, "dropped": 1}
+    res = bench_mod.summarize(cfg, [_cell("a", PEG, [1, 1, 1, 1]), *b_cells])
+    per = {r["policy"]: r for r in res["per_task"]}
+    assert per["b"]["success_per_run"] == [1.0, 0.5, 0.25]
+    assert per["b"]["failure_modes"] == {"timeout": 3, "dropped": 2}  # summed, largest first
+    md = bench_mod.markdown(res)
+    assert "| a | 1 | no failures |" in md
+    assert "| b | 3 | (100%, 50%, 25%); timeout 3, dropped 2 |" in md
+
+
+@pytest.mark.parametrize("n_policies", [1, 2, 4, 6])
+def test_aggregate_plot_label_clears_the_tick_labels(n_policies: int) -> None:
+    """The x label sits below the tick labels, and the two panels' tick labels do not touch.
+
+    With a fixed ``xlabel_y_coordinate`` (a fraction of the figure height) the label ran into the
+    tick labels of a 2-policy suite (shift-v0: expert, BC).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = {m: {f"p{i}": {"value": 0.5, "ci": [0.4, 0.6]} for i in range(n_policies)} for m in ("iqm", "mean")}
+    fig = bench_mod._aggregate_figure(agg, "all", "suite")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    label = next(t for t in fig.texts if t.get_text() == "suite: success rate (95% CI)")
+    label_box = label.get_window_extent(renderer)
+    ticks = [[t.get_window_extent(renderer) for t in ax.get_xticklabels()] for ax in fig.axes]
+    assert label_box.y1 < min(b.y0 for boxes in ticks for b in boxes)  # below every tick label
+    assert ticks[0][-1].x1 < ticks[1][0].x0  # left panel's "1.0" before the right panel's "0.0"
+    plt.close(fig)
+
+
+def test_csv_rows_and_per_task_tables_share_one_bootstrap() -> None:
+    """A one-run policy's cell has the same intervals in results.csv as in the per-task tables."""
+    from loopsim.rollout import bootstrap_ci
+
+    cfg = _cfg(sites=["lab"], seed=7, reps=300, policies={"a": {"type": "expert"}})
+    cell = _cell("a", PEG, [1, 0, 1, 1, 0, 1, 1, 1])  # its stored intervals: placeholders [0, 1]
+    res = bench_mod.summarize(cfg, [cell])
+    row, task = res["cells"][0], res["per_task"][0]
+    successes = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert [row["success_low"], row["success_high"]] == task["success_ci"] == list(
+        bootstrap_ci(successes, seed=7, reps=300))
+    assert [row["return_low"], row["return_high"]] == task["return_ci"] != [-1.0, 0.0]
+
+
+def test_probability_of_improvement_matches_rliable_bit_for_bit() -> None:
+    """The vectorised metric gives rliable's values exactly: point, intervals, ties, unequal runs."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    from loopsim.rollout import seeded_global_numpy
+
+    rng = np.random.default_rng(3)
+    for nx, ny, tasks in [(3, 1, 15), (1, 1, 3), (3, 3, 2), (5, 2, 7)]:
+        x = rng.integers(0, 11, (nx, tasks)) / 10  # success rates of 10 episodes: many ties
+        y = rng.integers(0, 11, (ny, tasks)) / 10
+        if nx == ny:
+            y[:, 0] = x[:, 0]  # a task where both policies score the same
+        for a, b in ((x, y), (y, x), (x, x)):
+            assert bench_mod._improvement_metric(a, b) == metrics.probability_of_improvement(a, b)
+        with seeded_global_numpy(11):
+            p, ci = rly.get_interval_estimates({"xy": (x, y)}, metrics.probability_of_improvement, reps=200)
+        ours = bench_mod.probability_of_improvement(x, y, seed=11, reps=200)
+        assert ours == {"value": float(np.ravel(p["xy"])[0]), "ci": [float(c) for c in np.ravel(ci["xy"])]}
