@@ -908,27 +908,6 @@ def aggregate(
     return out
 
 
-def _improvement_metric(x: np.ndarray, y: np.ndarray) -> float:
-    """The probability of improvement of rliable's ``metrics``, without a SciPy call per task.
-
-    Per task, the Mann-Whitney U statistic of X over Y divided by ``runs_x * runs_y``: the fraction
-    of run pairs where X scores higher, ties counting one half (exact in floating point: a sum of
-    halves); the mean over tasks as rliable takes it. rliable calls ``scipy.stats.mannwhitneyu``
-    once per task and bootstrap resample, which made the statistics of a finished 15-task suite
-    take minutes.
-
-    Args:
-        x: ``(runs_x, tasks)`` scores.
-        y: ``(runs_y, tasks)`` scores.
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    higher = (x[:, None, :] > y[None, :, :]).sum(axis=(0, 1))
-    ties = (x[:, None, :] == y[None, :, :]).sum(axis=(0, 1))
-    pairs = x.shape[0] * y.shape[0]
-    per_task = [np.float64(h + 0.5 * t) / pairs for h, t in zip(higher, ties, strict=True)]
-    return np.mean(per_task)
-
-
 def probability_of_improvement(
     x: np.ndarray, y: np.ndarray, seed: int, reps: int = 2000
 ) -> dict[str, Any]:
@@ -949,11 +928,12 @@ def probability_of_improvement(
         ``{"value": float, "ci": [low, high]}``.
     """
     from rliable import library as rly
+    from rliable import metrics
 
     from loopsim.rollout import seeded_global_numpy
 
     with seeded_global_numpy(seed):
-        p, pci = rly.get_interval_estimates({"xy": (x, y)}, _improvement_metric, reps=reps)
+        p, pci = rly.get_interval_estimates({"xy": (x, y)}, metrics.probability_of_improvement, reps=reps)
     return {"value": float(np.ravel(p["xy"])[0]), "ci": [float(c) for c in np.ravel(pci["xy"])]}
 
 
