@@ -1231,13 +1231,16 @@ def plot_results(config: BenchConfig, results: Mapping[str, Any], out: Path) -> 
         import seaborn as sns
         from matplotlib.lines import Line2D
 
-        colors = dict(zip(profiles, sns.color_palette("colorblind", len(profiles)), strict=True))
+        # tab10: no two of the first ten look alike (colorblind's orange and vermillion did); line
+        # styles tell apart policies whose profiles coincide (e.g. two policies at 0% everywhere).
+        colors = dict(zip(profiles, sns.color_palette("tab10", len(profiles)), strict=True))
+        styles = {k: ("-", "--", "-.", ":")[i % 4] for i, k in enumerate(profiles)}
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
         plot_utils.plot_performance_profiles(
-            profiles, taus, performance_profile_cis=profile_cis, ax=ax, colors=colors,
+            profiles, taus, performance_profile_cis=profile_cis, ax=ax, colors=colors, linestyles=styles,
             xlabel=r"success rate ($\tau$)", ylabel=r"fraction of runs x tasks with success $> \tau$",
         )
-        ax.legend([Line2D([0], [0], color=c, lw=2) for c in colors.values()], list(colors),
+        ax.legend([Line2D([0], [0], color=colors[k], ls=styles[k], lw=2) for k in colors], list(colors),
                   loc="lower left", fontsize=8)
         ax.set_title(f"{results['name']}: performance profiles")
         path = plots / "performance_profile.png"
