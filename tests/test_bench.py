@@ -235,6 +235,17 @@ def _write_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
         def wrong_shape(observation):
             return np.zeros(3)
+
+        def nan(observation):
+            return np.full(4, np.nan)
+
+        calls = [0]
+
+        def raises_later(observation):
+            calls[0] += 1
+            if calls[0] > 3:  # the check before work calls it once: this fails in the first episode
+                raise RuntimeError("boom from the user's policy")
+            return np.zeros(4)
     """))
     monkeypatch.chdir(tmp_path)  # the working directory goes on sys.path, as for `loopsim bench`
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -260,6 +271,54 @@ def test_callable_with_a_wrong_action_shape_is_refused_before_work(
     message = r"policies.bad on loopsim/FactoryPegInsert-v0: ValueError: .*shape \(3,\)"
     with pytest.raises(ConfigError, match=message):
         run_bench(cfg, tmp_path / "out")
+
+
+def test_callable_returning_nan_is_refused_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_module(tmp_path, monkeypatch)
+    cfg = _cfg(policies={"bad": {"type": "callable", "function": "bench_user_policy:nan"}})
+    with pytest.raises(ConfigError, match=r"policies.bad on .*non-finite action \[nan, nan, nan, nan\]"):
+        run_bench(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_policy_failing_mid_run_is_one_clear_error_and_finished_cells_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_module(tmp_path, monkeypatch)
+    bad = {"type": "callable", "function": "bench_user_policy:raises_later"}
+    pols = {"expert": {"type": "expert"}, "bad": bad}
+    cfg = _cfg(sites=["lab"], policies=pols)
+    message = (r"policies.bad failed on loopsim/FactoryPegInsert-v0 at lab, episode seed 100: "
+               r"RuntimeError: boom from the user's policy; finished cells are kept")
+    with pytest.raises(BenchError, match=message):
+        run_bench(cfg, tmp_path / "out")
+    cells = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.json"))
+    assert cells == ["cells/expert/FactoryPegInsert-v0/lab/fixed.json"]
+
+
+def test_out_that_is_a_file_or_another_kind_of_run_is_refused_untouched(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BenchError, match="is a file"):
+        run_bench(_cfg(sites=["lab"]), tmp_path / "file")
+    run = tmp_path / "loop_run"  # a loop or training run also has a config.yaml
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\nenv: {id: loopsim/FactoryPegInsert-v0}\nloop: {}\n")
+    with pytest.raises(BenchError, match="is not a benchmark output directory .*not a benchmark config"):
+        run_bench(_cfg(sites=["lab"]), run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_out_in_use_by_another_bench_is_refused_at_once(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / bench_mod.LOCK_NAME):
+        with pytest.raises(BenchError, match="in use by another `loopsim bench`"):
+            run_bench(_cfg(sites=["lab"]), out)
+    assert sorted(p.name for p in out.iterdir()) == [bench_mod.LOCK_NAME]
 
 
 def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
