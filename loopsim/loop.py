@@ -43,6 +43,7 @@ import csv
 import inspect
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -1224,8 +1225,13 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
     entries = sorted(e.name for e in path.iterdir() if e.name not in (LOCK_NAME, "config.yaml.tmp"))
     if not entries:
         return
-    single = (path / "config.yaml").is_file()
-    multi = any(e.is_dir() and e.name.startswith("seed_") for e in path.iterdir())
+    # A bench output or a training run also has a config.yaml: only a loop config's counts.
+    single = _is_loop_config(path / "config.yaml")
+    multi = any(
+        e.is_dir() and re.fullmatch(r"seed_\d+", e.name)
+        and (_is_loop_config(e / "config.yaml") or all(f.name == "config.yaml.tmp" for f in e.iterdir()))
+        for e in path.iterdir()
+    )  # a replicate killed before its config.yaml was written is empty
     if replicates and single:
         raise ConfigError(f"{path} holds a single loop run; give the --seeds run another --run-dir")
     if not replicates and multi:
@@ -1236,9 +1242,21 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
     if not (single or multi):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConfigError(
-            f"{path} is not a loop run directory (no config.yaml or seed_<r>/; it holds {shown}); "
+            f"{path} is not a loop run directory (no loop config.yaml or seed_<r>/ replicates; it holds "
+            f"{shown}); "
             "give a new or empty --run-dir"
         )
+
+
+def _is_loop_config(path: Path) -> bool:
+    """Whether ``path`` is a file holding a loop config (a mapping with ``env``, ``strategy``, ``loop``)."""
+    if not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"env", "strategy", "loop"} <= set(data)
 
 
 def _finished_replicates(config: LoopConfig, path: Path) -> dict[int, list[dict[str, Any]]]:

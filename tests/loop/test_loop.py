@@ -233,6 +233,24 @@ def test_a_directory_that_is_not_a_loop_run_is_refused_untouched(tmp_path):
     assert (tmp_path / "empty" / "config.yaml").is_file()
 
 
+def test_a_bench_output_or_training_run_is_not_taken_for_a_loop_run(tmp_path):
+    """Their config.yaml is not a loop config: refused like any other folder, and no lock file left there."""
+    bench = tmp_path / "bench"  # what `loopsim bench` writes (config.yaml with name/envs/policies)
+    (bench / "cells").mkdir(parents=True)
+    (bench / "config.yaml").write_text("name: b\nenvs: [{id: loopsim/FactoryPegInsert-v0}]\npolicies: {}\n")
+    train = tmp_path / "train"  # a `loopsim train` run: config.yaml without strategy/loop
+    (train / "checkpoint").mkdir(parents=True)
+    (train / "config.yaml").write_text("seed: 0\nenv: {id: loopsim/FactoryPegInsert-v0}\ntrain: {}\n")
+    fake = tmp_path / "fake"  # a seed_<r>/ folder that is not a loop replicate
+    (fake / "seed_0" / "cells").mkdir(parents=True)
+    for path in (bench, train, fake):
+        before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+        for seeds in (None, [0]):
+            with pytest.raises(ConfigError, match="is not a loop run directory .*no loop config.yaml"):
+                run_loop(tiny(), path, seeds=seeds)
+        assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+
+
 def test_a_run_directory_in_use_is_refused(tmp_path):
     """Two loops in one run directory would interleave their stores: the second stops before any work."""
     from filelock import FileLock
