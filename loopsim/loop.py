@@ -1174,6 +1174,8 @@ def run_loop(
     check_loop_config(config)
     path = Path(path)
     _check_run_dir(path, replicates=seeds is not None)
+    if seeds is not None:
+        _check_replicates(config, path)
     path.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path / LOCK_NAME)
     try:
@@ -1246,6 +1248,30 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
             f"{shown}); "
             "give a new or empty --run-dir"
         )
+
+
+def _check_replicates(config: LoopConfig, path: Path) -> None:
+    """Refuse, before any work, a ``--seeds`` run directory holding replicates of another config.
+
+    Its aggregate covers one config's replicates: a replicate of another config would be left out of
+    it, and ``aggregate.json`` overwritten with fewer replicates than the directory holds.
+
+    Raises:
+        ConfigError: Naming the first replicate of another config and the keys that differ.
+    """
+    from loopsim.training import _diff
+
+    text = yaml.safe_load(dump_config(config))
+    for rep in sorted(path.glob("seed_*")) if path.is_dir() else []:
+        if not re.fullmatch(r"seed_\d+", rep.name) or not _is_loop_config(rep / "config.yaml"):
+            continue
+        saved = yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8"))
+        if saved != text:
+            raise ConfigError(
+                f"{path} holds replicates of another config ({rep.name} differs at "
+                f"{sorted(_diff(saved, text))}); its aggregate covers one config: give the same config "
+                "and overrides, or another --run-dir"
+            )
 
 
 def _is_loop_config(path: Path) -> bool:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from loopsim.cli import app
 from loopsim.config import ConfigError, dump_config, load_config
 from loopsim.datasets import EpisodeStore
-from loopsim.loop import LoopConfig, LoopRun, check_loop_config, run_loop
+from loopsim.loop import LOCK_NAME, LoopConfig, LoopRun, check_loop_config, run_loop
 
 runner = CliRunner()
 
@@ -249,6 +249,16 @@ def test_a_bench_output_or_training_run_is_not_taken_for_a_loop_run(tmp_path):
             with pytest.raises(ConfigError, match="is not a loop run directory .*no loop config.yaml"):
                 run_loop(tiny(), path, seeds=seeds)
         assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+
+
+def test_replicates_of_another_config_are_refused_before_work(tmp_path):
+    """Adding `--seeds 1` with other overrides would overwrite aggregate.json with fewer replicates."""
+    path = tmp_path / "reps"
+    LoopRun(tiny(), path / "seed_0").start()
+    message = r"holds replicates of another config \(seed_0 differs at \['loop.episodes'\]"
+    with pytest.raises(ConfigError, match=message):
+        run_loop(tiny("loop.episodes=3"), path, seeds=[1])
+    assert sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) == ["seed_0"]
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
