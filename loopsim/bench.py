@@ -437,10 +437,35 @@ class SB3ZipSpec:
     algo: str
 
     def make_policy(self, env: Any) -> _SB3ModelPolicy:
-        """Load the model (``device="cpu"``) and act with its ``predict``."""
+        """Load the model (``device="cpu"``) and act with its ``predict``.
+
+        Raises:
+            ValueError: If the file was saved by another algorithm than ``algo`` (its policy class is
+                not one of ``algo``'s), naming both; else whatever SB3's ``load`` raises.
+        """
         from loopsim.policies.sb3 import sb3_algorithms
 
-        return _SB3ModelPolicy(sb3_algorithms()[self.algo].load(self.path, device="cpu"))
+        algo = sb3_algorithms()[self.algo]
+        try:
+            return _SB3ModelPolicy(algo.load(self.path, device="cpu"))
+        except Exception:
+            from stable_baselines3.common.save_util import load_from_zip_file
+
+            try:
+                data, _, _ = load_from_zip_file(self.path, device="cpu")
+                saved = (data or {}).get("policy_class")
+            except Exception:  # noqa: BLE001 - not an SB3 file at all: SB3's own error says so
+                saved = None
+            allowed = tuple(algo.policy_aliases.values())
+            if isinstance(saved, type) and allowed and not issubclass(saved, allowed):
+                fits = sorted(n for n, c in sb3_algorithms().items()
+                              if issubclass(saved, tuple(c.policy_aliases.values())))
+                by = " or ".join(fits) or "another algorithm"
+                raise ValueError(
+                    f"{self.path} holds the policy class {saved.__name__} (saved by {by}), not a {self.algo} "
+                    "policy; set algo to the algorithm that saved it"
+                ) from None
+            raise
 
 
 # ============================================================================================ paths

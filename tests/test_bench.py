@@ -345,6 +345,13 @@ def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
         expected.append(ret)
     env.close()
     assert res["cells"][0]["mean_return"] == pytest.approx(np.mean(expected), abs=1e-9)
+    # The same file under the wrong algo: refused before work, naming the class and who saved it.
+    wrong = _cfg(sites=["lab"], policies={"mine": {"type": "sb3_zip", "path": str(tmp_path / "mine.zip"),
+                                                   "algo": "SAC"}})
+    message = r"policies.mine on .*the policy class ActorCriticPolicy \(saved by A2C or PPO\), not a SAC"
+    with pytest.raises(ConfigError, match=message):
+        run_bench(wrong, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_trained_policy_per_seed_with_demos_collected_first(
