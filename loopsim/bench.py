@@ -696,7 +696,9 @@ def _check_out(config: BenchConfig, out: Path) -> None:
                 f"{out} is not a benchmark output directory (its config.yaml is not a benchmark config: "
                 "a loop or training run?); use another --out"
             )
-        diff = sorted(_diff(saved, yaml.safe_load(dump_config(config))))
+        # The number of worker processes changes no result (each episode is seeded by itself): a run
+        # started with 2 workers may be resumed with 1.
+        diff = sorted(set(_diff(saved, yaml.safe_load(dump_config(config)))) - {"eval.workers"})
         if diff:
             raise BenchError(
                 f"{out} holds results of a different benchmark config (differs at {diff}); use another "

@@ -1142,7 +1142,15 @@ def bench(
         def log(line: str) -> None:
             progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        run_bench(cfg, directory, progress=report, log=log)
+        try:
+            run_bench(cfg, directory, progress=report, log=log)
+        except KeyboardInterrupt:
+            again = " ".join(["loopsim bench", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
+                              "--out", shlex.quote(str(directory))])
+            progress.stop()
+            console.print(f"interrupted: every finished cell and training run is kept in {directory}; "
+                          f"resume with: {again}", style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     console.print((directory / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
                   soft_wrap=True)
     console.print(f"output directory: {directory} (results.json, results.csv, results.md, plots/, "

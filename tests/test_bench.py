@@ -164,6 +164,9 @@ def test_a_different_config_is_refused_in_the_same_out_dir(tmp_path: Path) -> No
     run_bench(_cfg(sites=["lab"]), out)
     with pytest.raises(BenchError, match=r"different benchmark config \(differs at \['eval.episodes'\]\)"):
         run_bench(_cfg(sites=["lab"], eval={"episodes": 4, "seed": 100}), out)
+    # Another number of workers changes no result: the finished run is reused, not refused.
+    again = run_bench(_cfg(sites=["lab"], eval={"episodes": 3, "seed": 100, "workers": 2}), out)
+    assert [c["success_rate"] for c in again["cells"]] == [1.0, 0.0]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(BenchError, match="not a benchmark output directory"):
@@ -428,6 +431,21 @@ def test_cli_bench_prints_the_table_and_refuses_bad_overrides(tmp_path: Path) ->
     ok = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "o")])
     assert ok.exit_code == 0, ok.output
     assert "| expert | 1 | 100% [100%, 100%] |" in ok.output and "results.csv" in ok.output
+
+
+def test_cli_bench_interrupted_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_tiny(sites=["lab"])))
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_mod, "run_bench", interrupted)
+    res = CliRunner().invoke(app, ["bench", str(path), "eval.episodes=2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130
+    assert "interrupted: every finished cell and training run is kept in" in res.output
+    again = f"resume with: loopsim bench {path} eval.episodes=2 --out {tmp_path / 'o'}"
+    assert again in " ".join(res.output.split())
 
 
 def _cell(policy: str, env_id: str, successes: list[int], seed: int | None = None) -> dict[str, Any]:
