@@ -291,6 +291,11 @@ class BenchConfig(_Strict):
                 raise ValueError(f"policies.{name}: env(s) {unknown} are not in envs; allowed: {ids}")
             if isinstance(pol, BenchTrain) and pol.seeds and len(set(pol.seeds)) != len(pol.seeds):
                 raise ValueError(f"policies.{name}.seeds: a seed is listed twice: {pol.seeds}")
+            if not self.policy_envs(name):  # e.g. envs: [], or envs disjoint from per_env / path
+                raise ValueError(
+                    f"policies.{name}: runs on no env (envs = {pol.envs}); name at least one of {ids}, or "
+                    "remove the policy"
+                )
         for pair in self.compare or []:
             bad = [p for p in pair if p not in self.policies]
             if bad or pair[0] == pair[1]:

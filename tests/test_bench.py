@@ -56,6 +56,7 @@ def _train(config: str, **source: Any) -> dict[str, Any]:
         ({"policies": {"x": {"type": "magic"}}},
          "policies.x.type = 'magic': not allowed; allowed: ['callable'"),
         ({"eval": {"episodes": 0}}, "eval.episodes = 0"),
+        ({"policies": {"x": {"type": "expert", "envs": []}}}, "policies.x: runs on no env (envs = []); name"),
         ({"episodes": 5}, "episodes: unknown key (value 5); allowed keys: ['compare', 'envs', 'eval'"),
         ({"envs": [{"id": "FactoryPegInsert"}]}, "envs.0.id = 'FactoryPegInsert'"),
         ({"envs": [{"id": PEG}, {"id": PEG}]}, "an env id is listed twice"),
