@@ -21,6 +21,7 @@ Run directory::
 
     <run_dir>/
         config.yaml                  the resolved config
+        replicate.json               the replicate index (0 without --seeds), checked on resume
         demos.zarr                   expert demonstrations (iteration 0)
         operational.zarr             every deployed episode (iteration >= 1)
         iterations/<k:03d>/
@@ -553,8 +554,12 @@ class LoopRun:
     def start(self, resume_ok: bool = True) -> None:
         """Create the run directory (writing ``config.yaml``) or check it holds this config.
 
+        The replicate index is recorded in ``replicate.json`` (its seeds differ from other replicates'):
+        continuing replicate ``r``'s folder as another replicate (``--run-dir <dir>/seed_1`` without
+        ``--seeds``) would mix two replicates' episodes in one run.
+
         Raises:
-            ConfigError: If the directory holds a run of a different config.
+            ConfigError: If the directory holds a run of a different config, or another replicate.
         """
         config_file = self.path / "config.yaml"
         text = dump_config(self.config)
@@ -567,11 +572,22 @@ class LoopRun:
                     f"{self.path} holds a loop run of another config (differs at "
                     f"{sorted(_diff(saved, yaml.safe_load(text)))}); give another --run-dir (or run_dir=...)"
                 )
+            marker = self.path / REPLICATE_FILE
+            if marker.is_file():  # runs written before the marker existed are not checked
+                theirs = int(json.loads(marker.read_text(encoding="utf-8"))["replicate"])
+                if theirs != self.replicate:
+                    how = (f"run it with --seeds {theirs} --run-dir {self.path.parent}" if theirs
+                           else f"run it without --seeds, with --run-dir {self.path}")
+                    raise ConfigError(
+                        f"{self.path} holds replicate {theirs} of this loop, not replicate {self.replicate} "
+                        f"(other demonstration and deployment seeds); {how}"
+                    )
             return
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, config_file)
+        _atomic_json(self.path / REPLICATE_FILE, {"replicate": self.replicate})
 
     # -------------------------------------------------------------------------------------- phases
     def _demos(self) -> None:
@@ -1205,6 +1221,9 @@ def run_loop(
     finally:
         lock.release()
 
+
+#: The replicate index of a run directory (``{"replicate": r}``), checked when it is continued.
+REPLICATE_FILE = "replicate.json"
 
 #: Name of the lock file a running ``loopsim loop`` holds in its run directory (filelock).
 LOCK_NAME = ".loopsim-loop.lock"

@@ -261,6 +261,18 @@ def test_replicates_of_another_config_are_refused_before_work(tmp_path):
     assert sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) == ["seed_0"]
 
 
+def test_a_replicates_folder_is_not_continued_as_another_replicate(tmp_path):
+    """`--run-dir D/seed_1` without --seeds would finish replicate 1 with replicate 0's seeds."""
+    LoopRun(tiny(), tmp_path / "D" / "seed_1", replicate=1).start()
+    with pytest.raises(ConfigError, match=r"holds replicate 1 of this loop, not replicate 0 .*--seeds 1 "):
+        run_loop(tiny(), tmp_path / "D" / "seed_1")
+    LoopRun(tiny(), tmp_path / "single").start()
+    with pytest.raises(ConfigError, match="holds replicate 0 of this loop, not replicate 2 .*without --seed"):
+        LoopRun(tiny(), tmp_path / "single", replicate=2).start()
+    left = sorted(p.name for p in (tmp_path / "D" / "seed_1").iterdir())
+    assert left == [LOCK_NAME, "config.yaml", "replicate.json"]  # nothing run
+
+
 def test_a_run_directory_in_use_is_refused(tmp_path):
     """Two loops in one run directory would interleave their stores: the second stops before any work."""
     from filelock import FileLock
