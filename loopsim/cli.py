@@ -1128,6 +1128,13 @@ def bench(
     path = Path(config)
     if not path.exists() and bundled_suite(config) is not None:
         path = bundled_suite(config)
+    if not path.exists():
+        from importlib import resources
+
+        suites = sorted(p.name.removesuffix(".yaml")
+                        for p in resources.files("loopsim.configs").joinpath("bench").iterdir()
+                        if p.name.endswith(".yaml"))
+        raise _error(f"config {config!r}: no such file, and not a bundled suite; the suites are {suites}")
     with _run_errors():
         cfg = load_config(BenchConfig, path, overrides or [])
     directory = out or Path("runs") / "bench" / cfg.name

@@ -429,6 +429,8 @@ def test_cli_bench_prints_the_table_and_refuses_bad_overrides(tmp_path: Path) ->
     runner = CliRunner()
     bad = runner.invoke(app, ["bench", str(path), "eval.episode=3", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "eval.episode: unknown key" in bad.output
+    typo = runner.invoke(app, ["bench", "factory-v1", "--out", str(tmp_path / "o")])
+    assert typo.exit_code == 2 and "not a bundled suite; the suites are ['factory-v0'," in typo.output
     ok = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "o")])
     assert ok.exit_code == 0, ok.output
     assert "| expert | 1 | 100% [100%, 100%] |" in ok.output and "results.csv" in ok.output
