@@ -356,6 +356,12 @@ def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         run_bench(wrong, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    # A file of another task (FactorySort: 37 observation dims, PegInsert: 22): named by its path.
+    PPO("MlpPolicy", gym.make("loopsim/FactorySort-v0"), n_steps=64, device="cpu").save(tmp_path / "sort.zip")
+    other = _cfg(sites=["lab"], policies={"s": {"type": "sb3_zip", "path": str(tmp_path / "sort.zip"),
+                                                "algo": "PPO"}})
+    with pytest.raises(ConfigError, match=r"policy .*sort.zip expects observations Box\(37,\) float32"):
+        run_bench(other, tmp_path / "out2")
 
 
 def test_trained_policy_per_seed_with_demos_collected_first(
