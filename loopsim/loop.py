@@ -40,6 +40,7 @@ run at any moment and re-running the same command continues with no episode dupl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -1193,6 +1194,22 @@ def run_loop(
     if seeds is not None:
         _check_replicates(config, path)
     path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as locks:
+        _lock(locks, path)
+        # Each replicate's folder is locked too: `--run-dir <dir>/seed_0` (a single run) at the same
+        # time as `--seeds 0 --run-dir <dir>` would write into the same run.
+        for r in seeds or []:
+            (path / f"seed_{int(r)}").mkdir(exist_ok=True)
+            _lock(locks, path / f"seed_{int(r)}")
+        return _run_locked(config, path, seeds, progress, log)
+
+
+def _lock(stack: contextlib.ExitStack, path: Path) -> None:
+    """Hold ``path``'s lock file until ``stack`` closes; raise at once if another process holds it.
+
+    Raises:
+        ConfigError: If another ``loopsim loop`` holds the lock.
+    """
     lock = FileLock(path / LOCK_NAME)
     try:
         lock.acquire(timeout=0)
@@ -1201,25 +1218,33 @@ def run_loop(
             f"{path} is in use by another `loopsim loop` (its lock {path / LOCK_NAME} is held); wait for "
             "it to finish, or give another --run-dir"
         ) from None
-    try:
-        runs: dict[int, list[dict[str, Any]]] = {}
-        if seeds is None:
-            runs[0] = LoopRun(config, path, 0, progress, log).run()
-            return {"runs": runs, "aggregate": {}}
-        for r in seeds:
-            rep_log = None if log is None else (lambda line, r=int(r): log(f"replicate {r}: {line}"))
-            rep_progress = (
-                None if progress is None
-                else (lambda phase, done, total, r=int(r): progress(f"replicate {r}: {phase}", done, total))
-            )
-            runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), rep_progress, rep_log).run()
-        runs = {**_finished_replicates(config, path), **runs}
-        runs = dict(sorted(runs.items()))
-        aggregate = aggregate_replicates(runs, config)
-        _atomic_json(path / "aggregate.json", aggregate)
-        return {"runs": runs, "aggregate": aggregate}
-    finally:
-        lock.release()
+    stack.callback(lock.release)
+
+
+def _run_locked(
+    config: LoopConfig,
+    path: Path,
+    seeds: Sequence[int] | None,
+    progress: Callable[[str, int, int], None] | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The body of :func:`run_loop`, with the run directory's lock(s) held."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    if seeds is None:
+        runs[0] = LoopRun(config, path, 0, progress, log).run()
+        return {"runs": runs, "aggregate": {}}
+    for r in seeds:
+        rep_log = None if log is None else (lambda line, r=int(r): log(f"replicate {r}: {line}"))
+        rep_progress = (
+            None if progress is None
+            else (lambda phase, done, total, r=int(r): progress(f"replicate {r}: {phase}", done, total))
+        )
+        runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), rep_progress, rep_log).run()
+    runs = {**_finished_replicates(config, path), **runs}
+    runs = dict(sorted(runs.items()))
+    aggregate = aggregate_replicates(runs, config)
+    _atomic_json(path / "aggregate.json", aggregate)
+    return {"runs": runs, "aggregate": aggregate}
 
 
 #: The replicate index of a run directory (``{"replicate": r}``), checked when it is continued.
@@ -1250,7 +1275,8 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
     single = _is_loop_config(path / "config.yaml")
     multi = any(
         e.is_dir() and re.fullmatch(r"seed_\d+", e.name)
-        and (_is_loop_config(e / "config.yaml") or all(f.name == "config.yaml.tmp" for f in e.iterdir()))
+        and (_is_loop_config(e / "config.yaml")
+             or all(f.name in ("config.yaml.tmp", LOCK_NAME) for f in e.iterdir()))
         for e in path.iterdir()
     )  # a replicate killed before its config.yaml was written is empty
     if replicates and single:

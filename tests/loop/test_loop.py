@@ -273,6 +273,21 @@ def test_a_replicates_folder_is_not_continued_as_another_replicate(tmp_path):
     assert left == [LOCK_NAME, "config.yaml", "replicate.json"]  # nothing run
 
 
+def test_a_replicate_in_use_as_a_single_run_is_refused(tmp_path):
+    """`loopsim loop --run-dir D/seed_0` running: `--seeds 0 --run-dir D` must not write into it too."""
+    from filelock import FileLock
+
+    from loopsim.loop import _check_run_dir
+
+    rep = tmp_path / "D" / "seed_0"
+    rep.mkdir(parents=True)
+    with FileLock(rep / LOCK_NAME):
+        with pytest.raises(ConfigError, match=r"D/seed_0 is in use by another `loopsim loop`"):
+            run_loop(tiny(), tmp_path / "D", seeds=[0])
+    assert sorted(p.name for p in rep.iterdir()) == [LOCK_NAME]
+    _check_run_dir(tmp_path / "D", replicates=True)  # a replicate folder holding only a lock is fine
+
+
 def test_a_run_directory_in_use_is_refused(tmp_path):
     """Two loops in one run directory would interleave their stores: the second stops before any work."""
     from filelock import FileLock
