@@ -828,7 +828,8 @@ def loop(
         except KeyboardInterrupt:
             again = " ".join(["loopsim loop", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                               "--run-dir", shlex.quote(str(directory))]
-                             + ([] if seeds is None else ["--seeds", seeds]))
+                             + ([] if seeds is None else ["--seeds", shlex.quote(seeds)])
+                             + ([] if report_html else ["--no-report"]))
             progress.stop()
             console.print(f"interrupted: every finished phase and episode is kept in {directory}; resume "
                           f"with: {again}", style="yellow", markup=False, soft_wrap=True)

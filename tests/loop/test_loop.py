@@ -288,6 +288,22 @@ def test_a_replicate_in_use_as_a_single_run_is_refused(tmp_path):
     _check_run_dir(tmp_path / "D", replicates=True)  # a replicate folder holding only a lock is fine
 
 
+def test_interrupted_loop_prints_the_same_command_to_resume(tmp_path, monkeypatch):
+    import loopsim.loop
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loopsim.loop, "run_loop", interrupted)
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    args = [str(cfg_file), "loop.episodes=3", "--run-dir", str(tmp_path / "run"), "--seeds", "0,1",
+            "--no-report"]
+    result = runner.invoke(app, ["loop", *args])
+    assert result.exit_code == 130
+    assert "resume with: loopsim loop " + " ".join(args) in " ".join(result.output.split())
+
+
 def test_a_run_directory_in_use_is_refused(tmp_path):
     """Two loops in one run directory would interleave their stores: the second stops before any work."""
     from filelock import FileLock
