@@ -695,7 +695,10 @@ def _check_out(config: BenchConfig, out: Path) -> None:
         raise BenchError(f"--out {out} is a file; give a new or empty directory, or a benchmark's output")
     path = out / "config.yaml"
     if path.is_file():
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved = None
         if not isinstance(saved, dict) or not {"name", "envs", "policies"} <= set(saved):
             raise BenchError(
                 f"{out} is not a benchmark output directory (its config.yaml is not a benchmark config: "

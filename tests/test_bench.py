@@ -312,6 +312,9 @@ def test_out_that_is_a_file_or_another_kind_of_run_is_refused_untouched(tmp_path
     with pytest.raises(BenchError, match="is not a benchmark output directory .*not a benchmark config"):
         run_bench(_cfg(sites=["lab"]), run)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    (run / "config.yaml").write_text("name: [unclosed\n")  # not even YAML
+    with pytest.raises(BenchError, match="is not a benchmark output directory"):
+        run_bench(_cfg(sites=["lab"]), run)
 
 
 def test_out_in_use_by_another_bench_is_refused_at_once(tmp_path: Path) -> None:
