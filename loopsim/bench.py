@@ -56,7 +56,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -291,6 +291,11 @@ class BenchConfig(_Strict):
                 raise ValueError(f"policies.{name}: env(s) {unknown} are not in envs; allowed: {ids}")
             if isinstance(pol, BenchTrain) and pol.seeds and len(set(pol.seeds)) != len(pol.seeds):
                 raise ValueError(f"policies.{name}.seeds: a seed is listed twice: {pol.seeds}")
+            if not self.policy_envs(name):  # e.g. envs: [], or envs disjoint from per_env / path
+                raise ValueError(
+                    f"policies.{name}: runs on no env (envs = {pol.envs}); name at least one of {ids}, or "
+                    "remove the policy"
+                )
         for pair in self.compare or []:
             bad = [p for p in pair if p not in self.policies]
             if bad or pair[0] == pair[1]:
@@ -370,7 +375,8 @@ class CallablePolicy:
         action_space: The env's action space.
 
     Raises:
-        ValueError: From :meth:`predict`, if the action's shape is not the action space's.
+        ValueError: From :meth:`predict`, if the action's shape is not the action space's, or a float
+            action holds NaN or infinity.
     """
 
     def __init__(self, function: Callable[[Any], Any], observation_space: Any, action_space: Any) -> None:
@@ -388,6 +394,8 @@ class CallablePolicy:
                 f"the policy function returned an action of shape {action.shape}; the env's action space "
                 f"is {self.action_space}"
             )
+        if np.issubdtype(action.dtype, np.floating) and not np.isfinite(action).all():
+            raise ValueError(f"the policy function returned a non-finite action {action.tolist()}")
         return action, None
 
     def reset(self, seed: int | None = None) -> None:
@@ -434,10 +442,35 @@ class SB3ZipSpec:
     algo: str
 
     def make_policy(self, env: Any) -> _SB3ModelPolicy:
-        """Load the model (``device="cpu"``) and act with its ``predict``."""
+        """Load the model (``device="cpu"``) and act with its ``predict``.
+
+        Raises:
+            ValueError: If the file was saved by another algorithm than ``algo`` (its policy class is
+                not one of ``algo``'s), naming both; else whatever SB3's ``load`` raises.
+        """
         from loopsim.policies.sb3 import sb3_algorithms
 
-        return _SB3ModelPolicy(sb3_algorithms()[self.algo].load(self.path, device="cpu"))
+        algo = sb3_algorithms()[self.algo]
+        try:
+            return _SB3ModelPolicy(algo.load(self.path, device="cpu"))
+        except Exception:
+            from stable_baselines3.common.save_util import load_from_zip_file
+
+            try:
+                data, _, _ = load_from_zip_file(self.path, device="cpu")
+                saved = (data or {}).get("policy_class")
+            except Exception:  # noqa: BLE001 - not an SB3 file at all: SB3's own error says so
+                saved = None
+            allowed = tuple(algo.policy_aliases.values())
+            if isinstance(saved, type) and allowed and not issubclass(saved, allowed):
+                fits = sorted(n for n, c in sb3_algorithms().items()
+                              if issubclass(saved, tuple(c.policy_aliases.values())))
+                by = " or ".join(fits) or "another algorithm"
+                raise ValueError(
+                    f"{self.path} holds the policy class {saved.__name__} (saved by {by}), not a {self.algo} "
+                    "policy; set algo to the algorithm that saved it"
+                ) from None
+            raise
 
 
 # ============================================================================================ paths
@@ -645,15 +678,35 @@ def _cell_path(out: Path, policy: str, env_id: str, site: str, seed: int | None)
     return out / "cells" / policy / _slug(env_id) / site / name
 
 
-def _prepare_out(config: BenchConfig, out: Path) -> None:
-    """Create ``out`` with the resolved config, or check that an existing ``out`` is this benchmark's."""
+#: Name of the lock file a running ``loopsim bench`` holds in its output directory (filelock).
+LOCK_NAME = ".loopsim-bench.lock"
+
+
+def _check_out(config: BenchConfig, out: Path) -> None:
+    """Refuse an ``out`` that is a file, another kind of directory or another benchmark's, writing nothing.
+
+    Raises:
+        BenchError: If ``out`` is a file, holds files that are not a benchmark's (a store, a loop or
+            training run, the user's files), or holds results of a different benchmark config.
+    """
     from loopsim.training import _diff
 
-    text = dump_config(config)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} is a file; give a new or empty directory, or a benchmark's output")
     path = out / "config.yaml"
     if path.is_file():
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-        diff = sorted(_diff(saved, yaml.safe_load(text)))
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved = None
+        if not isinstance(saved, dict) or not {"name", "envs", "policies"} <= set(saved):
+            raise BenchError(
+                f"{out} is not a benchmark output directory (its config.yaml is not a benchmark config: "
+                "a loop or training run?); use another --out"
+            )
+        # The number of worker processes changes no result (each episode is seeded by itself): a run
+        # started with 2 workers may be resumed with 1.
+        diff = sorted(set(_diff(saved, yaml.safe_load(dump_config(config)))) - {"eval.workers"})
         if diff:
             raise BenchError(
                 f"{out} holds results of a different benchmark config (differs at {diff}); use another "
@@ -662,11 +715,17 @@ def _prepare_out(config: BenchConfig, out: Path) -> None:
         return
     # train/ and demos/ alone may be copied in from another benchmark's output to reuse its runs
     # (a finished run is reused only if its config is the one this benchmark would train).
-    if out.exists() and any(p.name not in ("train", "demos") for p in out.iterdir()):
+    if out.exists() and any(p.name not in ("train", "demos", LOCK_NAME) for p in out.iterdir()):
         raise BenchError(
             f"{out} exists and is not a benchmark output directory (no config.yaml); use another --out"
         )
-    _atomic_write(path, text)
+
+
+def _prepare_out(config: BenchConfig, out: Path) -> None:
+    """Create ``out`` with the resolved config, or check that an existing ``out`` is this benchmark's."""
+    _check_out(config, out)
+    if not (out / "config.yaml").is_file():
+        _atomic_write(out / "config.yaml", dump_config(config))
 
 
 def _collect_demos(ccfg: Any, out: Path, log: Callable[[str], None]) -> Path:
@@ -719,6 +778,30 @@ def _train_one(name: str, env_id: str, seed: int, t: _Trained, out: Path, log: C
     return run_dir / "checkpoint"
 
 
+def _episodes_or_error(
+    name: str, env_id: str, seed: int | None, tasks: Sequence[tuple[str, int]], episodes: Iterable[Any]
+) -> Iterator[Any]:
+    """Yield ``episodes``, turning a failure while running one into a :class:`BenchError` with context.
+
+    A user's policy raising or returning NaN, an SB3 file that does not fit the env...: the error names
+    the policy, env, site and episode seed; the cells written before it are kept, so fixing the policy
+    and re-running continues.
+    """
+    k = 0
+    try:
+        for item in episodes:
+            yield item
+            k += 1
+    except Exception as exc:  # noqa: BLE001 - any failure of the policy or env, reported with context
+        site, episode_seed = tasks[min(k, len(tasks) - 1)]
+        run = "" if seed is None else f", training seed {seed}"
+        raise BenchError(
+            f"policies.{name} failed on {env_id} at {site}{run}, episode seed {episode_seed}: "
+            f"{type(exc).__name__}: {exc}; finished cells are kept: fix the policy and run the same "
+            "command to continue"
+        ) from exc
+
+
 def _evaluate(
     config: BenchConfig,
     name: str,
@@ -742,7 +825,9 @@ def _evaluate(
     current: EvaluationResult | None = None
     start = time.perf_counter()
     for k, (result, _) in enumerate(
-        run_episodes(spec, env_cfg, tasks, workers=ev.workers, deterministic=ev.deterministic)
+        _episodes_or_error(name, env_id, seed, tasks, run_episodes(
+            spec, env_cfg, tasks, workers=ev.workers, deterministic=ev.deterministic
+        ))
     ):
         site = sites[k // ev.episodes]
         if current is None:
@@ -789,14 +874,41 @@ def run_bench(
 
     Raises:
         ConfigError: From :func:`check_bench_config`, before any work.
-        BenchError: If ``out`` holds another benchmark's results or other files.
+        BenchError: If ``out`` is a file, holds another benchmark's results or other files, or is in
+            use by another ``loopsim bench`` (a file lock); if a policy fails while running episodes.
     """
-    import torch
-
     progress = progress or (lambda *_: None)
     log = log or (lambda _line: None)
+    from filelock import FileLock, Timeout
+
     out = Path(out)
     trained = check_bench_config(config)
+    _check_out(config, out)  # before anything is written, even the lock file
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise BenchError(
+            f"{out} is in use by another `loopsim bench` (its lock {out / LOCK_NAME} is held); wait for it "
+            "to finish, or give another --out"
+        ) from None
+    try:
+        return _run_locked(config, out, trained, progress, log)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    config: BenchConfig,
+    out: Path,
+    trained: Mapping[tuple[str, str], _Trained],
+    progress: Progress,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The body of :func:`run_bench`, with ``out``'s lock held."""
+    import torch
+
     _prepare_out(config, out)
     torch.set_num_threads(1)
     # Every (policy, env, seed) with the sites whose cell is not written yet.

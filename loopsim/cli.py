@@ -828,7 +828,8 @@ def loop(
         except KeyboardInterrupt:
             again = " ".join(["loopsim loop", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                               "--run-dir", shlex.quote(str(directory))]
-                             + ([] if seeds is None else ["--seeds", seeds]))
+                             + ([] if seeds is None else ["--seeds", shlex.quote(seeds)])
+                             + ([] if report_html else ["--no-report"]))
             progress.stop()
             console.print(f"interrupted: every finished phase and episode is kept in {directory}; resume "
                           f"with: {again}", style="yellow", markup=False, soft_wrap=True)
@@ -1128,6 +1129,13 @@ def bench(
     path = Path(config)
     if not path.exists() and bundled_suite(config) is not None:
         path = bundled_suite(config)
+    if not path.exists():
+        from importlib import resources
+
+        suites = sorted(p.name.removesuffix(".yaml")
+                        for p in resources.files("loopsim.configs").joinpath("bench").iterdir()
+                        if p.name.endswith(".yaml"))
+        raise _error(f"config {config!r}: no such file, and not a bundled suite; the suites are {suites}")
     with _run_errors():
         cfg = load_config(BenchConfig, path, overrides or [])
     directory = out or Path("runs") / "bench" / cfg.name
@@ -1142,7 +1150,15 @@ def bench(
         def log(line: str) -> None:
             progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        run_bench(cfg, directory, progress=report, log=log)
+        try:
+            run_bench(cfg, directory, progress=report, log=log)
+        except KeyboardInterrupt:
+            again = " ".join(["loopsim bench", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
+                              "--out", shlex.quote(str(directory))])
+            progress.stop()
+            console.print(f"interrupted: every finished cell and training run is kept in {directory}; "
+                          f"resume with: {again}", style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     console.print((directory / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False,
                   soft_wrap=True)
     console.print(f"output directory: {directory} (results.json, results.csv, results.md, plots/, "

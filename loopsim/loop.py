@@ -21,6 +21,7 @@ Run directory::
 
     <run_dir>/
         config.yaml                  the resolved config
+        replicate.json               the replicate index (0 without --seeds), checked on resume
         demos.zarr                   expert demonstrations (iteration 0)
         operational.zarr             every deployed episode (iteration >= 1)
         iterations/<k:03d>/
@@ -39,10 +40,12 @@ run at any moment and re-running the same command continues with no episode dupl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -552,8 +555,12 @@ class LoopRun:
     def start(self, resume_ok: bool = True) -> None:
         """Create the run directory (writing ``config.yaml``) or check it holds this config.
 
+        The replicate index is recorded in ``replicate.json`` (its seeds differ from other replicates'):
+        continuing replicate ``r``'s folder as another replicate (``--run-dir <dir>/seed_1`` without
+        ``--seeds``) would mix two replicates' episodes in one run.
+
         Raises:
-            ConfigError: If the directory holds a run of a different config.
+            ConfigError: If the directory holds a run of a different config, or another replicate.
         """
         config_file = self.path / "config.yaml"
         text = dump_config(self.config)
@@ -566,11 +573,22 @@ class LoopRun:
                     f"{self.path} holds a loop run of another config (differs at "
                     f"{sorted(_diff(saved, yaml.safe_load(text)))}); give another --run-dir (or run_dir=...)"
                 )
+            marker = self.path / REPLICATE_FILE
+            if marker.is_file():  # runs written before the marker existed are not checked
+                theirs = int(json.loads(marker.read_text(encoding="utf-8"))["replicate"])
+                if theirs != self.replicate:
+                    how = (f"run it with --seeds {theirs} --run-dir {self.path.parent}" if theirs
+                           else f"run it without --seeds, with --run-dir {self.path}")
+                    raise ConfigError(
+                        f"{self.path} holds replicate {theirs} of this loop, not replicate {self.replicate} "
+                        f"(other demonstration and deployment seeds); {how}"
+                    )
             return
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, config_file)
+        _atomic_json(self.path / REPLICATE_FILE, {"replicate": self.replicate})
 
     # -------------------------------------------------------------------------------------- phases
     def _demos(self) -> None:
@@ -1173,7 +1191,25 @@ def run_loop(
     check_loop_config(config)
     path = Path(path)
     _check_run_dir(path, replicates=seeds is not None)
+    if seeds is not None:
+        _check_replicates(config, path)
     path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as locks:
+        _lock(locks, path)
+        # Each replicate's folder is locked too: `--run-dir <dir>/seed_0` (a single run) at the same
+        # time as `--seeds 0 --run-dir <dir>` would write into the same run.
+        for r in seeds or []:
+            (path / f"seed_{int(r)}").mkdir(exist_ok=True)
+            _lock(locks, path / f"seed_{int(r)}")
+        return _run_locked(config, path, seeds, progress, log)
+
+
+def _lock(stack: contextlib.ExitStack, path: Path) -> None:
+    """Hold ``path``'s lock file until ``stack`` closes; raise at once if another process holds it.
+
+    Raises:
+        ConfigError: If another ``loopsim loop`` holds the lock.
+    """
     lock = FileLock(path / LOCK_NAME)
     try:
         lock.acquire(timeout=0)
@@ -1182,26 +1218,37 @@ def run_loop(
             f"{path} is in use by another `loopsim loop` (its lock {path / LOCK_NAME} is held); wait for "
             "it to finish, or give another --run-dir"
         ) from None
-    try:
-        runs: dict[int, list[dict[str, Any]]] = {}
-        if seeds is None:
-            runs[0] = LoopRun(config, path, 0, progress, log).run()
-            return {"runs": runs, "aggregate": {}}
-        for r in seeds:
-            rep_log = None if log is None else (lambda line, r=int(r): log(f"replicate {r}: {line}"))
-            rep_progress = (
-                None if progress is None
-                else (lambda phase, done, total, r=int(r): progress(f"replicate {r}: {phase}", done, total))
-            )
-            runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), rep_progress, rep_log).run()
-        runs = {**_finished_replicates(config, path), **runs}
-        runs = dict(sorted(runs.items()))
-        aggregate = aggregate_replicates(runs, config)
-        _atomic_json(path / "aggregate.json", aggregate)
-        return {"runs": runs, "aggregate": aggregate}
-    finally:
-        lock.release()
+    stack.callback(lock.release)
 
+
+def _run_locked(
+    config: LoopConfig,
+    path: Path,
+    seeds: Sequence[int] | None,
+    progress: Callable[[str, int, int], None] | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The body of :func:`run_loop`, with the run directory's lock(s) held."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    if seeds is None:
+        runs[0] = LoopRun(config, path, 0, progress, log).run()
+        return {"runs": runs, "aggregate": {}}
+    for r in seeds:
+        rep_log = None if log is None else (lambda line, r=int(r): log(f"replicate {r}: {line}"))
+        rep_progress = (
+            None if progress is None
+            else (lambda phase, done, total, r=int(r): progress(f"replicate {r}: {phase}", done, total))
+        )
+        runs[int(r)] = LoopRun(config, path / f"seed_{int(r)}", int(r), rep_progress, rep_log).run()
+    runs = {**_finished_replicates(config, path), **runs}
+    runs = dict(sorted(runs.items()))
+    aggregate = aggregate_replicates(runs, config)
+    _atomic_json(path / "aggregate.json", aggregate)
+    return {"runs": runs, "aggregate": aggregate}
+
+
+#: The replicate index of a run directory (``{"replicate": r}``), checked when it is continued.
+REPLICATE_FILE = "replicate.json"
 
 #: Name of the lock file a running ``loopsim loop`` holds in its run directory (filelock).
 LOCK_NAME = ".loopsim-loop.lock"
@@ -1224,8 +1271,14 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
     entries = sorted(e.name for e in path.iterdir() if e.name not in (LOCK_NAME, "config.yaml.tmp"))
     if not entries:
         return
-    single = (path / "config.yaml").is_file()
-    multi = any(e.is_dir() and e.name.startswith("seed_") for e in path.iterdir())
+    # A bench output or a training run also has a config.yaml: only a loop config's counts.
+    single = _is_loop_config(path / "config.yaml")
+    multi = any(
+        e.is_dir() and re.fullmatch(r"seed_\d+", e.name)
+        and (_is_loop_config(e / "config.yaml")
+             or all(f.name in ("config.yaml.tmp", LOCK_NAME) for f in e.iterdir()))
+        for e in path.iterdir()
+    )  # a replicate killed before its config.yaml was written is empty
     if replicates and single:
         raise ConfigError(f"{path} holds a single loop run; give the --seeds run another --run-dir")
     if not replicates and multi:
@@ -1236,9 +1289,45 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
     if not (single or multi):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConfigError(
-            f"{path} is not a loop run directory (no config.yaml or seed_<r>/; it holds {shown}); "
+            f"{path} is not a loop run directory (no loop config.yaml or seed_<r>/ replicates; it holds "
+            f"{shown}); "
             "give a new or empty --run-dir"
         )
+
+
+def _check_replicates(config: LoopConfig, path: Path) -> None:
+    """Refuse, before any work, a ``--seeds`` run directory holding replicates of another config.
+
+    Its aggregate covers one config's replicates: a replicate of another config would be left out of
+    it, and ``aggregate.json`` overwritten with fewer replicates than the directory holds.
+
+    Raises:
+        ConfigError: Naming the first replicate of another config and the keys that differ.
+    """
+    from loopsim.training import _diff
+
+    text = yaml.safe_load(dump_config(config))
+    for rep in sorted(path.glob("seed_*")) if path.is_dir() else []:
+        if not re.fullmatch(r"seed_\d+", rep.name) or not _is_loop_config(rep / "config.yaml"):
+            continue
+        saved = yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8"))
+        if saved != text:
+            raise ConfigError(
+                f"{path} holds replicates of another config ({rep.name} differs at "
+                f"{sorted(_diff(saved, text))}); its aggregate covers one config: give the same config "
+                "and overrides, or another --run-dir"
+            )
+
+
+def _is_loop_config(path: Path) -> bool:
+    """Whether ``path`` is a file holding a loop config (a mapping with ``env``, ``strategy``, ``loop``)."""
+    if not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"env", "strategy", "loop"} <= set(data)
 
 
 def _finished_replicates(config: LoopConfig, path: Path) -> dict[int, list[dict[str, Any]]]:

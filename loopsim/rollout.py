@@ -269,7 +269,7 @@ def check_policy(spec: Any, env: EnvConfig, site: str | Mapping[str, Any] | None
                 name = (
                     getattr(spec, "path", spec)
                     if isinstance(spec, CheckpointPolicyConfig | str | os.PathLike)
-                    else type(spec).__name__
+                    else getattr(spec, "path", None) or type(spec).__name__  # e.g. a user's SB3 .zip
                 )
                 raise ConfigError(
                     f"policy {name} expects {what.split('_')[0]}s {_space_str(theirs)}, but {env.id} with "

@@ -56,6 +56,7 @@ def _train(config: str, **source: Any) -> dict[str, Any]:
         ({"policies": {"x": {"type": "magic"}}},
          "policies.x.type = 'magic': not allowed; allowed: ['callable'"),
         ({"eval": {"episodes": 0}}, "eval.episodes = 0"),
+        ({"policies": {"x": {"type": "expert", "envs": []}}}, "policies.x: runs on no env (envs = []); name"),
         ({"episodes": 5}, "episodes: unknown key (value 5); allowed keys: ['compare', 'envs', 'eval'"),
         ({"envs": [{"id": "FactoryPegInsert"}]}, "envs.0.id = 'FactoryPegInsert'"),
         ({"envs": [{"id": PEG}, {"id": PEG}]}, "an env id is listed twice"),
@@ -164,6 +165,9 @@ def test_a_different_config_is_refused_in_the_same_out_dir(tmp_path: Path) -> No
     run_bench(_cfg(sites=["lab"]), out)
     with pytest.raises(BenchError, match=r"different benchmark config \(differs at \['eval.episodes'\]\)"):
         run_bench(_cfg(sites=["lab"], eval={"episodes": 4, "seed": 100}), out)
+    # Another number of workers changes no result: the finished run is reused, not refused.
+    again = run_bench(_cfg(sites=["lab"], eval={"episodes": 3, "seed": 100, "workers": 2}), out)
+    assert [c["success_rate"] for c in again["cells"]] == [1.0, 0.0]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(BenchError, match="not a benchmark output directory"):
@@ -235,6 +239,17 @@ def _write_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
         def wrong_shape(observation):
             return np.zeros(3)
+
+        def nan(observation):
+            return np.full(4, np.nan)
+
+        calls = [0]
+
+        def raises_later(observation):
+            calls[0] += 1
+            if calls[0] > 3:  # the check before work calls it once: this fails in the first episode
+                raise RuntimeError("boom from the user's policy")
+            return np.zeros(4)
     """))
     monkeypatch.chdir(tmp_path)  # the working directory goes on sys.path, as for `loopsim bench`
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -262,6 +277,57 @@ def test_callable_with_a_wrong_action_shape_is_refused_before_work(
         run_bench(cfg, tmp_path / "out")
 
 
+def test_callable_returning_nan_is_refused_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_module(tmp_path, monkeypatch)
+    cfg = _cfg(policies={"bad": {"type": "callable", "function": "bench_user_policy:nan"}})
+    with pytest.raises(ConfigError, match=r"policies.bad on .*non-finite action \[nan, nan, nan, nan\]"):
+        run_bench(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_policy_failing_mid_run_is_one_clear_error_and_finished_cells_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_module(tmp_path, monkeypatch)
+    bad = {"type": "callable", "function": "bench_user_policy:raises_later"}
+    pols = {"expert": {"type": "expert"}, "bad": bad}
+    cfg = _cfg(sites=["lab"], policies=pols)
+    message = (r"policies.bad failed on loopsim/FactoryPegInsert-v0 at lab, episode seed 100: "
+               r"RuntimeError: boom from the user's policy; finished cells are kept")
+    with pytest.raises(BenchError, match=message):
+        run_bench(cfg, tmp_path / "out")
+    cells = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.json"))
+    assert cells == ["cells/expert/FactoryPegInsert-v0/lab/fixed.json"]
+
+
+def test_out_that_is_a_file_or_another_kind_of_run_is_refused_untouched(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BenchError, match="is a file"):
+        run_bench(_cfg(sites=["lab"]), tmp_path / "file")
+    run = tmp_path / "loop_run"  # a loop or training run also has a config.yaml
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\nenv: {id: loopsim/FactoryPegInsert-v0}\nloop: {}\n")
+    with pytest.raises(BenchError, match="is not a benchmark output directory .*not a benchmark config"):
+        run_bench(_cfg(sites=["lab"]), run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    (run / "config.yaml").write_text("name: [unclosed\n")  # not even YAML
+    with pytest.raises(BenchError, match="is not a benchmark output directory"):
+        run_bench(_cfg(sites=["lab"]), run)
+
+
+def test_out_in_use_by_another_bench_is_refused_at_once(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / bench_mod.LOCK_NAME):
+        with pytest.raises(BenchError, match="in use by another `loopsim bench`"):
+            run_bench(_cfg(sites=["lab"]), out)
+    assert sorted(p.name for p in out.iterdir()) == [bench_mod.LOCK_NAME]
+
+
 def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
     """An SB3 .zip (SB3's own save) is loaded with SB3's load and acts exactly as the model does."""
     import gymnasium as gym
@@ -286,6 +352,19 @@ def test_users_sb3_zip_is_benchmarked_as_it_acts(tmp_path: Path) -> None:
         expected.append(ret)
     env.close()
     assert res["cells"][0]["mean_return"] == pytest.approx(np.mean(expected), abs=1e-9)
+    # The same file under the wrong algo: refused before work, naming the class and who saved it.
+    wrong = _cfg(sites=["lab"], policies={"mine": {"type": "sb3_zip", "path": str(tmp_path / "mine.zip"),
+                                                   "algo": "SAC"}})
+    message = r"policies.mine on .*the policy class ActorCriticPolicy \(saved by A2C or PPO\), not a SAC"
+    with pytest.raises(ConfigError, match=message):
+        run_bench(wrong, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    # A file of another task (FactorySort: 37 observation dims, PegInsert: 22): named by its path.
+    PPO("MlpPolicy", gym.make("loopsim/FactorySort-v0"), n_steps=64, device="cpu").save(tmp_path / "sort.zip")
+    other = _cfg(sites=["lab"], policies={"s": {"type": "sb3_zip", "path": str(tmp_path / "sort.zip"),
+                                                "algo": "PPO"}})
+    with pytest.raises(ConfigError, match=r"policy .*sort.zip expects observations Box\(37,\) float32"):
+        run_bench(other, tmp_path / "out2")
 
 
 def test_trained_policy_per_seed_with_demos_collected_first(
@@ -359,9 +438,26 @@ def test_cli_bench_prints_the_table_and_refuses_bad_overrides(tmp_path: Path) ->
     runner = CliRunner()
     bad = runner.invoke(app, ["bench", str(path), "eval.episode=3", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "eval.episode: unknown key" in bad.output
+    typo = runner.invoke(app, ["bench", "factory-v1", "--out", str(tmp_path / "o")])
+    assert typo.exit_code == 2 and "not a bundled suite; the suites are ['factory-v0'," in typo.output
     ok = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "o")])
     assert ok.exit_code == 0, ok.output
     assert "| expert | 1 | 100% [100%, 100%] |" in ok.output and "results.csv" in ok.output
+
+
+def test_cli_bench_interrupted_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_tiny(sites=["lab"])))
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_mod, "run_bench", interrupted)
+    res = CliRunner().invoke(app, ["bench", str(path), "eval.episodes=2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130
+    assert "interrupted: every finished cell and training run is kept in" in res.output
+    again = f"resume with: loopsim bench {path} eval.episodes=2 --out {tmp_path / 'o'}"
+    assert again in " ".join(res.output.split())
 
 
 def _cell(policy: str, env_id: str, successes: list[int], seed: int | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from loopsim.cli import app
 from loopsim.config import ConfigError, dump_config, load_config
 from loopsim.datasets import EpisodeStore
-from loopsim.loop import LoopConfig, LoopRun, check_loop_config, run_loop
+from loopsim.loop import LOCK_NAME, LoopConfig, LoopRun, check_loop_config, run_loop
 
 runner = CliRunner()
 
@@ -231,6 +231,77 @@ def test_a_directory_that_is_not_a_loop_run_is_refused_untouched(tmp_path):
     (tmp_path / "empty").mkdir()
     LoopRun(tiny(), tmp_path / "empty").start()
     assert (tmp_path / "empty" / "config.yaml").is_file()
+
+
+def test_a_bench_output_or_training_run_is_not_taken_for_a_loop_run(tmp_path):
+    """Their config.yaml is not a loop config: refused like any other folder, and no lock file left there."""
+    bench = tmp_path / "bench"  # what `loopsim bench` writes (config.yaml with name/envs/policies)
+    (bench / "cells").mkdir(parents=True)
+    (bench / "config.yaml").write_text("name: b\nenvs: [{id: loopsim/FactoryPegInsert-v0}]\npolicies: {}\n")
+    train = tmp_path / "train"  # a `loopsim train` run: config.yaml without strategy/loop
+    (train / "checkpoint").mkdir(parents=True)
+    (train / "config.yaml").write_text("seed: 0\nenv: {id: loopsim/FactoryPegInsert-v0}\ntrain: {}\n")
+    fake = tmp_path / "fake"  # a seed_<r>/ folder that is not a loop replicate
+    (fake / "seed_0" / "cells").mkdir(parents=True)
+    for path in (bench, train, fake):
+        before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+        for seeds in (None, [0]):
+            with pytest.raises(ConfigError, match="is not a loop run directory .*no loop config.yaml"):
+                run_loop(tiny(), path, seeds=seeds)
+        assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+
+
+def test_replicates_of_another_config_are_refused_before_work(tmp_path):
+    """Adding `--seeds 1` with other overrides would overwrite aggregate.json with fewer replicates."""
+    path = tmp_path / "reps"
+    LoopRun(tiny(), path / "seed_0").start()
+    message = r"holds replicates of another config \(seed_0 differs at \['loop.episodes'\]"
+    with pytest.raises(ConfigError, match=message):
+        run_loop(tiny("loop.episodes=3"), path, seeds=[1])
+    assert sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) == ["seed_0"]
+
+
+def test_a_replicates_folder_is_not_continued_as_another_replicate(tmp_path):
+    """`--run-dir D/seed_1` without --seeds would finish replicate 1 with replicate 0's seeds."""
+    LoopRun(tiny(), tmp_path / "D" / "seed_1", replicate=1).start()
+    with pytest.raises(ConfigError, match=r"holds replicate 1 of this loop, not replicate 0 .*--seeds 1 "):
+        run_loop(tiny(), tmp_path / "D" / "seed_1")
+    LoopRun(tiny(), tmp_path / "single").start()
+    with pytest.raises(ConfigError, match="holds replicate 0 of this loop, not replicate 2 .*without --seed"):
+        LoopRun(tiny(), tmp_path / "single", replicate=2).start()
+    left = sorted(p.name for p in (tmp_path / "D" / "seed_1").iterdir())
+    assert left == [LOCK_NAME, "config.yaml", "replicate.json"]  # nothing run
+
+
+def test_a_replicate_in_use_as_a_single_run_is_refused(tmp_path):
+    """`loopsim loop --run-dir D/seed_0` running: `--seeds 0 --run-dir D` must not write into it too."""
+    from filelock import FileLock
+
+    from loopsim.loop import _check_run_dir
+
+    rep = tmp_path / "D" / "seed_0"
+    rep.mkdir(parents=True)
+    with FileLock(rep / LOCK_NAME):
+        with pytest.raises(ConfigError, match=r"D/seed_0 is in use by another `loopsim loop`"):
+            run_loop(tiny(), tmp_path / "D", seeds=[0])
+    assert sorted(p.name for p in rep.iterdir()) == [LOCK_NAME]
+    _check_run_dir(tmp_path / "D", replicates=True)  # a replicate folder holding only a lock is fine
+
+
+def test_interrupted_loop_prints_the_same_command_to_resume(tmp_path, monkeypatch):
+    import loopsim.loop
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loopsim.loop, "run_loop", interrupted)
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    args = [str(cfg_file), "loop.episodes=3", "--run-dir", str(tmp_path / "run"), "--seeds", "0,1",
+            "--no-report"]
+    result = runner.invoke(app, ["loop", *args])
+    assert result.exit_code == 130
+    assert "resume with: loopsim loop " + " ".join(args) in " ".join(result.output.split())
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
