@@ -273,8 +273,8 @@ def check_policy(spec: Any, env: EnvConfig, site: str | Mapping[str, Any] | None
                 )
                 raise ConfigError(
                     f"policy {name} expects {what.split('_')[0]}s {_space_str(theirs)}, but {env.id} with "
-                    f"kwargs {env.kwargs} gives {_space_str(ours)} (was it trained with another obs_mode or "
-                    "image_size?)"
+                    f"kwargs {env.kwargs} gives {_space_str(ours)} (was it trained with another obs_mode, "
+                    "image_size or block_gripper?)"
                 )
     finally:
         probe.close()

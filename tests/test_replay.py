@@ -338,3 +338,18 @@ def test_write_video_refuses_bad_arguments(tmp_path, monkeypatch):
     frames = [np.full((15, 13, 3), 40 * k, dtype=np.uint8) for k in range(3)]
     out = write_video(tmp_path / "odd.gif", frames, 10)
     assert iio.imread(out).shape[:3] == (3, 15, 13)
+
+
+def test_block_gripper_store_records_the_kwarg_and_replays(tmp_path):
+    """Expert episodes of FactoryPegInsert with ``block_gripper``: (3,) actions, kwarg kept, exact replay."""
+    path = tmp_path / "peg.zarr"
+    kwargs = {"obs_mode": "state", "block_gripper": True}
+    collect(CollectConfig(seed=0, env=EnvConfig(id="loopsim/FactoryPegInsert-v0", site="gripper_faults",
+                                                kwargs=kwargs),
+                          episodes=2, store=str(path), deterministic=False))
+    with EpisodeStore.open(path) as s:
+        assert s.env_kwargs == kwargs
+        assert s.action_space == gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        assert s.episode(0).actions.shape[1] == 3
+    results = list(replay_store(str(path)))
+    assert len(results) == 2 and all(r.exact and r.max_deviation == 0.0 for r in results)

@@ -354,3 +354,28 @@ def test_other_setups_train_and_deploy(tmp_path: Path, over: dict[str, Any]) -> 
     assert env.action_space.contains(policy.predict(obs, deterministic=True)[0])
     env.close()
     assert run.evaluations()[-1]["step"] == config.train.total_timesteps
+
+
+def test_block_gripper_run_deploys_with_its_env_kwargs(tmp_path: Path) -> None:
+    """A policy trained with ``block_gripper`` records it; ``loopsim eval`` deploys with it by default."""
+    from typer.testing import CliRunner
+
+    from loopsim.cli import app
+
+    kwargs = {"obs_mode": "state", "block_gripper": True, "max_steps": 20}  # short episodes: a fast test
+    config = _config(**{"env.kwargs": kwargs})
+    check_sb3_config(config)
+    run = train(config, tmp_path / "run", progress_bar=False)
+    policy = load_policy(run.checkpoint_dir)
+    assert policy.action_space.shape == (3,)
+    meta = json.loads((run.checkpoint_dir / "policy.json").read_text())
+    assert meta["config"]["env"]["kwargs"] == kwargs
+    runner = CliRunner()
+    args = ["eval", str(run.checkpoint_dir), "--env", PEG, "--site", "lab", "--episodes", "1"]
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, [*args, "--json", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())  # evaluated with the recorded block_gripper=True
+    wrong = runner.invoke(app, [*args, "--env-kwarg", "block_gripper=false"], terminal_width=200)
+    assert wrong.exit_code != 0
+    assert "expects actions Box(3,)" in wrong.output and "block_gripper" in wrong.output

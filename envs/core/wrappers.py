@@ -108,7 +108,8 @@ class ExpertIntervention(gym.Wrapper):
         expert_action = np.asarray(self.expert.act(), dtype=np.float32)
         if self._left == 0:
             deviation = float(np.linalg.norm(policy_action[:3] - expert_action[:3]))
-            flipped = bool(policy_action[3] * expert_action[3] < 0)
+            # The gripper command, when the action has one (not the warehouse's or a blocked gripper's).
+            flipped = len(expert_action) > 3 and bool(policy_action[3] * expert_action[3] < 0)
             if deviation > self.threshold or flipped:
                 self._left = self.takeover_steps
         intervene = self._left > 0

@@ -65,13 +65,18 @@ class FactoryEnv(RobotTaskEnv):
 
     The action is ``(4,)`` float32 in ``[-1, 1]``: end-effector displacement (dx, dy, dz) in the world
     frame, times ``MAX_DISPLACEMENT`` [m], and a gripper command ``g`` that sets the target opening
-    between the fingers to ``0.04 * (g + 1)`` [m] (-1 closed, 1 fully open at 0.08 m).
+    between the fingers to ``0.04 * (g + 1)`` [m] (-1 closed, 1 fully open at 0.08 m). Tasks that
+    accept ``block_gripper=True`` (FactoryPegInsert) drop ``g``: the action is ``(3,)`` and the
+    fingers are always commanded closed (target opening 0 m) with the site's grip force.
 
     The first 7 entries of every ``state`` observation are the robot's: end-effector position (3) [m],
     end-effector linear velocity (3) [m/s], finger opening (1) [m]. Subclasses append the task's.
     """
 
     site_schema: ClassVar = FACTORY_SCHEMA
+    #: Whether the gripper command is removed from the action (see ``block_gripper`` of the tasks
+    #: that accept it); an instance attribute set by their constructors.
+    block_gripper: bool = False
     timestep: ClassVar[float] = 0.002
     substeps: ClassVar[int] = 20
     #: Camera: eye [m], target [m], vertical field of view [deg].
@@ -109,7 +114,8 @@ class FactoryEnv(RobotTaskEnv):
             self._fault_steps = FAULT_STEPS
         force = 0.0 if self._fault_steps > 0 else self._gripper_force
         self._fault_steps = max(0, self._fault_steps - 1)
-        width = 0.5 * MAX_WIDTH * (action[3] + 1.0)
+        # Blocked gripper: the fingers are always commanded closed (g = -1), with the same force.
+        width = 0.0 if self.block_gripper else 0.5 * MAX_WIDTH * (action[3] + 1.0)
         d = MAX_DISPLACEMENT
         self.robot.command((action[0] * d, action[1] * d, action[2] * d), width, force)
         self._before_physics()
