@@ -11,7 +11,6 @@ import contextlib
 import functools
 import os
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -19,35 +18,9 @@ import pybullet as p
 import pybullet_data
 from pybullet_utils import bullet_client
 
+from loopsim.envs.core.quiet import stdout_to_devnull
+
 __all__ = ["Simulation"]
-
-
-_STDOUT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stdout_to_devnull() -> Iterator[None]:
-    """Send file descriptor 1 to /dev/null for the block (PyBullet prints ``argv[0]=`` on connect).
-
-    Serialised by a lock, so envs created from several threads restore stdout correctly; output
-    another thread writes to fd 1 during the (sub-millisecond) connect is lost.
-    """
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured by a test runner)
-        yield
-        return
-    with _STDOUT_LOCK:
-        sys.stdout.flush()
-        saved = os.dup(fd)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, fd)
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-            os.close(devnull)
 
 
 class Simulation:
@@ -76,7 +49,7 @@ class Simulation:
             raise RuntimeError('render_mode="human" needs a display (DISPLAY is not set); use "rgb_array"')
         mode = p.GUI if gui else p.DIRECT
         try:
-            with _stdout_to_devnull():
+            with stdout_to_devnull():
                 self.bc = bullet_client.BulletClient(connection_mode=mode)
         except p.error as exc:  # pragma: no cover - depends on a display
             raise RuntimeError(
