@@ -7,17 +7,17 @@ Run::
 
 ``CONFIG`` defaults to ``configs/train/factory_peg_blocked_sac.yaml`` (SAC on FactoryPegInsert with
 ``block_gripper: true``, state observations, the env's dense reward): 120 000 env steps, an
-evaluation of 50 held-out episodes (seeds 1000000..) every 10 000 steps. It took about 40 minutes of
-training on 2 cores loaded by other jobs (35-90 env steps/s). Overrides are passed on as in
+evaluation of 50 held-out episodes (seeds 1000000..) every 10 000 steps. It took 23.5 minutes on
+2 cores shared with other jobs (~85 env steps/s). Overrides are passed on as in
 ``loopsim train`` (``train.total_timesteps=300000``, ``eval.every=50000``, ``seed=1``); overrides
 without a ``CONFIG`` apply to the default one.
 
 This is the learning check of issue 4 ("an RL config learns a factory task"): too long for the
-test suite's ``slow`` marker, so it lives here. Measured (seed 0, 2026-11-30; the run was stopped
-and resumed from its own resume state at 20k, 50k and 80k steps): success 0/50 up to 60k steps
-(the tip jams on the fixture top ~10 mm off the hole axis), 0.20 at 70k, 0.24 at 80k, 0.94 at 90k
-and 100k, 0.98 at 110k, 1.00 at 120k (mean return -4.28 at 10k, -0.38 at 120k), so this check
-PASSES; see the config's header and the README's "Reinforcement learning" paragraph.
+test suite's ``slow`` marker, so it lives here. Measured (seed 0, 2026-11-30, this script):
+success 0/50 up to 50k steps (the tip jams on the fixture top ~10 mm off the hole axis), 0.20 at
+60k, 0.86 at 70k, 0.90 at 80k, 0.96 at 90k, 1.00 from 100k to 120k (mean return -15.63 untrained,
+-4.28 at 10k, -0.32 at 120k), so this check PASSES; see the config's header and the README's
+"Reinforcement learning" paragraph.
 
 It prints the evaluations (success rate with its 95 % bootstrap interval, mean return, mean
 length, per step) and passes when the final success rate is at least
