@@ -233,6 +233,11 @@ class SB3TrainConfig(_Strict):
             ending an episode early by failing (dropping the part) otherwise pays; the penalty makes
             it cost. Training only: evaluation, logged episode returns and stores use the env's
             reward.
+        num_threads: Torch CPU threads while training (``None``: torch's default, one per core). One
+            thread (the default) makes a run independent of the machine's core count (floating-point
+            reductions split across threads sum in another order: the same seed gave another SAC
+            learning curve with 2 threads) and is not slower for the small MLPs of ``state``
+            policies on a shared machine; raise it for ``rgb`` CNNs.
     """
 
     type: Literal["sb3"] = "sb3"
@@ -241,6 +246,7 @@ class SB3TrainConfig(_Strict):
     subproc: bool = False
     checkpoint_every: int = Field(10_000, ge=1)
     failure_penalty: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    num_threads: int | None = Field(1, ge=1, le=256)
 
 
 class BCTrainConfig(_Strict):

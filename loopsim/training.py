@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from loopsim.config import ConfigError, TrainConfig, check_env_config, dump_config
@@ -269,9 +270,13 @@ def train(
 
         check_sb3_config(config)
         run = RunDir.start(run_dir, config, resume)
+        threads = torch.get_num_threads()
+        if config.train.num_threads is not None:
+            torch.set_num_threads(config.train.num_threads)
         try:
             train_sb3(config, run, resume=resume, progress_bar=progress_bar)
         finally:
+            torch.set_num_threads(threads)
             run.close()
     else:  # pragma: no cover - the config model allows only these
         raise ConfigError(f"policy.type {config.policy.type!r} cannot be trained")

@@ -153,6 +153,24 @@ def test_check_accepts_good_configs() -> None:
 
 
 # =============================================================================== training runs
+@pytest.mark.parametrize(("num_threads", "expected"), [(None, None), (1, 1), (2, 2)])
+def test_training_runs_with_the_configured_torch_threads_and_restores_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_threads: int | None, expected: int | None
+) -> None:
+    """train.num_threads (default 1: a run independent of the core count) is set for the run only."""
+    seen = []
+    monkeypatch.setattr(train_sb3_module, "train_sb3", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    overrides = {} if num_threads is None else {"train.num_threads": num_threads}
+    config = _config(**overrides)
+    if num_threads is None:
+        assert config.train.num_threads == 1  # the default
+        config = config.model_copy(update={"train": config.train.model_copy(update={"num_threads": None})})
+    train(config, tmp_path / "run", progress_bar=False)
+    assert seen == [before if expected is None else expected]
+    assert torch.get_num_threads() == before
+
+
 def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     config = _config(
         **{
