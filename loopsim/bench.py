@@ -879,20 +879,13 @@ def run_bench(
     """
     progress = progress or (lambda *_: None)
     log = log or (lambda _line: None)
-    from filelock import FileLock, Timeout
+    from loopsim.runlock import acquire_or_refuse
 
     out = Path(out)
     trained = check_bench_config(config)
     _check_out(config, out)  # before anything is written, even the lock file
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BenchError(
-            f"{out} is in use by another `loopsim bench` (its lock {out / LOCK_NAME} is held); wait for it "
-            "to finish, or give another --out"
-        ) from None
+    lock = acquire_or_refuse(out, LOCK_NAME, "loopsim bench", "--out", BenchError)
     try:
         return _run_locked(config, out, trained, progress, log)
     finally:

@@ -55,7 +55,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import yaml
-from filelock import FileLock, Timeout
 from pydantic import Field, model_validator
 
 from loopsim.config import (
@@ -68,6 +67,7 @@ from loopsim.config import (
     check_env_config,
     dump_config,
 )
+from loopsim.runlock import acquire_or_refuse
 
 __all__ = [
     "DemosConfig",
@@ -1210,15 +1210,7 @@ def _lock(stack: contextlib.ExitStack, path: Path) -> None:
     Raises:
         ConfigError: If another ``loopsim loop`` holds the lock.
     """
-    lock = FileLock(path / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(
-            f"{path} is in use by another `loopsim loop` (its lock {path / LOCK_NAME} is held); wait for "
-            "it to finish, or give another --run-dir"
-        ) from None
-    stack.callback(lock.release)
+    stack.callback(acquire_or_refuse(path, LOCK_NAME, "loopsim loop", "--run-dir", ConfigError).release)
 
 
 def _run_locked(
