@@ -1,4 +1,4 @@
-"""Keep PyBullet's C-level prints off stdout (its build-time banner on import, ``argv[0]=`` on connect).
+"""Keep PyBullet's C-level ``argv[0]=`` print on connect off stdout (its import banner goes to stderr).
 
 PyBullet writes with C ``printf``, which a Python redirect cannot catch: the file descriptor itself is
 pointed at ``/dev/null`` for the block, and the C library's buffers are flushed *before* it is restored
