@@ -22,8 +22,6 @@ from loopsim.envs.core.quiet import stdout_to_devnull
 
 __all__ = ["Simulation"]
 
-__all__ = ["Simulation"]
-
 
 class Simulation:
     """A PyBullet client in DIRECT (headless) or GUI mode with a fixed time step and substeps.
