@@ -70,8 +70,8 @@ class RobotTaskEnv(gym.Env):
         max_steps: Time limit [control steps]; reaching it truncates the episode (``truncated=True``).
             ``None`` uses the task's default.
         fresh_world: Build a fresh physics world at every reset after an episode (the default):
-            ``reset(seed=s)`` then gives a bit-identical episode whatever ran before, for ~17 ms of
-            CPU per reset. ``False`` restores a snapshot into the same world (~0.5 ms), for
+            ``reset(seed=s)`` then gives a bit-identical episode whatever ran before, for ~8-10 ms
+            of CPU per factory reset. ``False`` restores a snapshot into the same world (~0.5 ms), for
             throughput when episodes are very short (random actions in FactoryPegInsert end them in
             ~4 steps); episodes may then depend, rarely and by ~1e-5 m that grows, on the episodes
             run before in the env, so stores made this way do not always replay exactly.
@@ -144,8 +144,14 @@ class RobotTaskEnv(gym.Env):
         self.fresh_world = bool(fresh_world)
         self.metadata = {**self.metadata, "render_fps": round(1.0 / (self.timestep * self.substeps))}
 
+        # An env that never renders (no rgb observations, no render mode) runs without PyBullet's
+        # renderer: its world builds faster at every reset, with the same physics.
         self.sim = Simulation(
-            self.timestep, self.substeps, gui=render_mode == "human", solver_iterations=self.solver_iterations
+            self.timestep,
+            self.substeps,
+            gui=render_mode == "human",
+            solver_iterations=self.solver_iterations,
+            renderer=obs_mode == "rgb" or render_mode is not None,
         )
         self.site_params: dict[str, float | int] = {}
         self._build_world()
@@ -183,7 +189,8 @@ class RobotTaskEnv(gym.Env):
         """
         with self.sim.no_rendering():
             self._load_scene()
-        self.sim.save_base_state()
+        if not self.fresh_world:  # the snapshot reset returns here; a fresh world needs no snapshot
+            self.sim.save_base_state()
         self.site_params = self.site_schema.lab_values()
         self._apply_site(self.site_params)
         self._world_fresh = True
@@ -325,11 +332,13 @@ class RobotTaskEnv(gym.Env):
         is what episode stores record, also for episodes started by a vector env's auto-reset).
 
         Every reset but the first after construction empties the physics world and builds the scene
-        again (about 17 ms of CPU time, mostly loading the Panda's meshes), then restores the
-        snapshot of the new scene: Bullet keeps collision caches across ``restoreState`` (pairs, the
-        order of contact manifolds, hence the order its solver treats contacts in) that would make
-        the episode depend, in rare cases and by ~1e-5 m that grows, on the episodes run before.
-        With ``fresh_world=False`` only the snapshot is restored (and that guarantee is lost).
+        again (about 8-10 ms of CPU for a factory env after an episode, half of it importing the
+        Panda's meshes), so every episode starts from a world built the same way from nothing:
+        Bullet keeps collision caches across ``restoreState`` (pairs, the order of contact
+        manifolds, hence the order its solver treats contacts in) that would make the episode
+        depend, in rare cases and by ~1e-5 m that grows, on the episodes run before. With
+        ``fresh_world=False`` a snapshot of the first world is restored instead (and that guarantee
+        is lost).
 
         Args:
             seed: Seeds ``self.np_random``; the same seed gives a bit-identical episode for the same
@@ -349,11 +358,14 @@ class RobotTaskEnv(gym.Env):
         if seed is None:
             seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)
-        if self.fresh_world and not self._world_fresh:  # the world has run an episode: rebuild it
+        if self._world_fresh:  # built and not stepped yet: the state every episode starts from
+            pass
+        elif self.fresh_world:  # the world has run an episode: build it again from nothing
             self.sim.reset_world()
             self._build_world()
+        else:
+            self.sim.restore_base_state()
         self._world_fresh = False
-        self.sim.restore_base_state()
         self.site_params = self.site.sample(self.np_random)
         self._apply_site(self.site_params)
         self._initialize_episode(self.np_random)

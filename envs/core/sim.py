@@ -32,13 +32,22 @@ class Simulation:
             ``1 / (timestep * substeps)`` [Hz].
         gui: Connect with the PyBullet GUI instead of DIRECT mode (needs a display).
         solver_iterations: Constraint-solver iterations per physics step.
+        renderer: Keep PyBullet's CPU renderer (TinyRenderer), which :meth:`render` needs. Without
+            it (DIRECT mode only) bodies are created without their render meshes, which makes
+            building a scene faster (the Panda's URDF 4.6 -> 4.0 ms, a cylinder body 0.37 -> 0.12 ms,
+            measured here) and changes nothing in the physics.
 
     Raises:
         RuntimeError: If the GUI is requested and PyBullet cannot open a window.
     """
 
     def __init__(
-        self, timestep: float, substeps: int, gui: bool = False, solver_iterations: int = 50
+        self,
+        timestep: float,
+        substeps: int,
+        gui: bool = False,
+        solver_iterations: int = 50,
+        renderer: bool = True,
     ) -> None:
         if (
             gui
@@ -63,6 +72,14 @@ class Simulation:
         self._closed = False
         self._base_state: int | None = None
         self.bc.setAdditionalSearchPath(pybullet_data.getDataPath())
+        self.renders = True
+        if not renderer and not gui:
+            # DIRECT mode's renderer is a plugin: loading its name gives the id of the one in use,
+            # and unloading it leaves the client without one (for good: it survives resetSimulation).
+            plugin = self.bc.loadPlugin("tinyRendererPlugin")
+            if plugin >= 0:
+                self.bc.unloadPlugin(plugin)
+                self.renders = False
         self._configure()
         if gui:  # pragma: no cover - needs a display
             self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_GUI, 0)
@@ -242,10 +259,15 @@ class Simulation:
             Image of shape ``(height, width, 3)``, dtype ``uint8``.
 
         Raises:
-            RuntimeError: If the simulation was closed.
+            RuntimeError: If the simulation was closed or made with ``renderer=False``.
         """
         if self._closed:
             raise RuntimeError("render() on a closed env")
+        if not self.renders:
+            raise RuntimeError(
+                "this simulation was made without a renderer (an env with obs_mode other than 'rgb' "
+                "and no render_mode); make the env with render_mode='rgb_array' to render it"
+            )
         view = self.bc.computeViewMatrix(list(eye), list(target), list(up))
         proj = self.bc.computeProjectionMatrixFOV(fov, width / height, 0.05, far)
         _, _, rgba, _, _ = self.bc.getCameraImage(

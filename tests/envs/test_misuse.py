@@ -125,8 +125,17 @@ def test_damaged_urdf_cache_is_rewritten_readable(tmp_path, monkeypatch):
         f.write("<robot")  # damaged, e.g. by a full disk
     assert panda.panda_urdf_path() == path
     text = open(path).read()
-    assert len(text) > 5000 and "panda_link0" in text and "meshes/collision/link1.obj" in text
-    env = gym.make("loopsim/FactoryPickPlace-v0")  # loads the rewritten file
+    assert len(text) > 5000 and "panda_link0" in text and 'filename="hull_link1.obj"' in text
+    # a hull mesh removed (e.g. by a temp cleaner) or damaged is written again too
+    folder = os.path.dirname(path)
+    hull = open(os.path.join(folder, "hull_link6.obj")).read()
+    os.remove(os.path.join(folder, "hull_link6.obj"))
+    with open(os.path.join(folder, "hull_finger.obj"), "w") as f:
+        f.write("v 0 0 0\n")
+    assert panda.panda_urdf_path() == path
+    assert open(os.path.join(folder, "hull_link6.obj")).read() == hull
+    assert open(os.path.join(folder, "hull_finger.obj")).read().count("\nf ") == 32  # 18 vertices
+    env = gym.make("loopsim/FactoryPickPlace-v0")  # loads the rewritten files
     env.reset(seed=0)
     env.close()
 
