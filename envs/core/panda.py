@@ -163,11 +163,12 @@ def panda_urdf_path() -> str:
         OSError: If the temp directory is not writable.
     """
     files, name, sizes = _model()
-    out_dir = Path(tempfile.gettempdir()) / name
-    urdf = out_dir / "panda.urdf"
-    with contextlib.suppress(OSError):
-        if all(os.stat(out_dir / n).st_size == size for n, size in sizes):
-            return str(urdf)
+    folder = os.path.join(tempfile.gettempdir(), name)
+    urdf = os.path.join(folder, "panda.urdf")
+    with contextlib.suppress(OSError):  # plain strings: this runs at every reset
+        if all(os.stat(os.path.join(folder, n)).st_size == size for n, size in sizes):
+            return urdf
+    out_dir = Path(folder)
     out_dir.mkdir(mode=0o755, exist_ok=True)
     for file_name, text in files:
         path = out_dir / file_name
@@ -177,7 +178,7 @@ def panda_urdf_path() -> str:
         except (OSError, UnicodeDecodeError):
             pass  # missing, unreadable or damaged: (re)write it
         _write_atomic(path, text)
-    return str(urdf)
+    return urdf
 
 
 class Panda:
