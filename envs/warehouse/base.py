@@ -459,7 +459,7 @@ class WarehouseEnv(RobotTaskEnv):
         c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
         self.robot_vel = (c * lin[0] + s * lin[1], -s * lin[0] + c * lin[1], ang[2])
         self.robot_speed = math.hypot(lin[0], lin[1])
-        hits = self._ray_batch()
+        hits = self._cast_rays()
         floor = self.floor
         frac = np.array([1.0 if h[0] == floor else h[2] for h in hits], dtype=np.float64)
         ranges = frac * LIDAR_RANGE
@@ -472,6 +472,18 @@ class WarehouseEnv(RobotTaskEnv):
         self.lidar = ranges
         self._collided = self._robot_collided()
         self._read_task_state()
+
+    def _cast_rays(self) -> tuple[tuple[Any, ...], ...]:
+        """Cast the ``LIDAR_RAYS`` lidar rays once (one batched ``rayTestBatch`` call).
+
+        A method of the class, stable across world rebuilds (the bound call ``_ray_batch`` is made
+        again for every new world), so a profiler or benchmark can time the scan by wrapping it.
+
+        Returns:
+            One PyBullet hit tuple per ray: ``(body id or -1, link, hit fraction in [0, 1], position
+            [m], normal)``.
+        """
+        return self._ray_batch()
 
     def _robot_collided(self) -> bool:
         """Whether the robot touches anything but the floor (or the task's allowed contacts)."""

@@ -243,6 +243,28 @@ def test_lidar_reads_the_distance_to_the_shelves(make_env):
     assert obs[10:] == pytest.approx(lidar.astype(np.float32))
 
 
+def test_lidar_scan_hook_survives_world_rebuilds(wh_id, make_env):
+    """``_cast_rays`` (what tests/benchmarks/env_throughput.py times) runs once per step and per reset,
+    also after the resets that rebuild the world (a timer on the bound ``_ray_batch`` was dropped there).
+    """
+    env = make_env(wh_id, max_steps=5)
+    u = env.unwrapped
+    calls = [0]
+    scan = u._cast_rays
+
+    def counted():
+        calls[0] += 1
+        return scan()
+
+    u._cast_rays = counted
+    env.reset(seed=0)
+    for _ in range(3):  # each reset after an episode builds a new world
+        _drive(env, [0.0, 0.0], 5)
+        env.reset()
+    assert calls[0] == 4 + 3 * 5
+    assert u._cast_rays is counted
+
+
 def test_lidar_noise_and_dropouts(make_env):
     clean = make_env(NAV, site={"lidar_noise": 0.0})
     noisy = make_env(NAV, site={"lidar_noise": 0.1, "lidar_dropout": 0.3})
