@@ -5,7 +5,9 @@ Frame: world frame, z up, metres. Aisles run along +x. The layout is generated f
 shelving; each row is two segments of ``shelf_units`` shelving modules (``MODULE_LENGTH`` long,
 ``SHELF_DEPTH`` deep, ``SHELF_HEIGHT`` tall) split by a middle cross aisle (``MID_CROSS`` wide). End
 cross aisles (``END_CROSS`` wide) run along both ends; walls enclose the floor. The dock is in the
-west end cross aisle (``x < 0``).
+west end cross aisle (``x < 0``). The shelving and the walls are one static body, a compound of boxes
+built in place for the episode's layout (a row segment is one box: its modules side by side fill it
+exactly); a reset that draws another layout than the world holds builds the world again for it.
 
 Robot: a differential-drive base built with ``createMultiBody`` (no URDF file): a 20 kg box body
 (0.60 x 0.44 x 0.20 m), two drive wheels (radius ``WHEEL_RADIUS``, track ``WHEEL_TRACK``) on revolute
@@ -85,7 +87,7 @@ PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
 YIELD_DISTANCE = 1.0
 #: Clearance between a traffic lane and the shelf face [m].
 LANE_MARGIN = 0.1
-#: Where unused shelf modules and agents wait, far off the floor [m].
+#: Where traffic agents the episode does not use wait, far off the floor [m].
 PARK = (500.0, 500.0)
 
 WAREHOUSE_SCHEMA = SiteSchema(
@@ -195,6 +197,28 @@ class Layout:
         return 0.0, 2.0 * self.segment_length + MID_CROSS
 
 
+def _traffic_pool(site: Any) -> tuple[int, int]:
+    """Most traffic robots and people ``site`` can put on the floor in one episode (its specs' maxima)."""
+    out = []
+    for name, cap in (("n_robots", MAX_ROBOTS), ("n_people", MAX_PEOPLE)):
+        spec = site.overrides.get(name, WAREHOUSE_SCHEMA.params[name].lab)
+        if isinstance(spec, Mapping):
+            kind, args = next(iter(spec.items()))
+            top = cap if kind == "normal" else max(args)
+        else:
+            top = spec
+        out.append(min(cap, int(math.floor(top + 0.5))))
+    return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _shelf_box_array(layout: Layout) -> np.ndarray:
+    """``(M, 4)`` float64 ``Layout.shelf_boxes()`` (computed once per layout; do not modify)."""
+    out = np.array(layout.shelf_boxes(), dtype=np.float64).reshape(-1, 4)
+    out.flags.writeable = False
+    return out
+
+
 def _wrap(angle: float) -> float:
     """Angle wrapped to ``[-pi, pi)`` [rad]."""
     return (angle + math.pi) % (2.0 * math.pi) - math.pi
@@ -223,40 +247,78 @@ class WarehouseEnv(RobotTaskEnv):
     stop_speed: ClassVar[float] = 0.1
 
     # ------------------------------------------------------------------ scene
+    def _build_world(self) -> None:
+        """Build the scene for ``self._scene_layout`` (see :meth:`_rebuild_for_layout`)."""
+        self._building = True
+        try:
+            super()._build_world()
+        finally:
+            self._building = False
+
     def _load_scene(self) -> None:
         sim, bc = self.sim, self.sim.bc
+        if not hasattr(self, "_scene_layout"):  # construction: the layout of the lab values
+            lab = self.site_schema.lab_values()
+            self._scene_layout = Layout(
+                int(lab["n_aisles"]), float(lab["aisle_width"]), int(lab["shelf_units"])
+            )
+            self._pool_robots, self._pool_people = _traffic_pool(self.site)
+        lay = self._scene_layout
         self.floor = bc.loadURDF("plane.urdf")
         bc.changeVisualShape(self.floor, -1, rgbaColor=[0.72, 0.72, 0.70, 1])
         self.robot = self._build_robot()
-        # shelving modules: one shared shape, a pool large enough for the largest layout
-        half = [0.5 * MODULE_LENGTH, 0.5 * SHELF_DEPTH, 0.5 * SHELF_HEIGHT]
-        col = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=half)
-        vis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=half, rgbaColor=[0.25, 0.40, 0.70, 1])
-        n_modules = (MAX_AISLES + 1) * 2 * MAX_UNITS
-        self.shelves = [
-            bc.createMultiBody(0.0, col, vis, [PARK[0] + 2.0 * i, PARK[1], 0.5 * SHELF_HEIGHT])
-            for i in range(n_modules)
-        ]
-        # walls: long enough for the largest layout, moved to the layout's edges at reset
+        # shelving and walls: one static body (a compound of boxes), built for the layout in place.
+        # A row segment is one box: its ``shelf_units`` modules (same depth and height, side by side)
+        # fill exactly that box. The walls are long enough for the largest layout.
+        seg_half = [0.5 * lay.segment_length, 0.5 * SHELF_DEPTH, 0.5 * SHELF_HEIGHT]
         wall_half = [30.0, 0.05, 0.6]
-        wcol = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=wall_half)
-        wvis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=wall_half, rgbaColor=[0.55, 0.55, 0.52, 1])
-        self.walls = [bc.createMultiBody(0.0, wcol, wvis, [PARK[0], PARK[1] - 10.0 - 2.0 * i, 0.6])
-                      for i in range(4)]
-        # traffic
+        cx, w = 0.5 * (lay.x_min + lay.x_max), wall_half[1]
+        yaw90 = [0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)]
+        ident = [0.0, 0.0, 0.0, 1.0]
+        n_seg = 2 * (lay.n_aisles + 1)
+        halves = [seg_half] * n_seg + [wall_half] * 4
+        centres = [
+            [lay.segment_x0(s) + seg_half[0], lay.row_y(k), seg_half[2]]
+            for k in range(lay.n_aisles + 1)
+            for s in range(2)
+        ] + [
+            [cx, lay.y_max + w, 0.6],
+            [cx, -lay.y_max - w, 0.6],
+            [lay.x_min - w, 0.0, 0.6],
+            [lay.x_max + w, 0.0, 0.6],
+        ]
+        turns = [ident] * (n_seg + 2) + [yaw90] * 2
+        colours = [[0.25, 0.40, 0.70, 1]] * n_seg + [[0.55, 0.55, 0.52, 1]] * 4
+        n = len(halves)
+        col = bc.createCollisionShapeArray(
+            [bc.GEOM_BOX] * n, halfExtents=halves, collisionFramePositions=centres,
+            collisionFrameOrientations=turns,
+        )
+        vis = bc.createVisualShapeArray(
+            [bc.GEOM_BOX] * n, halfExtents=halves, visualFramePositions=centres,
+            visualFrameOrientations=turns, rgbaColors=colours,
+        )
+        #: The shelving and walls: one static body.
+        self.structure = bc.createMultiBody(0.0, col, vis, [0.0, 0.0, 0.0])
+        self._built_layout = lay
+        # traffic: as many bodies of each kind as the site can ask for, parked off the floor
         rcol = bc.createCollisionShape(bc.GEOM_BOX, halfExtents=list(TRAFFIC_ROBOT_HALF))
         rvis = bc.createVisualShape(bc.GEOM_BOX, halfExtents=list(TRAFFIC_ROBOT_HALF),
                                     rgbaColor=[0.95, 0.60, 0.10, 1])
         pcol = bc.createCollisionShape(bc.GEOM_CYLINDER, radius=PERSON_RADIUS, height=PERSON_HEIGHT)
         pvis = bc.createVisualShape(bc.GEOM_CYLINDER, radius=PERSON_RADIUS, length=PERSON_HEIGHT,
                                     rgbaColor=[0.85, 0.20, 0.20, 1])
-        self.agents = [
+        robots = [
             bc.createMultiBody(0.0, rcol, rvis, [PARK[0] - 2.0 * i, PARK[1], TRAFFIC_ROBOT_HALF[2]])
-            for i in range(MAX_ROBOTS)
-        ] + [
-            bc.createMultiBody(0.0, pcol, pvis, [PARK[0] - 2.0 * i, PARK[1] + 5.0, 0.5 * PERSON_HEIGHT])
-            for i in range(MAX_PEOPLE)
+            for i in range(self._pool_robots)
         ]
+        people = [
+            bc.createMultiBody(0.0, pcol, pvis, [PARK[0] - 2.0 * i, PARK[1] + 5.0, 0.5 * PERSON_HEIGHT])
+            for i in range(self._pool_people)
+        ]
+        #: Body of traffic slot ``i`` (robots ``0..MAX_ROBOTS-1``, then people); -1 for a slot the site
+        #: never uses.
+        self.agents = robots + [-1] * (MAX_ROBOTS - len(robots)) + people + [-1] * (MAX_PEOPLE - len(people))
         self._agent_half_width = np.array(
             [TRAFFIC_ROBOT_HALF[1]] * MAX_ROBOTS + [PERSON_RADIUS] * MAX_PEOPLE, dtype=np.float64
         )
@@ -285,7 +347,8 @@ class WarehouseEnv(RobotTaskEnv):
         )
         self._move = functools.partial(p.resetBasePositionAndOrientation, physicsClientId=cid)
         self._n_agents = 0
-        self.layout = Layout(3, 2.6, 4)
+        self._obstacles = [self.structure]
+        self.layout = lay
         # robot state before the first reset (the spaces are built from it)
         self.robot_xy, self.robot_z, self.robot_yaw = (0.0, 0.0), BODY_Z, 0.0
         self.robot_vel, self.robot_speed = (0.0, 0.0, 0.0), 0.0
@@ -341,9 +404,10 @@ class WarehouseEnv(RobotTaskEnv):
 
     # ------------------------------------------------------------------ site
     def _apply_site(self, params: Mapping[str, float | int]) -> None:
-        self.layout = Layout(
-            int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"])
-        )
+        layout = Layout(int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"]))
+        if not self._building and layout != self._built_layout:
+            self._rebuild_for_layout(layout)
+        self.layout = layout
         self._lidar_noise = float(params["lidar_noise"])
         self._lidar_dropout = float(params["lidar_dropout"])
         self._traffic_speed = float(params["traffic_speed"])
@@ -355,22 +419,35 @@ class WarehouseEnv(RobotTaskEnv):
     def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
         """Apply the task's own site parameters (subclasses)."""
 
+    def _rebuild_for_layout(self, layout: Layout) -> None:
+        """Build the world again from nothing for ``layout`` (a reset drew another layout).
+
+        The shelving is built for one layout (a box per row segment, in place). A reset that draws a
+        different layout than the world holds (sites that vary ``n_aisles``, ``aisle_width`` or
+        ``shelf_units``) empties the world and builds it for the new layout, then restores its
+        snapshot, exactly as :meth:`reset` does before it samples the site: the engine state is then
+        the one a world built directly for this layout has, so the episode does not depend on the
+        layout of the episode before.
+        """
+        sampled = self.site_params  # the building applies the lab values; the episode keeps its own
+        self._scene_layout = layout
+        self.sim.reset_world()
+        self._build_world()
+        self.sim.restore_base_state()
+        self.site_params = sampled
+        self._world_fresh = False  # this world is used by the episode being reset
+
     # ------------------------------------------------------------------ episode
     def _place_layout(self) -> None:
-        """Move shelf modules and walls to the current layout; unused modules stay parked."""
-        lay = self.layout
-        boxes = lay.shelf_boxes()
-        move = self._move
-        for body, (x0, x1, y0, y1) in zip(self.shelves, boxes, strict=False):
-            move(body, [0.5 * (x0 + x1), 0.5 * (y0 + y1), 0.5 * SHELF_HEIGHT], [0, 0, 0, 1])
-        cx = 0.5 * (lay.x_min + lay.x_max)
-        yaw90 = [0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)]
-        w = 0.05
-        move(self.walls[0], [cx, lay.y_max + w, 0.6], [0, 0, 0, 1])
-        move(self.walls[1], [cx, -lay.y_max - w, 0.6], [0, 0, 0, 1])
-        move(self.walls[2], [lay.x_min - w, 0.0, 0.6], yaw90)
-        move(self.walls[3], [lay.x_max + w, 0.0, 0.6], yaw90)
-        self.static_boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+        """Put the shelving and walls (built in place for the layout) back in the collision world.
+
+        ``restore_base_state`` moves every body away and back, but ``restoreState`` leaves a static
+        body's entry in the broadphase where it was moved to until the first physics step: the reset's
+        lidar scan would miss the shelves. Setting the pose again updates it. Also sets
+        ``static_boxes``.
+        """
+        self._move(self.structure, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0])
+        self.static_boxes = _shelf_box_array(self.layout)
 
     def _place_robot(self, x: float, y: float, yaw: float) -> None:
         """Put the robot at rest at ``(x, y)`` [m] with heading ``yaw`` [rad]."""
@@ -406,6 +483,10 @@ class WarehouseEnv(RobotTaskEnv):
         self._agent_hl = self._agent_half_length[idx]
         self._agent_bodies = [self.agents[i] for i in idx.tolist()]
         self._agent_zs = [self._agent_z[i] for i in idx.tolist()]
+        allowed = self._allowed_contacts()
+        #: What the robot may not touch: the shelving and walls and this episode's traffic (parked
+        #: traffic waits far off the floor; the floor and the task's allowed bodies are left out).
+        self._obstacles = [b for b in [self.structure, *self._agent_bodies] if b not in allowed]
         self._place_agents()
 
     def _place_agents(self) -> None:
@@ -459,7 +540,7 @@ class WarehouseEnv(RobotTaskEnv):
         c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
         self.robot_vel = (c * lin[0] + s * lin[1], -s * lin[0] + c * lin[1], ang[2])
         self.robot_speed = math.hypot(lin[0], lin[1])
-        hits = self._ray_batch()
+        hits = self._cast_rays()
         floor = self.floor
         frac = np.array([1.0 if h[0] == floor else h[2] for h in hits], dtype=np.float64)
         ranges = frac * LIDAR_RANGE
@@ -473,11 +554,26 @@ class WarehouseEnv(RobotTaskEnv):
         self._collided = self._robot_collided()
         self._read_task_state()
 
+    def _cast_rays(self) -> tuple[tuple[Any, ...], ...]:
+        """Cast the ``LIDAR_RAYS`` lidar rays once (one batched ``rayTestBatch`` call).
+
+        A method of the class, stable across world rebuilds (the bound call ``_ray_batch`` is made
+        again for every new world), so a profiler or benchmark can time the scan by wrapping it.
+
+        Returns:
+            One PyBullet hit tuple per ray: ``(body id or -1, link, hit fraction in [0, 1], position
+            [m], normal)``.
+        """
+        return self._ray_batch()
+
     def _robot_collided(self) -> bool:
-        """Whether the robot touches anything but the floor (or the task's allowed contacts)."""
-        floor = self.floor
-        allowed = self._allowed_contacts()
-        return any(c[2] != floor and c[2] not in allowed for c in self._contacts())
+        """Whether the robot touches anything but the floor (or the task's allowed contacts).
+
+        One contact query per obstacle (``_obstacles``): each returns nothing in the usual case,
+        which is cheaper than listing the wheels' and casters' contacts with the floor every step.
+        """
+        contacts = self._contacts
+        return any(contacts(bodyB=b) for b in self._obstacles)
 
     def _allowed_contacts(self) -> tuple[int, ...]:
         """Bodies the robot may touch without it being a collision (e.g. the pushed cart)."""

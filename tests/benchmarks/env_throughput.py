@@ -34,9 +34,12 @@ Method, per target and per repeat:
    action, so stepping right after a reset prices the arm swinging back (about 600 instead of 980 env
    steps/s for panda-gym after a rollout, history-dependent). The figure without the hold step is kept
    in the JSON (``limit_raw_unprimed``). This prices a quiet scene holding its reset pose.
-4. **Lidar** (warehouse envs): the env's batched ``rayTestBatch`` call is timed inside the ``make``
-   rollout of 1.; the lidar table shows its cost per scan, its share of the wall time, and ``% roll``
-   and the overhead with it left out (the scan is sensing the task needs, not per-step bookkeeping).
+4. **Lidar** (warehouse envs): the env's scan method ``_cast_rays`` (one batched ``rayTestBatch``
+   call, a method of the class so that the timer survives the world rebuilt at every reset) is timed
+   inside the ``make`` rollout of 1.; the lidar table shows its cost per scan, its share of the wall
+   time, and ``% roll`` and the overhead with it left out (the scan is sensing the task needs: engine
+   work, not per-step bookkeeping). A timed method that the env replaces during the rollout is an
+   error, not a silently shorter figure.
 5. **rgb frames** (``--frames`` steps): for loopsim, a second env made with ``obs_mode="rgb",
    image_size=84``; ``env.unwrapped.sim.render`` (the camera call behind every ``rgb`` observation) is
    timed inside a rollout. For panda-gym, an env made with ``render_mode="rgb_array",
@@ -104,6 +107,8 @@ RAW_CHUNK = 50
 #: Untimed steps run once per env before the first repeat.
 WARMUP_STEPS = 30
 GOAL_RATIO = 0.92
+#: The warehouse envs' lidar scan: a method of the env class (one ``rayTestBatch`` call), timed by name.
+LIDAR_METHOD = "_cast_rays"
 GOAL_RGB = 2.0
 
 
@@ -113,7 +118,9 @@ def timed_method(obj: Any, name: str, acc: list[float]) -> Iterator[None]:
     """Replace ``obj.name`` by a wrapper that adds the seconds spent in each call to ``acc``.
 
     ``acc`` is ``[seconds, calls]``. The instance attribute shadows the class's method and is removed on
-    exit, so nothing of the env is changed afterwards.
+    exit, so nothing of the env is changed afterwards. Time a method of the class: an instance attribute
+    that the object itself sets again (e.g. a bound call rebuilt with every new physics world) would drop
+    the timer silently, so the wrapper is checked on exit.
 
     Args:
         obj: The object whose method to time (e.g. ``env.unwrapped.sim``).
@@ -122,6 +129,9 @@ def timed_method(obj: Any, name: str, acc: list[float]) -> Iterator[None]:
 
     Yields:
         Nothing.
+
+    Raises:
+        RuntimeError: On exit, if ``obj.name`` was replaced while timing (the figures would be partial).
     """
     original = getattr(obj, name)
     had_instance_attr = name in vars(obj)
@@ -138,10 +148,17 @@ def timed_method(obj: Any, name: str, acc: list[float]) -> Iterator[None]:
     try:
         yield
     finally:
-        if had_instance_attr:
-            setattr(obj, name, original)
-        else:
-            delattr(obj, name)
+        replaced = getattr(obj, name) is not timed
+        if not replaced:
+            if had_instance_attr:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)
+    if replaced:
+        raise RuntimeError(
+            f"{type(obj).__name__}.{name} was replaced while it was being timed (after {acc[1]} calls): "
+            "time a method of the class that the object does not set again"
+        )
 
 
 @dataclass
@@ -374,7 +391,7 @@ def measure(target: Target, repeat: int, steps: int, frames: int, seed: int) -> 
 
     lidar = [0.0, 0]
     with (
-        timed_method(unwrapped, "_ray_batch", lidar) if hasattr(unwrapped, "_ray_batch")
+        timed_method(unwrapped, LIDAR_METHOD, lidar) if hasattr(unwrapped, LIDAR_METHOD)
         else contextlib.nullcontext()
     ):
         made = run_rollout(env, actions, s, None, unwrapped.sim)

@@ -111,6 +111,44 @@ def test_layout_follows_sampled_site(make_env):
     assert lay.row_y(1) - lay.row_y(0) - SHELF_DEPTH == pytest.approx(1.6)
 
 
+def test_scene_is_built_for_the_drawn_layout(make_env):
+    """One static body holds the shelving and walls, built for the episode's layout; a reset that
+    draws another layout builds the world again (also with ``fresh_world=False``), and the traffic
+    pool holds what the site can ask for."""
+    import pybullet as p
+
+    for fresh in (True, False):
+        env = make_env(NAV, site={"n_aisles": {"choice": [2, 4]}, "shelf_units": {"choice": [3, 5]},
+                                  "n_robots": {"choice": [1, 2]}, "n_people": 3}, fresh_world=fresh)
+        u = env.unwrapped
+        seen = set()
+        for seed in range(8):
+            env.reset(seed=seed)
+            lay = u.layout
+            seen.add(lay)
+            assert u._built_layout == lay
+            cid = u.sim.id
+            (lo, hi) = p.getAABB(u.structure, physicsClientId=cid)
+            # the walls span 60 m along their length: the shelving sets the structure's other extent
+            shape = p.getCollisionShapeData(u.structure, -1, physicsClientId=cid)
+            assert len(shape) == 2 * (lay.n_aisles + 1) + 4
+            assert shape[0][3] == pytest.approx((lay.segment_length, SHELF_DEPTH, 1.8))
+            assert hi[2] == pytest.approx(1.8)
+            # floor, robot, structure, 2 robots and 3 people: every body the site can use, no more
+            assert p.getNumBodies(physicsClientId=cid) == 3 + 2 + 3
+            assert [b >= 0 for b in u.agents] == [True] * 2 + [False] * 4 + [True] * 3 + [False] * 3
+            # the reset's scan sees the shelves on both sides of an aisle (or traffic in between)
+            _park_in_aisle(env, aisle=0, x=1.5)
+            hits = u._cast_rays()
+            for k in (LIDAR_RAYS // 4, 3 * LIDAR_RAYS // 4):
+                if hits[k][0] == u.structure:
+                    assert u.lidar[k] == pytest.approx(0.5 * lay.aisle_width, abs=0.01)
+                else:
+                    assert hits[k][0] in u.agents and u.lidar[k] < 0.5 * lay.aisle_width
+            _drive(env, [0.2, 0.0], 3)
+        assert len(seen) == 4
+
+
 # ------------------------------------------------------------------ determinism
 def _cases(env_id):
     base = {"env_id": env_id, "n_steps": 90}
@@ -134,7 +172,7 @@ def test_bit_identical_in_fresh_processes(wh_id, run_python, helpers):
     assert all(r["resets"] > 0 for r in here)
 
 
-@pytest.mark.parametrize("site", ["heavy_traffic", "noisy_lidar"])
+@pytest.mark.parametrize("site", ["heavy_traffic", "noisy_lidar", "narrow_aisles"])
 def test_same_seed_after_a_different_prior_episode(wh_id, make_env, helpers, site):
     fresh = make_env(wh_id, site=site, max_steps=50)
     used = make_env(wh_id, site=site, max_steps=50)
@@ -241,6 +279,28 @@ def test_lidar_reads_the_distance_to_the_shelves(make_env):
     assert lidar[0] == LIDAR_RANGE
     obs = env.unwrapped._get_obs()
     assert obs[10:] == pytest.approx(lidar.astype(np.float32))
+
+
+def test_lidar_scan_hook_survives_world_rebuilds(wh_id, make_env):
+    """``_cast_rays`` (what tests/benchmarks/env_throughput.py times) runs once per step and per reset,
+    also after the resets that rebuild the world (a timer on the bound ``_ray_batch`` was dropped there).
+    """
+    env = make_env(wh_id, max_steps=5)
+    u = env.unwrapped
+    calls = [0]
+    scan = u._cast_rays
+
+    def counted():
+        calls[0] += 1
+        return scan()
+
+    u._cast_rays = counted
+    env.reset(seed=0)
+    for _ in range(3):  # each reset after an episode builds a new world
+        _drive(env, [0.0, 0.0], 5)
+        env.reset()
+    assert calls[0] == 4 + 3 * 5
+    assert u._cast_rays is counted
 
 
 def test_lidar_noise_and_dropouts(make_env):
