@@ -424,16 +424,14 @@ class WarehouseEnv(RobotTaskEnv):
 
         The shelving is built for one layout (a box per row segment, in place). A reset that draws a
         different layout than the world holds (sites that vary ``n_aisles``, ``aisle_width`` or
-        ``shelf_units``) empties the world and builds it for the new layout, then restores its
-        snapshot, exactly as :meth:`reset` does before it samples the site: the engine state is then
-        the one a world built directly for this layout has, so the episode does not depend on the
-        layout of the episode before.
+        ``shelf_units``) empties the world and builds it for the new layout, exactly as :meth:`reset`
+        does before it samples the site: the engine state is then the one a world built directly for
+        this layout has, so the episode does not depend on the layout of the episode before.
         """
         sampled = self.site_params  # the building applies the lab values; the episode keeps its own
         self._scene_layout = layout
         self.sim.reset_world()
         self._build_world()
-        self.sim.restore_base_state()
         self.site_params = sampled
         self._world_fresh = False  # this world is used by the episode being reset
 
