@@ -10,8 +10,9 @@ is informative: it prints the tables and the goals' pass/fail, and exits 0 unles
 crashed (an env that cannot even be constructed, e.g. because its module is still being written, is
 reported as ``unavailable`` and does not count as a crash).
 
-Targets: every id in :data:`loopsim.envs.ENV_ENTRY_POINTS` (default kwargs, so ``obs_mode="state"``)
-and panda-gym's ``PandaPickAndPlace-v3``. The same method is applied to both so that the ratios are
+Targets: every id in :data:`loopsim.envs.ENV_ENTRY_POINTS` (default kwargs, so ``obs_mode="state"``),
+the variants in :data:`VARIANTS` (FactoryPegInsert with ``block_gripper=True``) and panda-gym's
+``PandaPickAndPlace-v3``. The same method is applied to both so that the ratios are
 comparable.
 
 Method, per target and per repeat:
@@ -107,6 +108,11 @@ RAW_CHUNK = 50
 #: Untimed steps run once per env before the first repeat.
 WARMUP_STEPS = 30
 GOAL_RATIO = 0.92
+#: Extra targets: env kwargs measured beside an env's defaults (when the env is measured).
+#: FactoryPegInsert with random actions opens the gripper and drops the peg within ~4 steps, so its
+#: default row prices mostly resets; with ``block_gripper=True`` (the RL formulation, random 3-D
+#: actions keep the peg for 50+ steps) the row prices its steps.
+VARIANTS: dict[str, list[dict[str, Any]]] = {"loopsim/FactoryPegInsert-v0": [{"block_gripper": True}]}
 #: The warehouse envs' lidar scan: a method of the env class (one ``rayTestBatch`` call), timed by name.
 LIDAR_METHOD = "_cast_rays"
 GOAL_RGB = 2.0
@@ -311,24 +317,28 @@ class Target:
                 env.close()
 
 
-def make_loopsim(env_id: str) -> Target:
+def make_loopsim(env_id: str, kwargs: dict[str, Any] | None = None) -> Target:
     """Construct a loopsim target (state env and rgb env).
 
     Args:
         env_id: A key of ``loopsim.envs.ENV_ENTRY_POINTS``.
+        kwargs: Env kwargs of a variant (see :data:`VARIANTS`); the target is then named
+            ``"<env_id> k=v"``.
 
     Returns:
         The target.
     """
-    env = gym.make(env_id)
-    rgb_env = gym.make(env_id, obs_mode="rgb", image_size=IMAGE_SIZE)
+    kwargs = dict(kwargs or {})
+    env = gym.make(env_id, **kwargs)
+    rgb_env = gym.make(env_id, obs_mode="rgb", image_size=IMAGE_SIZE, **kwargs)
     sim = env.unwrapped.sim
     hold_fn = getattr(env.unwrapped, "_hold_action", None)
     hold = (
         np.asarray(hold_fn(), dtype=np.float32) if hold_fn else np.zeros(env.action_space.shape, np.float32)
     )
+    name = " ".join([env_id] + [f"{k}={v}" for k, v in kwargs.items()])
     return Target(
-        env_id, "loopsim", env, rgb_env, sim.id, sim.substeps, env.spec.max_episode_steps, hold, str(env)
+        name, "loopsim", env, rgb_env, sim.id, sim.substeps, env.spec.max_episode_steps, hold, str(env)
     )
 
 
@@ -630,7 +640,12 @@ def main(argv: list[str] | None = None) -> int:
 
     targets: list[Target] = []
     unavailable: dict[str, str] = {}
-    builders: list[tuple[str, Callable[[], Target]]] = [(i, functools.partial(make_loopsim, i)) for i in ids]
+    builders: list[tuple[str, Callable[[], Target]]] = []
+    for i in ids:
+        builders.append((i, functools.partial(make_loopsim, i)))
+        for kwargs in VARIANTS.get(i, []):
+            name = " ".join([i] + [f"{k}={v}" for k, v in kwargs.items()])
+            builders.append((name, functools.partial(make_loopsim, i, kwargs)))
     if want_panda:
         builders.append((PANDA_ID, make_panda))
     for name, build in builders:
