@@ -73,8 +73,8 @@ def _growth(run_python, env_id, mode, warmup, n, obs_mode="state"):
 
 
 def test_rss_flat_over_resets(env_id, run_python):
-    # Every reset after the first rebuilds the physics world (~17 ms of CPU): 300 resets are 300
-    # worlds built and freed (~7 s); growth is taken over the last 240, so a leak of 17 kB per world
+    # Every reset after the first rebuilds the physics world (~7-10 ms of CPU): 300 resets are 300
+    # worlds built and freed (~3 s); growth is taken over the last 240, so a leak of 17 kB per world
     # exceeds the limit.
     growth, samples = _growth(run_python, env_id, "resets", 60, 300)
     assert growth < LIMIT_MB, f"RSS grew {growth:.2f} MB over 300 resets: {samples}"
