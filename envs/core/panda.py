@@ -1,7 +1,7 @@
 """Franka Emika Panda arm from ``pybullet_data``, driven by end-effector displacements through IK.
 
 The model is ``pybullet_data/franka_panda/panda.urdf`` with each link's collision mesh replaced by its
-convex hull (the shape PyBullet collides with anyway; loading is ~3.5x faster) and that hull also used
+convex hull (the shape PyBullet collides with anyway; loading takes half the time) and that hull also used
 as the visual mesh: the stock visual meshes make PyBullet's CPU renderer about 7x slower (18 ms vs
 2.5 ms per 84x84 frame, measured here) and carry no information a policy needs.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -66,10 +67,11 @@ MAX_WRIST_REACH = 0.75
 MIN_RADIUS = 0.28
 
 
-#: The generated model, computed once per process: ``(files, directory name, sizes)`` with ``files``
-#: the ``(file name, text)`` pairs of the hull meshes and, last, of the URDF, and ``sizes`` their
-#: ``(file name, size in bytes)``.
-_MODEL: tuple[tuple[tuple[str, str], ...], str, tuple[tuple[str, int], ...]] | None = None
+#: Version of the generated model's text (bump when :func:`_generate` changes what it writes): part of
+#: the folder name, with a digest of the ``pybullet_data`` files it is made from.
+_MODEL_VERSION = 1
+#: Per process, once found or written: ``(folder, urdf path, ((file name, size in bytes), ...))``.
+_MODEL: tuple[str, str, tuple[tuple[str, int], ...]] | None = None
 
 
 def _hull_obj(path: Path) -> str:
@@ -79,7 +81,7 @@ def _hull_obj(path: Path) -> str:
     mesh's vertices (one per face corner, so each vertex several times) and then computes their
     hull: the collision shape is the hull whatever the file holds. Giving it the hull itself (scipy's
     ``ConvexHull``, i.e. Qhull) leaves the shape unchanged and cuts the Panda's load from ~9 ms to
-    ~2.6 ms (measured here), which every reset pays. The output is canonical (vertices in the mesh file's
+    ~4.6 ms (measured here), which every reset pays. The output is canonical (vertices in the mesh file's
     order, each triangle starting at its smallest index, triangles sorted), so it depends on the hull
     only, not on the order Qhull returns it in.
     """
@@ -108,26 +110,36 @@ def _hull_obj(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def _model() -> tuple[tuple[tuple[str, str], ...], str, tuple[tuple[str, int], ...]]:
-    """The generated hull meshes and URDF (:data:`_MODEL`), computed on the first call."""
-    global _MODEL
-    if _MODEL is None:
-        src_dir = Path(pybullet_data.getDataPath()) / "franka_panda"
-        text = (src_dir / "panda.urdf").read_text()
-        meshes = sorted((src_dir / "meshes" / "collision").glob("*.obj"))
-        files = [(f"hull_{m.name}", _hull_obj(m)) for m in meshes]
-        for m in meshes:  # collision and visual geometry: the hull (what the physics collides with)
-            for kind in ("visual", "collision"):
-                text = text.replace(f"package://meshes/{kind}/{m.stem}.dae", f"hull_{m.name}")
-                text = text.replace(f"package://meshes/{kind}/{m.name}", f"hull_{m.name}")
-        if "package://" in text:  # pragma: no cover - a pybullet_data release with other meshes
-            raise RuntimeError("panda.urdf of pybullet_data names meshes loopsim does not know")
-        files.append(("panda.urdf", text))
-        digest = hashlib.sha256("\0".join(f"{n}\0{t}" for n, t in files).encode()).hexdigest()[:12]
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        sizes = tuple((n, len(t.encode())) for n, t in files)
-        _MODEL = (tuple(files), f"loopsim-panda-{uid}-{digest}", sizes)
-    return _MODEL
+def _sources() -> tuple[Path, list[Path], str]:
+    """``pybullet_data``'s Panda folder, its collision meshes and a digest of everything generated from."""
+    src_dir = Path(pybullet_data.getDataPath()) / "franka_panda"
+    meshes = sorted((src_dir / "meshes" / "collision").glob("*.obj"))
+    h = hashlib.sha256(f"loopsim panda model {_MODEL_VERSION}".encode())
+    for path in [src_dir / "panda.urdf", *meshes]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return src_dir, meshes, h.hexdigest()[:12]
+
+
+def _generate(src_dir: Path, meshes: list[Path]) -> list[tuple[str, str]]:
+    """``(file name, text)`` of the hull meshes and, last, of the URDF that names them."""
+    text = (src_dir / "panda.urdf").read_text()
+    files = [(f"hull_{m.name}", _hull_obj(m)) for m in meshes]
+    for m in meshes:  # collision and visual geometry: the hull (what the physics collides with)
+        for kind in ("visual", "collision"):
+            text = text.replace(f"package://meshes/{kind}/{m.stem}.dae", f"hull_{m.name}")
+            text = text.replace(f"package://meshes/{kind}/{m.name}", f"hull_{m.name}")
+    if "package://" in text:  # pragma: no cover - a pybullet_data release with other meshes
+        raise RuntimeError("panda.urdf of pybullet_data names meshes loopsim does not know")
+    files.append(("panda.urdf", text))
+    return files
+
+
+def _present(folder: str, sizes: tuple[tuple[str, int], ...]) -> bool:
+    """Whether every file of ``sizes`` is in ``folder`` with its size (plain strings: runs every reset)."""
+    try:
+        return all(os.stat(os.path.join(folder, n)).st_size == size for n, size in sizes)
+    except OSError:
+        return False
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -150,11 +162,11 @@ def panda_urdf_path() -> str:
     Every link's collision mesh is replaced by its convex hull (the shape PyBullet collides with
     anyway, see :func:`_hull_obj`), which also serves as the visual mesh: the stock visual meshes make
     PyBullet's CPU renderer about 7x slower and carry no information a policy needs. The URDF and the
-    hulls are written into ``<tempdir>/loopsim-panda-<uid>-<digest>/`` once per user, each file
-    atomically (concurrent processes are safe) and the URDF last; files found missing or damaged are
-    rewritten. The texts are computed once per process; later calls (every env reset rebuilds the
-    scene) only check that every file is there with the right size (a temp cleaner may delete some),
-    and do the full check when one is not.
+    hulls live in ``<tempdir>/loopsim-panda-<uid>-<digest>/``, the digest taken over the source files
+    and the generator's version; they are generated (SciPy's Qhull) once per user, each file written
+    atomically (concurrent processes are safe), then a manifest of their sizes. A process reads the
+    manifest once; every call (every env reset rebuilds the scene) checks that each file is there with
+    its size (a temp cleaner may delete some), and generates them again when one is not.
 
     Returns:
         Absolute path of the generated URDF.
@@ -162,23 +174,34 @@ def panda_urdf_path() -> str:
     Raises:
         OSError: If the temp directory is not writable.
     """
-    files, name, sizes = _model()
-    folder = os.path.join(tempfile.gettempdir(), name)
-    urdf = os.path.join(folder, "panda.urdf")
-    with contextlib.suppress(OSError):  # plain strings: this runs at every reset
-        if all(os.stat(os.path.join(folder, n)).st_size == size for n, size in sizes):
-            return urdf
-    out_dir = Path(folder)
-    out_dir.mkdir(mode=0o755, exist_ok=True)
-    for file_name, text in files:
-        path = out_dir / file_name
-        try:
-            if path.read_text() == text:
-                continue
-        except (OSError, UnicodeDecodeError):
-            pass  # missing, unreadable or damaged: (re)write it
-        _write_atomic(path, text)
-    return urdf
+    global _MODEL
+    if _MODEL is not None and os.path.dirname(_MODEL[0]) == tempfile.gettempdir():
+        if _present(_MODEL[0], _MODEL[2]):
+            return _MODEL[1]
+    src_dir, meshes, digest = _sources()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    folder = os.path.join(tempfile.gettempdir(), f"loopsim-panda-{uid}-{digest}")
+    manifest = os.path.join(folder, "manifest.json")
+    try:
+        with open(manifest) as f:
+            sizes = tuple((str(n), int(v)) for n, v in json.load(f).items())
+    except (OSError, ValueError, TypeError, AttributeError):
+        sizes = ()
+    if not sizes or not _present(folder, sizes):  # first use, or files missing or damaged
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        files = _generate(src_dir, meshes)
+        for name, text in files:
+            path = Path(folder) / name
+            try:
+                if path.read_text() == text:
+                    continue
+            except (OSError, UnicodeDecodeError):
+                pass  # missing, unreadable or damaged: (re)write it
+            _write_atomic(path, text)
+        sizes = tuple((n, len(t.encode())) for n, t in files)
+        _write_atomic(Path(manifest), json.dumps(dict(sizes), indent=1))
+    _MODEL = (folder, os.path.join(folder, "panda.urdf"), sizes)
+    return _MODEL[1]
 
 
 class Panda:

@@ -52,3 +52,25 @@ def test_hull_model_has_the_stock_collision_geometry(client):
                     hits = p.getClosestPoints(probe, body, 0.5, linkIndexB=link, physicsClientId=client)
                     d.append(min(h[8] for h in hits))
                 assert d[1] == pytest.approx(d[0], abs=1e-6), (link, point)
+
+
+def test_model_files_are_generated_once_per_user(tmp_path):
+    """A process that finds the generated files (manifest and sizes) does not regenerate them: no
+    Qhull, no SciPy import (~0.6 s of start-up for every worker process otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loopsim.envs.core.panda as p; path = p.panda_urdf_path(); "
+        "print(path, 'scipy.spatial' in sys.modules)"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        for _ in range(2)
+    ]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    (path1, generated1), (path2, generated2) = (r.stdout.split()[-2:] for r in runs)
+    assert path1 == path2 and path1.startswith(str(tmp_path))
+    assert generated1 == "True" and generated2 == "False"
