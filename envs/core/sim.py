@@ -161,9 +161,8 @@ class Simulation:
         # restoreState puts bodies back but keeps Bullet's persistent contact manifolds. Pulling every
         # body far apart and running collision detection releases some of them first (Bullet's
         # broadphase drops only part of the stale pairs per pass, so not all of them after an
-        # episode: the env restores only a freshly built world, where this sequence is the same
-        # every time). It stays because it is how every episode recorded so far started: episodes in
-        # existing stores still replay bit-exactly (all but the rare ones the old reset disturbed).
+        # episode). Envs use the snapshot only with fresh_world=False, the reset that does not
+        # promise episodes independent of the ones before; by default every episode gets a new world.
         reset_pose = self._reset_pose
         for body in range(self._num_bodies()):
             reset_pose(body, [0.0, 0.0, 1.0e4 + 100.0 * body], [0.0, 0.0, 0.0, 1.0])
