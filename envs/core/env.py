@@ -358,13 +358,12 @@ class RobotTaskEnv(gym.Env):
         if seed is None:
             seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)
-        if self._world_fresh:  # built and not stepped yet: the state every episode starts from
-            pass
-        elif self.fresh_world:  # the world has run an episode: build it again from nothing
-            self.sim.reset_world()
-            self._build_world()
-        else:
-            self.sim.restore_base_state()
+        if not self._world_fresh:  # a world built and not stepped yet is where every episode starts
+            if self.fresh_world:  # the world has run an episode: build it again from nothing
+                self.sim.reset_world()
+                self._build_world()
+            else:
+                self.sim.restore_base_state()
         self._world_fresh = False
         self.site_params = self.site.sample(self.np_random)
         self._apply_site(self.site_params)

@@ -317,6 +317,11 @@ class Target:
                 env.close()
 
 
+def target_name(env_id: str, kwargs: dict[str, Any]) -> str:
+    """Name of a target in the tables: the env id, then ``k=v`` for each kwarg of a variant."""
+    return " ".join([env_id] + [f"{k}={v}" for k, v in kwargs.items()])
+
+
 def make_loopsim(env_id: str, kwargs: dict[str, Any] | None = None) -> Target:
     """Construct a loopsim target (state env and rgb env).
 
@@ -336,7 +341,7 @@ def make_loopsim(env_id: str, kwargs: dict[str, Any] | None = None) -> Target:
     hold = (
         np.asarray(hold_fn(), dtype=np.float32) if hold_fn else np.zeros(env.action_space.shape, np.float32)
     )
-    name = " ".join([env_id] + [f"{k}={v}" for k, v in kwargs.items()])
+    name = target_name(env_id, kwargs)
     return Target(
         name, "loopsim", env, rgb_env, sim.id, sim.substeps, env.spec.max_episode_steps, hold, str(env)
     )
@@ -644,8 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in ids:
         builders.append((i, functools.partial(make_loopsim, i)))
         for kwargs in VARIANTS.get(i, []):
-            name = " ".join([i] + [f"{k}={v}" for k, v in kwargs.items()])
-            builders.append((name, functools.partial(make_loopsim, i, kwargs)))
+            builders.append((target_name(i, kwargs), functools.partial(make_loopsim, i, kwargs)))
     if want_panda:
         builders.append((PANDA_ID, make_panda))
     for name, build in builders:
