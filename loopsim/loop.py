@@ -853,7 +853,7 @@ class LoopRun:
         if k == 0:
             policy = previous
         else:
-            from stable_baselines3.common.logger import configure
+            from stable_baselines3.common.logger import Logger
             from stable_baselines3.common.vec_env import DummyVecEnv
 
             algo_cls = sb3_algorithms()[previous.algo]
@@ -888,7 +888,9 @@ class LoopRun:
                     **kwargs,
                 )
                 model.policy.load_state_dict(previous.policy.state_dict(), strict=True)
-                model.set_logger(configure(folder=None, format_strings=[]))
+                # An in-memory logger (losses read back below): SB3's configure() would make an empty
+                # SB3-<date> folder in the temp directory at every refine.
+                model.set_logger(Logger(folder=None, output_formats=[]))
                 added = _replay_buffer(model, dataset, previous.normalizer)
                 model.policy.set_training_mode(True)
                 model.train(gradient_steps=strategy.gradient_steps, batch_size=strategy.batch_size)

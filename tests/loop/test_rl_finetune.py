@@ -1,6 +1,7 @@
 """The ``rl_finetune`` loop strategy: SB3 off-policy fine-tuning on the operational store."""
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -58,9 +59,15 @@ def _weights(path):
     return {k: v.clone() for k, v in policy.policy.state_dict().items()}
 
 
-def test_rl_finetune_trains_the_checkpoint_on_every_operational_transition(tmp_path, sac_checkpoint):
+def test_rl_finetune_trains_the_checkpoint_on_every_operational_transition(tmp_path, sac_checkpoint,
+                                                                         monkeypatch):
     path = tmp_path / "run"
+    # SB3's default logger makes a folder under $SB3_LOGDIR or the temp directory: the refine must not.
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     rows = run_loop(config(sac_checkpoint), path)["runs"][0]
+    assert list((tmp_path / "tmp").glob("SB3-*")) == []
     assert not (path / "demos.zarr").exists()  # the first policy is the checkpoint: no demonstrations
     first, second = path / "iterations" / "000" / "checkpoint", path / "iterations" / "001" / "checkpoint"
     w0, w1, w_src = _weights(first), _weights(second), _weights(sac_checkpoint)
