@@ -102,6 +102,7 @@ from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore, StorePath
 
+from loopsim.atomic import atomic_write
 from loopsim.datasets.schema import (
     SCHEMA_VERSION,
     STEP_EXTRAS,
@@ -221,7 +222,7 @@ class _InlineLocalStore(LocalStore):
         path = self.root / key
         if exclusive and path.exists():  # set_if_not_exists (we are the only writer: the lock)
             return
-        _atomic_write(path, value.as_buffer_like())
+        atomic_write(path, value.as_buffer_like())
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (a directory: recursively), inline."""
@@ -235,23 +236,6 @@ class _InlineLocalStore(LocalStore):
     async def exists(self, key: str) -> bool:
         """Whether ``key`` is a file."""
         return (self.root / key).is_file()
-
-
-def _atomic_write(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder, renamed."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "wb")  # noqa: SIM115
-    try:
-        with f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _array_metadata(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -684,7 +668,7 @@ class EpisodeStore:
             root = _local_path(self.url)
             out = {}
             for name, doc in docs.items():
-                _atomic_write(root / name / "zarr.json", json.dumps(doc, indent=2).encode())
+                atomic_write(root / name / "zarr.json", json.dumps(doc, indent=2).encode())
                 where = StorePath(self._zstore, name)
                 out[name] = zarr.Array(zarr.AsyncArray(metadata=doc, store_path=where))
             return out

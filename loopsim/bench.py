@@ -65,6 +65,7 @@ import numpy as np
 import yaml
 from pydantic import Field, JsonValue, field_validator, model_validator
 
+from loopsim.atomic import atomic_write
 from loopsim.config import (
     MAX_SEED,
     CheckpointPolicyConfig,
@@ -505,16 +506,6 @@ def _slug(env_id: str) -> str:
     return env_id.replace("/", "__") if env_id.count("/") > 1 else env_id.split("/")[-1]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ============================================================================================ checks
 @dataclass
 class _Trained:
@@ -725,7 +716,7 @@ def _prepare_out(config: BenchConfig, out: Path) -> None:
     """Create ``out`` with the resolved config, or check that an existing ``out`` is this benchmark's."""
     _check_out(config, out)
     if not (out / "config.yaml").is_file():
-        _atomic_write(out / "config.yaml", dump_config(config))
+        atomic_write(out / "config.yaml", dump_config(config), fsync=True)
 
 
 def _collect_demos(ccfg: Any, out: Path, log: Callable[[str], None]) -> Path:
@@ -850,7 +841,7 @@ def _evaluate(
                 "wall_seconds": round(time.perf_counter() - start, 3),
                 **{k2: v for k2, v in current.as_dict().items() if k2 not in ("env_id", "site")},
             }
-            _atomic_write(_cell_path(out, name, env_id, site, seed), json.dumps(cell, indent=1))
+            atomic_write(_cell_path(out, name, env_id, site, seed), json.dumps(cell, indent=1), fsync=True)
             current, start = None, time.perf_counter()
 
 
@@ -1426,14 +1417,14 @@ def write_results(config: BenchConfig, results: Mapping[str, Any], out: str | os
     import io
 
     out = Path(out)
-    _atomic_write(out / "results.json", json.dumps(results, indent=1))
+    atomic_write(out / "results.json", json.dumps(results, indent=1), fsync=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in results["cells"]:
         writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_FIELDS})
-    _atomic_write(out / "results.csv", buf.getvalue())
+    atomic_write(out / "results.csv", buf.getvalue(), fsync=True)
     md = markdown(results)
-    _atomic_write(out / "results.md", md)
+    atomic_write(out / "results.md", md, fsync=True)
     images = plot_results(config, results, out)
-    _atomic_write(out / "report.html", html_page(f"loopsim bench {results['name']}", md, images))
+    atomic_write(out / "report.html", html_page(f"loopsim bench {results['name']}", md, images), fsync=True)

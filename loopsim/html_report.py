@@ -22,10 +22,11 @@ import datetime as _dt
 import html
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from loopsim.atomic import atomic_write
 
 __all__ = ["HtmlReport", "data_uri", "image_tag", "table_html", "video_tag"]
 
@@ -234,11 +235,4 @@ class HtmlReport:
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the report to ``path`` (whole or not at all: a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            tmp.write_text(self.render(), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write(path, self.render(), mkdir=False)

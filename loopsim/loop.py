@@ -57,6 +57,7 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
+from loopsim.atomic import atomic_open, atomic_write
 from loopsim.config import (
     MAX_SEED,
     BCPolicyConfig,
@@ -465,9 +466,7 @@ class _TrainingSet:
 
 # =============================================================================================== run
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def _disk_bytes(path: Path) -> int:
@@ -585,9 +584,7 @@ class LoopRun:
                     )
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = config_file.with_suffix(".yaml.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, config_file)
+        atomic_write(config_file, text)
         _atomic_json(self.path / REPLICATE_FILE, {"replicate": self.replicate})
 
     # -------------------------------------------------------------------------------------- phases
@@ -1061,12 +1058,10 @@ class LoopRun:
         return rows
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path / "metrics.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(self.path / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path / "metrics.csv")
 
 
 # ============================================================================================== plots

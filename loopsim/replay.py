@@ -44,6 +44,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from loopsim.atomic import atomic_path
+
 __all__ = [
     "DEFAULT_PIXEL_TOLERANCE",
     "DEFAULT_TOLERANCE",
@@ -477,8 +479,7 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
         except ImportError:
             raise ReplayError(f"video {str(path)!r}: MP4 and WebM need imageio-ffmpeg (pip install "
                               "imageio-ffmpeg); or write a .gif") from None
-    tmp = path.with_name(f".{path.stem}.partial{suffix}")
-    try:
+    with atomic_path(path, mkdir=False) as tmp:
         if suffix == ".gif":
             # GIF delays are whole centiseconds; Pillow takes the frame duration in ms.
             iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
@@ -491,9 +492,6 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
                                     ffmpeg_log_level="error") as writer:
                 for f in frames:
                     writer.append_data(np.pad(f, pad) if h % 2 or w % 2 else f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

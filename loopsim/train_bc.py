@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from loopsim.atomic import atomic_open
 from loopsim.config import BCTrainConfig, ConfigError, TrainConfig
 
 __all__ = ["RESUME_FILE", "check_bc_config", "select_episodes", "train_bc"]
@@ -147,13 +147,8 @@ def _digest(stores: list[dict[str, Any]]) -> str:
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb", fsync=True) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def train_bc(config: TrainConfig, run: Any, resume: bool = False, progress_bar: bool = True) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from loopsim.atomic import atomic_open, atomic_write
 from loopsim.config import ConfigError, TrainConfig, check_env_config, dump_config
 
 __all__ = ["RunDir", "RunDirError", "train"]
@@ -103,9 +104,7 @@ class RunDir:
                 "choose another with --run-dir / run_dir=..."
             )
         run.path.mkdir(parents=True, exist_ok=True)
-        tmp = config_file.with_suffix(".yaml.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, config_file)
+        atomic_write(config_file, text)
         return run
 
     @property
@@ -191,12 +190,10 @@ class RunDir:
             with open(path, newline="", encoding="utf-8") as f:
                 old = [r for r in csv.DictReader(f) if not rows or int(r["step"]) != rows[0]["step"]]
         merged = sorted(old + rows, key=lambda r: int(r["step"]))  # stable: site order kept within a step
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=_EVAL_FIELDS)
             w.writeheader()
             w.writerows(merged)
-        os.replace(tmp, path)
 
     def evaluations(self) -> list[dict[str, Any]]:
         """The rows of ``evaluations.csv`` (numbers parsed), oldest first."""

@@ -191,22 +191,22 @@ def test_killed_run_resumes_without_rerunning_or_duplicating_cells(
     out = tmp_path / "out"
     cfg = _cfg()
     # A run killed while writing its third cell: two cells are on disk, nothing half-written.
-    real_write = bench_mod._atomic_write
+    real_write = bench_mod.atomic_write
     written: list[Path] = []
 
-    def dying_write(path: Path, text: str) -> None:
+    def dying_write(path: Path, text: str, **kwargs: Any) -> Path:
         if "cells" in path.parts:
             if len(written) == 2:
                 raise KeyboardInterrupt
             written.append(path)
-        real_write(path, text)
+        return real_write(path, text, **kwargs)
 
-    monkeypatch.setattr(bench_mod, "_atomic_write", dying_write)
+    monkeypatch.setattr(bench_mod, "atomic_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run_bench(cfg, out)
-    monkeypatch.setattr(bench_mod, "_atomic_write", real_write)
+    monkeypatch.setattr(bench_mod, "atomic_write", real_write)
     cells = sorted((out / "cells").rglob("*.json"))
-    assert len(cells) == 2 and not list(out.rglob("*.tmp-*"))
+    assert len(cells) == 2 and not list(out.rglob("*.partial"))
     kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells}
     # The rerun evaluates only the missing cells' episodes.
     real_run = bench_mod._evaluate
