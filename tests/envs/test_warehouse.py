@@ -182,6 +182,30 @@ def test_same_seed_after_a_different_prior_episode(wh_id, make_env, helpers, sit
     assert helpers.first_difference(r1, r2) is None
 
 
+@pytest.mark.parametrize("fresh_world", [True, False])
+def test_site_assigned_after_construction_gets_its_traffic(wh_id, make_env, helpers, fresh_world):
+    """``env.unwrapped.site = ...`` (e.g. a curriculum over sites on one env): the next reset builds the
+    world for the new site's traffic, as an env made at that site. The traffic pool is sized by the
+    site at construction: a lab env switched to heavy_traffic had no bodies for its traffic, and the
+    empty slots (body -1) made every contact, the floor's too, a collision at the first step."""
+    from loopsim.envs.core.site import load_site
+
+    made = make_env(wh_id, site="heavy_traffic", max_steps=40, fresh_world=fresh_world)
+    switched = make_env(wh_id, site="lab", max_steps=40, fresh_world=fresh_world)
+    helpers.rollout(switched, 3, helpers.RandomPolicy(20, 1, 2), 20)  # an episode at lab first
+    switched.unwrapped.site = load_site(WAREHOUSE_SCHEMA, "heavy_traffic")
+    r1 = helpers.rollout(made, 7, helpers.RandomPolicy(40, 2, 2), 40, reset_on_end=False)
+    r2 = helpers.rollout(switched, 7, helpers.RandomPolicy(40, 2, 2), 40, reset_on_end=False)
+    u = switched.unwrapped
+    assert u._n_agents >= 4 and min(u._agent_bodies) >= 0 and -1 not in u._obstacles
+    assert helpers.first_difference(r1, r2) is None
+    # and back to lab: no traffic
+    u.site = load_site(WAREHOUSE_SCHEMA, "lab")
+    switched.reset(seed=7)
+    assert u._n_agents == 0 and u._obstacles == [u.structure]
+    assert not switched.step(np.zeros(switched.action_space.shape, dtype=np.float32))[2]
+
+
 def test_seeded_then_unseeded_reset_reproducible(wh_id, make_env, helpers):
     runs = []
     for _ in range(2):
