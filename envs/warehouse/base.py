@@ -423,6 +423,12 @@ class WarehouseEnv(RobotTaskEnv):
     def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
         """Apply the task's own site parameters (subclasses)."""
 
+    def _prepare_world(self, params: Mapping[str, float | int]) -> None:
+        """Build the next world for the episode's layout (one build per reset, not lab's then this one)."""
+        self._scene_layout = Layout(
+            int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"])
+        )
+
     def _rebuild_for_layout(self, layout: Layout) -> None:
         """Build the world again from nothing for ``layout`` (a reset drew another layout).
 

@@ -149,6 +149,29 @@ def test_scene_is_built_for_the_drawn_layout(make_env):
         assert len(seen) == 4
 
 
+def test_reset_builds_the_world_once_for_a_drawn_layout(make_env):
+    """A reset after an episode builds the world once, for the layout it draws (it built lab's layout,
+    or the last episode's, and then the drawn one: 10.3 instead of 3.6 ms per narrow_aisles reset)."""
+    env = make_env(NAV, site="narrow_aisles", max_steps=3)
+    u = env.unwrapped
+    env.reset(seed=0)
+    builds = [0]
+    reset_world = u.sim.reset_world
+
+    def counted():
+        builds[0] += 1
+        reset_world()
+
+    u.sim.reset_world = counted
+    layouts = set()
+    for seed in range(1, 13):
+        _drive(env, [0.0, 0.0], 1)
+        env.reset(seed=seed)
+        layouts.add(u.layout)
+        assert u._built_layout == u.layout
+    assert len(layouts) == 12 and builds[0] == 12
+
+
 # ------------------------------------------------------------------ determinism
 def _cases(env_id):
     base = {"env_id": env_id, "n_steps": 90}
