@@ -227,7 +227,8 @@ def panda_urdf_path() -> str:
         Absolute path of the generated URDF.
 
     Raises:
-        OSError: If the temp directory is not writable.
+        OSError: If no temp directory is writable (the message says to set ``TMPDIR``), or writing
+            the model fails.
     """
     global _MODEL
     if _MODEL is not None and os.path.dirname(_MODEL[0]) == tempfile.gettempdir():
@@ -235,7 +236,14 @@ def panda_urdf_path() -> str:
             return _MODEL[1]
     src_dir, meshes, digest = _sources()
     uid = 0 if _UID is None else _UID
-    folder = os.path.join(tempfile.gettempdir(), f"loopsim-panda-{uid}-{digest}")
+    try:
+        tmp = tempfile.gettempdir()
+    except FileNotFoundError as exc:  # every candidate (TMPDIR, /tmp, /var/tmp, the cwd) read-only
+        raise OSError(
+            "loopsim writes the Panda model it loads (convex-hull meshes, ~90 kB) to a temp directory "
+            f"and found none it can write ({exc}); set TMPDIR to a writable directory"
+        ) from exc
+    folder = os.path.join(tmp, f"loopsim-panda-{uid}-{digest}")
     with contextlib.suppress(FileExistsError):
         os.mkdir(folder, 0o755)
     if not _own_folder(folder):  # made by someone else, a symlink, or writable by others

@@ -177,3 +177,17 @@ def test_model_file_of_the_right_size_but_other_bytes_is_rewritten(fresh_tmp, na
         assert shape and shape[0][2] == p.GEOM_MESH
     finally:
         env.close()
+
+
+def test_no_writable_temp_directory_is_a_clear_error(tmp_path, monkeypatch):
+    """Every temp directory candidate read-only (a sandbox with a read-only root): the error says what
+    loopsim writes and to set TMPDIR, instead of tempfile's bare FileNotFoundError from gym.make."""
+    import gymnasium as gym
+
+    from loopsim.envs.core import panda
+
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr("tempfile._candidate_tempdir_list", lambda: [str(tmp_path / "missing")])
+    monkeypatch.setattr(panda, "_MODEL", None)
+    with pytest.raises(OSError, match="Panda model.*set TMPDIR to a writable directory"):
+        gym.make("loopsim/FactoryPickPlace-v0")
