@@ -368,7 +368,9 @@ class RobotTaskEnv(gym.Env):
         # sampled first (building a world draws nothing) so a rebuild can build for this episode's site
         site_params = self.site.sample(self.np_random)
         if not self._world_fresh:  # a world built and not stepped yet is where every episode starts
-            if self.fresh_world:  # the world has run an episode: build it again from nothing
+            # the world has run an episode: build it again from nothing (also when a snapshot env lost
+            # its snapshot: a rebuild for another warehouse layout interrupted, e.g. by Ctrl-C)
+            if self.fresh_world or not self.sim.has_base_state:
                 self.sim.reset_world()
                 self._prepare_world(site_params)
                 self._build_world()

@@ -172,6 +172,30 @@ def test_reset_builds_the_world_once_for_a_drawn_layout(make_env):
     assert len(layouts) == 12 and builds[0] == 12
 
 
+@pytest.mark.parametrize("fresh_world", [True, False])
+def test_reset_after_an_interrupted_rebuild_works(make_env, helpers, fresh_world):
+    """Ctrl-C while a reset builds the world for another layout: the next reset gives the episode a
+    new env gives (a snapshot env had lost its snapshot: 'save_base_state() was never called' at
+    every reset after)."""
+    env = make_env(NAV, site="narrow_aisles", max_steps=30, fresh_world=fresh_world)
+    u = env.unwrapped
+    env.reset(seed=0)
+    _drive(env, [0.0, 0.0], 1)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    u._load_task_scene = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        for seed in range(1, 20):  # until a reset draws another layout (the first does: seed 1)
+            env.reset(seed=seed)
+    del u._load_task_scene
+    r1 = helpers.rollout(env, 7, helpers.RandomPolicy(30, 2, 2), 30, reset_on_end=False)
+    r2 = helpers.rollout(make_env(NAV, site="narrow_aisles", max_steps=30, fresh_world=fresh_world), 7,
+                         helpers.RandomPolicy(30, 2, 2), 30, reset_on_end=False)
+    assert helpers.first_difference(r1, r2) is None
+
+
 # ------------------------------------------------------------------ determinism
 def _cases(env_id):
     base = {"env_id": env_id, "n_steps": 90}
