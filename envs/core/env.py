@@ -202,6 +202,13 @@ class RobotTaskEnv(gym.Env):
     def _initialize_episode(self, rng: np.random.Generator) -> None:
         raise NotImplementedError
 
+    def _prepare_world(self, params: Mapping[str, float | int]) -> None:
+        """Hook: the site parameters sampled for the episode the world is about to be rebuilt for.
+
+        Called in ``reset`` after the emptied world and before :meth:`_build_world`, so a task whose
+        scene depends on the site (the warehouse layout) builds it once, for this episode.
+        """
+
     def _apply_site(self, params: Mapping[str, float | int]) -> None:
         raise NotImplementedError
 
@@ -358,14 +365,19 @@ class RobotTaskEnv(gym.Env):
         if seed is None:
             seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)
+        # sampled first (building a world draws nothing) so a rebuild can build for this episode's site
+        site_params = self.site.sample(self.np_random)
         if not self._world_fresh:  # a world built and not stepped yet is where every episode starts
-            if self.fresh_world:  # the world has run an episode: build it again from nothing
+            # the world has run an episode: build it again from nothing (also when a snapshot env lost
+            # its snapshot: a rebuild for another warehouse layout interrupted, e.g. by Ctrl-C)
+            if self.fresh_world or not self.sim.has_base_state:
                 self.sim.reset_world()
+                self._prepare_world(site_params)
                 self._build_world()
             else:
                 self.sim.restore_base_state()
         self._world_fresh = False
-        self.site_params = self.site.sample(self.np_random)
+        self.site_params = site_params
         self._apply_site(self.site_params)
         self._initialize_episode(self.np_random)
         self._read_state()

@@ -8,13 +8,17 @@ as the visual mesh: the stock visual meshes make PyBullet's CPU renderer about 7
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,11 +71,14 @@ MAX_WRIST_REACH = 0.75
 MIN_RADIUS = 0.28
 
 
-#: Version of the generated model's text (bump when :func:`_generate` changes what it writes): part of
-#: the folder name, with a digest of the ``pybullet_data`` files it is made from.
-_MODEL_VERSION = 1
+#: Version of the generated model's text and manifest (bump when :func:`_generate` or the manifest
+#: changes what it writes): part of the folder name, with a digest of the ``pybullet_data`` files it is
+#: made from. 2: the manifest holds each file's SHA-256 besides its size.
+_MODEL_VERSION = 2
 #: Per process, once found or written: ``(folder, urdf path, ((file name, size in bytes), ...))``.
 _MODEL: tuple[str, str, tuple[tuple[str, int], ...]] | None = None
+#: This user's id (None where the OS has none): the shared folder must be owned by it.
+_UID: int | None = os.getuid() if hasattr(os, "getuid") else None
 
 
 def _hull_obj(path: Path) -> str:
@@ -134,12 +141,56 @@ def _generate(src_dir: Path, meshes: list[Path]) -> list[tuple[str, str]]:
     return files
 
 
-def _present(folder: str, sizes: tuple[tuple[str, int], ...]) -> bool:
-    """Whether every file of ``sizes`` is in ``folder`` with its size (plain strings: runs every reset)."""
+def _own_folder(folder: str) -> bool:
+    """Whether ``folder`` is a directory (not a symlink) owned by this user that no one else can write.
+
+    The folder's name in the temp directory is predictable: another user could create it first (with
+    a model of their own) or plant a symlink there. Only a folder this check accepts is read or written.
+    """
     try:
-        return all(os.stat(os.path.join(folder, n)).st_size == size for n, size in sizes)
+        st = os.lstat(folder)
     except OSError:
         return False
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    return _UID is None or (st.st_uid == _UID and not st.st_mode & 0o022)
+
+
+def _present(folder: str, sizes: tuple[tuple[str, int], ...]) -> bool:
+    """Whether ``folder`` holds every file of ``sizes`` with its size and is still the user's own.
+
+    Plain strings and two kinds of ``stat``: runs every reset (~20 us; :func:`_own_folder` ~1 us of it).
+    """
+    try:
+        return _own_folder(folder) and all(
+            os.stat(os.path.join(folder, n)).st_size == size for n, size in sizes
+        )
+    except OSError:
+        return False
+
+
+def _verified_sizes(folder: str, manifest: str) -> tuple[tuple[str, int], ...]:
+    """``((file name, size), ...)`` from the manifest if every file it lists has its size and SHA-256.
+
+    Run once per process (~90 kB read): a file of the right size but other bytes (e.g. zeros left by
+    a crash after the rename, which the per-reset size check cannot see) makes PyBullet drop a link's
+    collision shape or refuse the URDF. Returns ``()`` for a missing, unreadable or unverified manifest.
+    """
+    try:
+        with open(manifest) as f:
+            entries = json.load(f)
+        sizes = []
+        for name, (size, sha) in entries.items():
+            if os.path.basename(name) != name:
+                return ()
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            if len(data) != int(size) or hashlib.sha256(data).hexdigest() != sha:
+                return ()
+            sizes.append((str(name), int(size)))
+        return tuple(sizes)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return ()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -164,31 +215,52 @@ def panda_urdf_path() -> str:
     PyBullet's CPU renderer about 7x slower and carry no information a policy needs. The URDF and the
     hulls live in ``<tempdir>/loopsim-panda-<uid>-<digest>/``, the digest taken over the source files
     and the generator's version; they are generated (SciPy's Qhull) once per user, each file written
-    atomically (concurrent processes are safe), then a manifest of their sizes. A process reads the
-    manifest once; every call (every env reset rebuilds the scene) checks that each file is there with
-    its size (a temp cleaner may delete some), and generates them again when one is not.
+    atomically (concurrent processes are safe), then a manifest of their sizes and SHA-256 digests. A
+    process checks every file against the manifest once; every call (every env reset rebuilds the
+    scene) checks that the folder is still the user's own and each file there with its size (a temp
+    cleaner may delete some), and generates them again when one is not. The folder is used only if it
+    is a directory of this user that no one else can write (its name is predictable: another user could
+    create it first or plant a symlink); otherwise the model is generated into a private folder for
+    this process (removed at exit), with a ``RuntimeWarning``.
 
     Returns:
         Absolute path of the generated URDF.
 
     Raises:
-        OSError: If the temp directory is not writable.
+        OSError: If no temp directory is writable (the message says to set ``TMPDIR``), or writing
+            the model fails.
     """
     global _MODEL
     if _MODEL is not None and os.path.dirname(_MODEL[0]) == tempfile.gettempdir():
         if _present(_MODEL[0], _MODEL[2]):
             return _MODEL[1]
     src_dir, meshes, digest = _sources()
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    folder = os.path.join(tempfile.gettempdir(), f"loopsim-panda-{uid}-{digest}")
-    manifest = os.path.join(folder, "manifest.json")
+    uid = 0 if _UID is None else _UID
     try:
-        with open(manifest) as f:
-            sizes = tuple((str(n), int(v)) for n, v in json.load(f).items())
-    except (OSError, ValueError, TypeError, AttributeError):
-        sizes = ()
-    if not sizes or not _present(folder, sizes):  # first use, or files missing or damaged
-        os.makedirs(folder, mode=0o755, exist_ok=True)
+        tmp = tempfile.gettempdir()
+    except FileNotFoundError as exc:  # every candidate (TMPDIR, /tmp, /var/tmp, the cwd) read-only
+        raise OSError(
+            "loopsim writes the Panda model it loads (convex-hull meshes, ~90 kB) to a temp directory "
+            f"and found none it can write ({exc}); set TMPDIR to a writable directory"
+        ) from exc
+    folder = os.path.join(tmp, f"loopsim-panda-{uid}-{digest}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o755)
+    if not _own_folder(folder):  # made by someone else, a symlink, or writable by others
+        private = tempfile.mkdtemp(prefix=f"loopsim-panda-{uid}-{digest}-")
+        warnings.warn(
+            f"{folder} is not a directory of this user that only it can write (another user's, a "
+            f"symlink, or group/world-writable): loopsim does not trust the Panda model in it and "
+            f"generates one for this process in {private} instead; remove {folder} to share the model "
+            "between processes again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        folder = private
+    manifest = os.path.join(folder, "manifest.json")
+    sizes = _verified_sizes(folder, manifest)
+    if not sizes:  # first use, or files missing or damaged
         files = _generate(src_dir, meshes)
         for name, text in files:
             path = Path(folder) / name
@@ -198,8 +270,9 @@ def panda_urdf_path() -> str:
             except (OSError, UnicodeDecodeError):
                 pass  # missing, unreadable or damaged: (re)write it
             _write_atomic(path, text)
-        sizes = tuple((n, len(t.encode())) for n, t in files)
-        _write_atomic(Path(manifest), json.dumps(dict(sizes), indent=1))
+        entries = {n: [len(t.encode()), hashlib.sha256(t.encode()).hexdigest()] for n, t in files}
+        sizes = tuple((n, size) for n, (size, _) in entries.items())
+        _write_atomic(Path(manifest), json.dumps(entries, indent=1))
     _MODEL = (folder, os.path.join(folder, "panda.urdf"), sizes)
     return _MODEL[1]
 

@@ -291,3 +291,8 @@ class Simulation:
     def closed(self) -> bool:
         """Whether :meth:`close` has been called."""
         return self._closed
+
+    @property
+    def has_base_state(self) -> bool:
+        """Whether a :meth:`save_base_state` snapshot is there to restore (:meth:`reset_world` drops it)."""
+        return self._base_state is not None

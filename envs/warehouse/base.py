@@ -262,7 +262,9 @@ class WarehouseEnv(RobotTaskEnv):
             self._scene_layout = Layout(
                 int(lab["n_aisles"]), float(lab["aisle_width"]), int(lab["shelf_units"])
             )
+        if getattr(self, "_pool_site", None) is not self.site:  # construction, or ``env.site`` replaced
             self._pool_robots, self._pool_people = _traffic_pool(self.site)
+            self._pool_site = self.site
         lay = self._scene_layout
         self.floor = bc.loadURDF("plane.urdf")
         bc.changeVisualShape(self.floor, -1, rgbaColor=[0.72, 0.72, 0.70, 1])
@@ -405,7 +407,9 @@ class WarehouseEnv(RobotTaskEnv):
     # ------------------------------------------------------------------ site
     def _apply_site(self, params: Mapping[str, float | int]) -> None:
         layout = Layout(int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"]))
-        if not self._building and layout != self._built_layout:
+        # another layout, or a site assigned to ``env.site`` since the world was built (its traffic
+        # pool may be too small: slots without a body would make every contact a collision)
+        if not self._building and (layout != self._built_layout or self.site is not self._pool_site):
             self._rebuild_for_layout(layout)
         self.layout = layout
         self._lidar_noise = float(params["lidar_noise"])
@@ -418,6 +422,12 @@ class WarehouseEnv(RobotTaskEnv):
 
     def _apply_task_site(self, params: Mapping[str, float | int]) -> None:
         """Apply the task's own site parameters (subclasses)."""
+
+    def _prepare_world(self, params: Mapping[str, float | int]) -> None:
+        """Build the next world for the episode's layout (one build per reset, not lab's then this one)."""
+        self._scene_layout = Layout(
+            int(params["n_aisles"]), float(params["aisle_width"]), int(params["shelf_units"])
+        )
 
     def _rebuild_for_layout(self, layout: Layout) -> None:
         """Build the world again from nothing for ``layout`` (a reset drew another layout).

@@ -74,3 +74,120 @@ def test_model_files_are_generated_once_per_user(tmp_path):
     (path1, generated1), (path2, generated2) = (r.stdout.split()[-2:] for r in runs)
     assert path1 == path2 and path1.startswith(str(tmp_path))
     assert generated1 == "True" and generated2 == "False"
+
+
+@pytest.fixture
+def fresh_tmp(tmp_path, monkeypatch):
+    """A temp directory of its own (sticky and world-writable, as /tmp) and no model found yet."""
+    import os
+
+    from loopsim.envs.core import panda
+
+    tmp = tmp_path / "tmp dir ü"  # a space and a non-ASCII letter on the way, as some TMPDIRs have
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(panda, "_MODEL", None)
+    return tmp
+
+
+def _planted_folder(tmp):
+    """The shared folder's path, and the model files with a tampered URDF (a 99.9 kg base link)."""
+    import os
+
+    from loopsim.envs.core import panda
+
+    src_dir, meshes, digest = panda._sources()
+    files = panda._generate(src_dir, meshes)
+    assert '<mass value="2.9"/>' in files[-1][1]
+    files[-1] = ("panda.urdf", files[-1][1].replace('<mass value="2.9"/>', '<mass value="99.9"/>', 1))
+    folder = tmp / f"loopsim-panda-{os.getuid()}-{digest}"
+    return folder, files
+
+
+def _plant(folder, files):
+    import hashlib
+    import json
+
+    folder.mkdir()
+    for name, text in files:
+        (folder / name).write_text(text)
+    entries = {n: [len(t.encode()), hashlib.sha256(t.encode()).hexdigest()] for n, t in files}
+    (folder / "manifest.json").write_text(json.dumps(entries))
+
+
+@pytest.mark.parametrize("how", ["world_writable", "other_user", "symlink"])
+def test_model_folder_planted_by_someone_else_is_not_trusted(fresh_tmp, how):
+    """The shared folder's name is predictable: a folder another user made (or could write), or a
+    symlink in its place, is neither read nor written; the process generates a private model."""
+    import os
+
+    from loopsim.envs.core import panda
+
+    folder, files = _planted_folder(fresh_tmp)
+    if how == "symlink":  # pointing at a folder of the victim's: nothing may be written there
+        target = fresh_tmp / "victim"
+        target.mkdir()
+        os.symlink(target, folder)
+    else:
+        _plant(folder, files)
+        if how == "other_user":
+            if os.getuid() != 0:
+                pytest.skip("needs root to give the folder to another user")
+            for path in [folder, *folder.iterdir()]:
+                os.chown(path, 65534, 65534)
+        else:
+            os.chmod(folder, 0o777)
+    with pytest.warns(RuntimeWarning, match="does not trust the Panda model"):
+        path = panda.panda_urdf_path()
+    assert not path.startswith(str(folder) + os.sep)
+    assert os.path.dirname(os.path.dirname(path)) == str(fresh_tmp)
+    st = os.stat(os.path.dirname(path))
+    assert st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700
+    assert '<mass value="99.9"/>' not in open(path).read() and '<mass value="2.9"/>' in open(path).read()
+    if how == "symlink":
+        assert os.listdir(fresh_tmp / "victim") == []
+    assert panda.panda_urdf_path() == path  # the process keeps its private model (no new warning)
+
+
+@pytest.mark.parametrize("name", ["hull_link6.obj", "panda.urdf"])
+def test_model_file_of_the_right_size_but_other_bytes_is_rewritten(fresh_tmp, name):
+    """Zeros left by a crash after the rename keep the size the per-reset check looks at: a new process
+    checks the digests (without it PyBullet dropped link 6's collision shape, or refused the URDF)."""
+    import os
+
+    import gymnasium as gym
+
+    from loopsim.envs.core import panda
+
+    path = panda.panda_urdf_path()
+    target = os.path.join(os.path.dirname(path), name)
+    good = open(target, "rb").read()
+    with open(target, "wb") as f:
+        f.write(b"\0" * len(good))
+    panda._MODEL = None  # as a new process
+    assert panda.panda_urdf_path() == path
+    assert open(target, "rb").read() == good
+    env = gym.make("loopsim/FactoryPickPlace-v0")
+    try:
+        env.reset(seed=0)
+        body = env.unwrapped.robot.body
+        shape = p.getCollisionShapeData(body, 6, physicsClientId=env.unwrapped.sim.id)
+        assert shape and shape[0][2] == p.GEOM_MESH
+    finally:
+        env.close()
+
+
+def test_no_writable_temp_directory_is_a_clear_error(tmp_path, monkeypatch):
+    """Every temp directory candidate read-only (a sandbox with a read-only root): the error says what
+    loopsim writes and to set TMPDIR, instead of tempfile's bare FileNotFoundError from gym.make."""
+    import gymnasium as gym
+
+    from loopsim.envs.core import panda
+
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr("tempfile._candidate_tempdir_list", lambda: [str(tmp_path / "missing")])
+    monkeypatch.setattr(panda, "_MODEL", None)
+    with pytest.raises(OSError, match="Panda model.*set TMPDIR to a writable directory"):
+        gym.make("loopsim/FactoryPickPlace-v0")
