@@ -26,6 +26,7 @@ import numpy as np
 import pybullet as p
 import pybullet_data
 
+from loopsim.atomic import atomic_write
 from loopsim.envs.core.sim import Simulation
 
 __all__ = ["Panda", "panda_urdf_path"]
@@ -193,20 +194,6 @@ def _verified_sizes(folder: str, manifest: str) -> tuple[tuple[str, int], ...]:
         return ()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (readers see all or nothing)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".loopsim-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def panda_urdf_path() -> str:
     """Path of the Panda URDF loopsim loads, generated from ``pybullet_data``'s ``franka_panda``.
 
@@ -269,10 +256,10 @@ def panda_urdf_path() -> str:
                     continue
             except (OSError, UnicodeDecodeError):
                 pass  # missing, unreadable or damaged: (re)write it
-            _write_atomic(path, text)
+            atomic_write(path, text, mkdir=False)
         entries = {n: [len(t.encode()), hashlib.sha256(t.encode()).hexdigest()] for n, t in files}
         sizes = tuple((n, size) for n, (size, _) in entries.items())
-        _write_atomic(Path(manifest), json.dumps(entries, indent=1))
+        atomic_write(manifest, json.dumps(entries, indent=1), mkdir=False)
     _MODEL = (folder, os.path.join(folder, "panda.urdf"), sizes)
     return _MODEL[1]
 

@@ -74,6 +74,13 @@ def test_model_files_are_generated_once_per_user(tmp_path):
     (path1, generated1), (path2, generated2) = (r.stdout.split()[-2:] for r in runs)
     assert path1 == path2 and path1.startswith(str(tmp_path))
     assert generated1 == "True" and generated2 == "False"
+    # Every file written atomically: the folder holds the manifest's files and nothing else.
+    import json
+    from pathlib import Path
+
+    folder = Path(path1).parent
+    listed = set(json.loads((folder / "manifest.json").read_text()))
+    assert {p.name for p in folder.iterdir()} == listed | {"manifest.json"}
 
 
 @pytest.fixture
