@@ -35,7 +35,8 @@ class Simulation:
         renderer: Keep PyBullet's CPU renderer (TinyRenderer), which :meth:`render` needs. Without
             it (DIRECT mode only) bodies are created without their render meshes, which makes
             building a scene faster (the Panda's URDF 4.6 -> 4.0 ms, a cylinder body 0.37 -> 0.12 ms,
-            measured here) and changes nothing in the physics.
+            measured here) and changes nothing in the physics. :meth:`render` then raises; a raw
+            ``bc.getCameraImage`` call returns an all-zero image (PyBullet reports no error).
 
     Raises:
         RuntimeError: If the GUI is requested and PyBullet cannot open a window.
