@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +54,20 @@ store_app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(store_app)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop as Ctrl-C does (KeyboardInterrupt), so the command says how to resume."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@app.callback()
+def _setup() -> None:
+    # Job schedulers and `kill` stop a process with SIGTERM, whose default action ends Python at once:
+    # no "interrupted: ... resume with ..." line and no clean shutdown of worker processes. Handled as
+    # Ctrl-C instead (every finished episode, cell and checkpoint is on disk either way).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def _space_str(space) -> str:

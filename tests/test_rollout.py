@@ -1,6 +1,7 @@
 """Evaluation and collection: seeds, workers, stores, intervals, and the collect / eval commands."""
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -194,6 +195,42 @@ def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_
     with EpisodeStore.open(store) as s:
         assert s.metadata()["seed"].tolist() == list(range(n + 2))
         assert s.check().ok
+
+
+def test_sigterm_stops_collect_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, job schedulers) gives the Ctrl-C path: the resume line, exit code 130, a whole store."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    store = tmp_path / "k.zarr"
+    cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 200, "store": str(store)}))
+    proc = subprocess.Popen([sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with EpisodeStore.open(store) as s:
+                    if len(s) >= 2:
+                        break
+            except (FileNotFoundError, StoreError):
+                pass  # not created yet
+            time.sleep(0.1)
+        else:
+            pytest.fail("collect wrote no episodes in 120 s")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    text = " ".join(out.split())
+    assert "episodes finished so far are committed to" in text and "continue with: loopsim collect" in text
+    with EpisodeStore.open(store) as s:
+        n = len(s)
+        assert s.check().ok and s.metadata()["seed"].tolist() == list(range(n))
+    assert f"seed={n} episodes={200 - n}" in text  # the line resumes exactly where the store ends
 
 
 def test_policy_that_does_not_fit_the_env_is_refused_before_the_store_is_touched(tmp_path):
