@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -635,6 +635,21 @@ class WarehouseEnv(RobotTaskEnv):
         fx, fy = self.to_robot_frame(gx, gy)
         c, s = math.cos(self.robot_yaw), math.sin(self.robot_yaw)
         return [self.robot_xy[0], self.robot_xy[1], c, s, *self.robot_vel, fx, fy, math.hypot(fx, fy)]
+
+    def _robot_state(self, task: Sequence[float] = ()) -> np.ndarray:
+        """The ``state`` vector: the robot part (see the class docstring), then the task's values.
+
+        Returns:
+            ``(10 + LIDAR_RAYS + len(task),)`` float64, filled in place (cheaper than passing a list
+            of 82+ floats through ``np.array``; the same values).
+        """
+        n = 10 + LIDAR_RAYS
+        out = np.empty(n + len(task), dtype=np.float64)
+        out[:10] = self._robot_observation()
+        out[10:n] = self.lidar
+        if task:
+            out[n:] = task
+        return out
 
     def _robot_bounds(self) -> tuple[list[float], list[float]]:
         b = self.goal_bound

@@ -152,7 +152,7 @@ class WarehouseCartPushEnv(WarehouseEnv):
             fx, fy, math.cos(dyaw), math.sin(dyaw), c * vx + s * vy, -s * vx + c * vy,
             c * sx + s * sy, -s * sx + c * sy, math.hypot(sx, sy), math.hypot(vx, vy),
         ]
-        return np.array(self._robot_observation() + self.lidar.tolist() + task, dtype=np.float64)
+        return self._robot_state(task)
 
     def _state_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         low, high = self._robot_bounds()
