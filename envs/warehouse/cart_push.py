@@ -135,9 +135,8 @@ class WarehouseCartPushEnv(WarehouseEnv):
         self.cart_yaw = math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
         self.cart_z_up = 1.0 - 2.0 * (x * x + y * y)  # z of the cart's up axis (1 upright, 0 on its side)
         self.cart_v = (lin[0], lin[1])
-        # the cart may touch the floor and the robot; one query per obstacle (the robot's obstacles)
-        contacts = self._cart_contacts
-        self._cart_hit = any(contacts(bodyB=b) for b in self._obstacles)
+        # the cart may touch the floor and the robot, not the robot's obstacles
+        self._cart_hit = self._touches_obstacle(self._cart_contacts)
 
     def nav_goal(self) -> tuple[float, float]:
         """The packing station's centre (x, y) [m], world frame."""
@@ -153,7 +152,7 @@ class WarehouseCartPushEnv(WarehouseEnv):
             fx, fy, math.cos(dyaw), math.sin(dyaw), c * vx + s * vy, -s * vx + c * vy,
             c * sx + s * sy, -s * sx + c * sy, math.hypot(sx, sy), math.hypot(vx, vy),
         ]
-        return np.array(self._robot_observation() + self.lidar.tolist() + task, dtype=np.float64)
+        return self._robot_state(task)
 
     def _state_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         low, high = self._robot_bounds()

@@ -73,7 +73,7 @@ class WarehouseNavigateEnv(WarehouseEnv):
         return self.bay
 
     def _state_observation(self) -> np.ndarray:
-        return np.array(self._robot_observation() + self.lidar.tolist(), dtype=np.float64)
+        return self._robot_state()
 
     def _state_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         low, high = self._robot_bounds()

@@ -434,6 +434,28 @@ def test_person_in_the_way_is_a_collision(make_env):
 
 
 # ------------------------------------------------------------------ episode ends and rewards
+@pytest.mark.parametrize("n_robots", [0, 4])
+def test_contact_checks_agree_with_one_query_per_obstacle(make_env, n_robots):
+    """A person in the way is a collision with 2 obstacles (one query each) and with 6 (one query)."""
+    from loopsim.envs.warehouse.base import PER_OBSTACLE_QUERIES
+
+    env = make_env(NAV, site={"n_people": 1, "n_robots": n_robots, "traffic_speed": 0.0})
+    env.reset(seed=2)
+    u = env.unwrapped
+    assert (len(u._obstacles) > PER_OBSTACLE_QUERIES) == (n_robots > 0)
+    i = len(u.agent_x) - 1  # the person (robots first)
+    u._place_robot(u.agent_x[i] - 1.5, u.agent_y[i], 0.0)
+    u._read_state()
+    for _ in range(40):
+        *_, terminated, truncated, info = env.step(np.array([0.6, 0.0], dtype=np.float32))
+        per_obstacle = any(u._contacts(bodyB=b) for b in u._obstacles)
+        assert u._robot_collided() == per_obstacle
+        if terminated or truncated:
+            break
+    assert terminated and info["failure_mode"] == "collision"
+    assert per_obstacle
+
+
 def test_standing_still_times_out(make_env):
     env = make_env(NAV, max_steps=25)
     env.reset(seed=1)
