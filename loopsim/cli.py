@@ -41,6 +41,9 @@ app = typer.Typer(
     help="loopsim: simulate the data flywheel of deployed robots.",
     no_args_is_help=True,
     add_completion=False,
+    # Help texts are plain text: with rich markup, "[px]", "[m/s]" or "[default: lab]" would be read
+    # as markup tags and vanish from --help.
+    rich_markup_mode=None,
 )
 #: Piped output (logs, CI) is 120 columns wide rather than rich's 80, so tables do not fold, and text
 #: lines are never wrapped (one message, one line: greppable); a terminal keeps its own width and
@@ -52,6 +55,7 @@ store_app = typer.Typer(
     help="Episode stores: verify and repair.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 app.add_typer(store_app)
 

@@ -79,3 +79,21 @@ def test_console_script_is_installed():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "envs" in out.stdout and "expert" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "command, texts",
+    [
+        (["replay"], ["[px]", "[default: the control rate]", "[observation units: m, m/s...]"]),
+        (["expert"], ["[default: lab]"]),
+        (["loop"], ["[default: run_dir from the config, else runs/<config stem>]"]),
+        (["report"], ["[default: RUN_DIR/report.html]"]),
+    ],
+)
+def test_help_keeps_units_and_defaults_in_brackets(command, texts):
+    """Help texts are plain text: bracketed units and defaults are not eaten as rich markup tags."""
+    result = runner.invoke(app, [*command, "--help"], terminal_width=300)
+    assert result.exit_code == 0
+    flat = " ".join(result.output.split())
+    for text in texts:
+        assert text in flat, (text, flat)
