@@ -134,7 +134,7 @@ class RobotTaskEnv(gym.Env):
         if not _is_int(max_steps) or max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r} must be a positive integer [control steps]")
         max_steps = int(max_steps)
-        self.site: Site = load_site(self.site_schema, site)
+        self.site = site  # validated and resolved by the property's setter
         self.obs_mode = obs_mode
         self.reward_type = reward_type
         self.render_mode = render_mode
@@ -194,6 +194,23 @@ class RobotTaskEnv(gym.Env):
         self.site_params = self.site_schema.lab_values()
         self._apply_site(self.site_params)
         self._world_fresh = True
+
+    @property
+    def site(self) -> Site:
+        """The site the next episodes are drawn from (a :class:`Site`).
+
+        Can be assigned between episodes, as a name, an inline mapping or a ``Site`` (e.g. a
+        curriculum over sites on one env); it takes effect at the next ``reset``.
+
+        Raises:
+            SiteError: On assignment, for an unknown site name or parameter (the message lists the
+                valid ones); the env keeps its current site.
+        """
+        return self._site
+
+    @site.setter
+    def site(self, value: str | Mapping[str, Any] | Site | None) -> None:
+        self._site = load_site(self.site_schema, value)
 
     # ------------------------------------------------------------------ task hooks
     def _load_scene(self) -> None:

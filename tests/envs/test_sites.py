@@ -150,6 +150,24 @@ def test_inline_site_document_and_site_object(env_id, make_env):
     assert load_site(schema, site) is site
 
 
+def test_site_assigned_by_name_between_episodes(env_id, make_env, helpers):
+    """``env.unwrapped.site = "name"`` (or a mapping) applies from the next reset, as gym.make(site=...)."""
+    shifted = sorted(n for n in available_sites(_schema(env_id).domain) if n != "lab")[0]
+    made = make_env(env_id, site=shifted, max_steps=20)
+    switched = make_env(env_id, max_steps=20)
+    helpers.rollout(switched, 1, helpers.RandomPolicy(20, 1, switched.action_space.shape[0]), 20)
+    switched.unwrapped.site = shifted
+    policy = lambda: helpers.RandomPolicy(20, 2, made.action_space.shape[0])  # noqa: E731
+    r1 = helpers.rollout(made, 5, policy(), 20, reset_on_end=False)
+    r2 = helpers.rollout(switched, 5, policy(), 20, reset_on_end=False)
+    assert helpers.first_difference(r1, r2) is None
+    switched.unwrapped.site = {"action_delay": {"choice": [2]}}
+    assert switched.reset(seed=0)[1]["site_params"]["action_delay"] == 2
+    with pytest.raises(SiteError, match="no_such_site"):
+        switched.unwrapped.site = "no_such_site"
+    assert switched.unwrapped.site.name == "custom"  # unchanged: the inline site of before
+
+
 def test_unknown_site_name_lists_valid_names(env_id):
     schema = _schema(env_id)
     with pytest.raises(SiteError) as excinfo:

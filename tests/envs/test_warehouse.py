@@ -246,11 +246,16 @@ def test_site_assigned_after_construction_gets_its_traffic(wh_id, make_env, help
     u = switched.unwrapped
     assert u._n_agents >= 4 and min(u._agent_bodies) >= 0 and -1 not in u._obstacles
     assert helpers.first_difference(r1, r2) is None
-    # and back to lab: no traffic
-    u.site = load_site(WAREHOUSE_SCHEMA, "lab")
+    # and back to lab, by name this time (the setter resolves names and mappings): no traffic
+    u.site = "lab"
     switched.reset(seed=7)
     assert u._n_agents == 0 and u._obstacles == [u.structure]
     assert not switched.step(np.zeros(switched.action_space.shape, dtype=np.float32))[2]
+    # an unknown name is refused at the assignment, listing the sites, and the env keeps its site
+    with pytest.raises(SiteError, match="unknown warehouse site 'moon'; available sites are"):
+        u.site = "moon"
+    assert u.site.name == "lab"
+    assert isinstance(load_site(WAREHOUSE_SCHEMA, "lab"), type(u.site))
 
 
 def test_seeded_then_unseeded_reset_reproducible(wh_id, make_env, helpers):
