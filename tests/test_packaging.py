@@ -28,6 +28,6 @@ def test_every_listed_package_exists():
     dirs = tool["package-dir"]
     for package in tool["packages"]:
         top = max((k for k in dirs if package == k or package.startswith(k + ".")), key=len)
-        path = ROOT / dirs[top] / Path(*package[len(top):].lstrip(".").split(".")) if package != top \
-            else ROOT / dirs[top]
+        rest = package[len(top) + 1:].split(".") if package != top else []
+        path = ROOT.joinpath(dirs[top], *rest)
         assert path.is_dir(), (package, path)

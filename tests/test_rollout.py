@@ -161,8 +161,12 @@ def test_collect_and_eval_commands(tmp_path):
         assert len(s) == 1 and s.metadata()["policy_id"][0] == "expert"
 
 
-def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_path):
-    import signal
+def _collect_in_background(tmp_path, at_least, output):
+    """Start ``loopsim collect`` (200 episodes) in a process; return it once ``at_least`` are stored.
+
+    Returns ``(process, config path, store path)``; ``output`` is a file the process writes its
+    stdout and stderr to (a file, not a pipe nobody reads while it runs).
+    """
     import subprocess
     import sys
     import time
@@ -171,20 +175,24 @@ def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_
     store = tmp_path / "k.zarr"
     cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 200, "store": str(store)}))
     proc = subprocess.Popen([sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with EpisodeStore.open(store) as s:
-                    if len(s) >= 3:
-                        break
-            except (FileNotFoundError, StoreError):
-                pass  # not created yet
-            time.sleep(0.1)
-        else:
-            pytest.fail("collect wrote no episodes in 120 s")
-    finally:
+                            stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with EpisodeStore.open(store) as s:
+                if len(s) >= at_least:
+                    return proc, cfg, store
+        except (FileNotFoundError, StoreError):
+            pass  # not created yet
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    pytest.fail("collect wrote no episodes in 120 s")
+
+
+def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_path):
+    with open(tmp_path / "out.txt", "w") as out:
+        proc, cfg, store = _collect_in_background(tmp_path, 3, out)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     with EpisodeStore.open(store) as s:
@@ -199,33 +207,15 @@ def test_killed_collect_keeps_its_committed_episodes_and_appends_after_them(tmp_
 
 def test_sigterm_stops_collect_as_ctrl_c_does(tmp_path):
     """SIGTERM (kill, job schedulers) gives the Ctrl-C path: the resume line, exit code 130, a whole store."""
-    import subprocess
-    import sys
-    import time
-
-    cfg = tmp_path / "c.yaml"
-    store = tmp_path / "k.zarr"
-    cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 200, "store": str(store)}))
-    proc = subprocess.Popen([sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with EpisodeStore.open(store) as s:
-                    if len(s) >= 2:
-                        break
-            except (FileNotFoundError, StoreError):
-                pass  # not created yet
-            time.sleep(0.1)
-        else:
-            pytest.fail("collect wrote no episodes in 120 s")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    text = " ".join(out.split())
+    with open(tmp_path / "out.txt", "w") as out:
+        proc, _, store = _collect_in_background(tmp_path, 2, out)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = " ".join((tmp_path / "out.txt").read_text().split())
+    assert proc.returncode == 130, text
     assert "episodes finished so far are committed to" in text and "continue with: loopsim collect" in text
     with EpisodeStore.open(store) as s:
         n = len(s)
