@@ -630,7 +630,9 @@ def train(
     directory = run_dir or default_run_dir(config, cfg)
     try:
         with _run_errors(), _store_errors():
-            run = run_train(cfg, directory, resume=resume)
+            # progress bars (tqdm, on stderr) only on a terminal, as every other command's
+            run = run_train(cfg, directory, resume=resume,
+                            progress_bar=console.is_terminal and sys.stderr.isatty())
     except KeyboardInterrupt:
         again = " ".join(["loopsim train", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                           "--run-dir", shlex.quote(str(directory)), "--resume"])

@@ -177,6 +177,8 @@ def test_cli_train_with_overrides(tmp_path: Path, demo_store: str) -> None:
                                       "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert "final evaluation" in result.output
+    # not a terminal: no progress bars (tqdm wrote ~100 lines per evaluation into logs)
+    assert "epoch/s" not in result.output and "eval @ epoch" not in result.output, result.output
     policy = load_policy(run_dir / "checkpoint")
     assert policy.hidden_sizes == [8] and policy.provenance["epochs"] == 1
     result = CliRunner().invoke(app, ["train", str(path), "train.stores=[/no/such.zarr]",
