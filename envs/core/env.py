@@ -178,6 +178,9 @@ class RobotTaskEnv(gym.Env):
         self._elapsed = 0
         self._actions: deque[np.ndarray] = deque()
         self._has_reset = False
+        #: How the current episode ended (``"terminated"`` / ``"truncated"``), ``None`` while it runs.
+        self._ended: str | None = None
+        self._ended_warned = False
 
     def _build_world(self) -> None:
         """Build the scene into the (new or emptied) world, snapshot it and apply the ``lab`` values.
@@ -402,6 +405,8 @@ class RobotTaskEnv(gym.Env):
         hold = [float(v) for v in self._hold_action()]
         self._actions = deque([list(hold) for _ in range(int(self.site_params.get("action_delay", 0)))])
         self._has_reset = True
+        self._ended = None
+        self._ended_warned = False
         info = {"is_success": False, "seed": int(seed), "site": self.site.name,
                 "site_params": dict(self.site_params)}
         return self._get_obs(), info
@@ -425,11 +430,25 @@ class RobotTaskEnv(gym.Env):
             ValueError: If the action has the wrong shape, is not numeric (strings, bools, complex) or
                 holds NaN or infinite values; nothing is passed to the physics in that case.
             RuntimeError: If called before ``reset()`` or after ``close()``.
+
+        Warns:
+            UserWarning: Once per episode (through ``gymnasium.logger``, as Gymnasium's own envs do),
+                at the first step after the episode ended (``terminated`` or ``truncated``) without a
+                ``reset()``. What follows is undefined in Gymnasium's API: the physics runs on past the
+                end, and the flags describe the state reached, not the episode (a warehouse robot that
+                collided reports ``terminated=False`` once it is no longer touching the shelf).
         """
         if self.sim.closed:
             raise RuntimeError("step() on a closed env")
         if not self._has_reset:
             raise RuntimeError("call reset() before step()")
+        if self._ended is not None and not self._ended_warned:
+            self._ended_warned = True
+            gym.logger.warn(
+                f"step() after the episode ended ({self._ended}) without reset(): call reset() to start "
+                "the next episode; the physics runs on past the end and the steps that follow belong "
+                "to no episode of the task"
+            )
         a = np.asarray(action)
         if a.dtype.kind not in "fiu":
             raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
@@ -454,6 +473,8 @@ class RobotTaskEnv(gym.Env):
         info: dict[str, Any] = {"is_success": success}
         if terminated or truncated:
             info["failure_mode"] = None if success else (failure or self._timeout_failure_mode())
+            if self._ended is None:
+                self._ended = "terminated" if terminated else "truncated"
         achieved = self.achieved_goal().astype(np.float32)
         desired = self.desired_goal().astype(np.float32)
         obs = self._get_obs(achieved, desired)

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -158,3 +159,42 @@ def test_threads_stepping_their_own_envs_agree_with_serial_runs():
         run(serial, s)
     for s in range(3):
         np.testing.assert_array_equal(threaded[s], serial[s])
+
+
+
+def _step_until_the_end(env, action, limit):
+    for _ in range(limit):
+        out = env.step(action)
+        if out[2] or out[3]:
+            return out
+    raise AssertionError(f"the episode did not end within {limit} steps")
+
+
+
+def test_step_after_the_episode_ended_warns_once(env_id, make_env):
+    """Stepping an ended episode warns once (as Gymnasium's own envs do); reset() starts the next.
+
+    (It used to go on silently: a warehouse episode that had ended in a collision reported
+    ``terminated=False`` a step later, as if it went on.)
+    """
+    env = make_env(env_id, max_steps=2)
+    hold = np.zeros(env.action_space.shape, dtype=np.float32)
+    env.reset(seed=0)
+    *_, terminated, truncated, info = _step_until_the_end(env, hold, 2)
+    assert truncated and not terminated and info["failure_mode"] == "timeout"
+    with pytest.warns(UserWarning, match=r"after the episode ended \(truncated\) without reset\(\)"):
+        env.step(hold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.step(hold)  # once per episode
+        env.reset(seed=0)
+        env.step(hold)  # the next episode steps without a warning
+
+
+def test_step_after_a_terminated_episode_warns(make_env):
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    env.reset(seed=0)
+    *_, terminated, truncated, info = _step_until_the_end(env, np.array([0, 0, 0, 1.0]), 30)  # opens: drops
+    assert terminated and info["failure_mode"] == "dropped"
+    with pytest.warns(UserWarning, match=r"after the episode ended \(terminated\)"):
+        env.step(np.zeros(4))
