@@ -368,8 +368,10 @@ class RobotTaskEnv(gym.Env):
         is lost).
 
         Args:
-            seed: Seeds ``self.np_random``; the same seed gives a bit-identical episode for the same
-                actions, whatever ran before (with ``fresh_world=True``, the default).
+            seed: Seeds ``self.np_random``: a non-negative integer (Python or NumPy, e.g. from
+                ``np.arange`` or a store's seed column) or ``None``. The same seed gives a
+                bit-identical episode for the same actions, whatever ran before (with
+                ``fresh_world=True``, the default).
             options: Unused; accepted for API compatibility.
 
         Returns:
@@ -378,10 +380,16 @@ class RobotTaskEnv(gym.Env):
             ``info["site_params"]`` (the parameters sampled for this episode).
 
         Raises:
+            ValueError: For a seed that is not a non-negative integer (a bool, float or string), before
+                anything changes.
             RuntimeError: If the env was closed.
         """
         if self.sim.closed:
             raise RuntimeError("reset() on a closed env")
+        if seed is not None:
+            if not _is_int(seed) or seed < 0:
+                raise ValueError(f"seed={seed!r} must be a non-negative integer, or None to draw one")
+            seed = int(seed)  # NumPy integers too (Gymnasium's seeding takes Python ints only)
         if seed is None:
             seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)

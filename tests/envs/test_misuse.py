@@ -198,3 +198,19 @@ def test_step_after_a_terminated_episode_warns(make_env):
     assert terminated and info["failure_mode"] == "dropped"
     with pytest.warns(UserWarning, match=r"after the episode ended \(terminated\)"):
         env.step(np.zeros(4))
+
+
+@pytest.mark.parametrize("seed", [np.int64(7), np.uint32(7), np.int8(7)])
+def test_numpy_integer_seeds_are_seeds(make_env, seed):
+    """A seed taken from a NumPy array (``np.arange``, a store's seed column) is that seed."""
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    obs, info = env.reset(seed=seed)
+    assert info["seed"] == 7 and type(info["seed"]) is int
+    np.testing.assert_array_equal(obs, env.reset(seed=7)[0])
+
+
+@pytest.mark.parametrize("seed", [True, False, np.bool_(True), 7.0, "7", -1])
+def test_bad_seeds_are_refused_naming_the_seed(make_env, seed):
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    with pytest.raises(ValueError, match=rf"seed={seed!r} must be a non-negative integer"):
+        env.reset(seed=seed)
