@@ -172,9 +172,6 @@ class RobotTaskEnv(gym.Env):
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
-        if obs_mode == "goal":
-            # Only goal envs have compute_reward: SB3 (check_env, HER) treats any env that has it as one.
-            self.compute_reward = self._goal_reward
         self._elapsed = 0
         self._actions: deque[np.ndarray] = deque()
         self._has_reset = False
@@ -279,6 +276,21 @@ class RobotTaskEnv(gym.Env):
             f"{type(self).__name__} cannot be pickled or copied: it owns a live PyBullet client; "
             "create a new env with gymnasium.make (vector envs pickle the factory, not the env)"
         )
+
+    @property
+    def compute_reward(self) -> Any:
+        """:meth:`_goal_reward`, in ``goal`` mode only (``hasattr(env, "compute_reward")`` is False else).
+
+        SB3 (``check_env``, HER) treats any env that has ``compute_reward`` as goal-conditioned. A
+        property rather than the bound method stored on the env, which made a reference cycle: a goal
+        env dropped without ``close()`` kept its physics client until the garbage collector ran.
+
+        Raises:
+            AttributeError: Unless ``obs_mode == "goal"``.
+        """
+        if self.obs_mode != "goal":
+            raise AttributeError(f"compute_reward exists in obs_mode='goal' only, not {self.obs_mode!r}")
+        return self._goal_reward
 
     @property
     def pending_actions(self) -> list[list[float]]:

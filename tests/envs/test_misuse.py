@@ -214,3 +214,27 @@ def test_bad_seeds_are_refused_naming_the_seed(make_env, seed):
     env = make_env("loopsim/FactoryPegInsert-v0")
     with pytest.raises(ValueError, match=rf"seed={seed!r} must be a non-negative integer"):
         env.reset(seed=seed)
+
+
+@pytest.mark.parametrize("obs_mode", ["state", "goal", "rgb"])
+def test_an_env_dropped_without_close_frees_its_physics_client_at_once(env_id, obs_mode):
+    """No reference cycle keeps a dropped env (and its PyBullet client, 8-26 MB) alive until the
+    cyclic garbage collector runs. (``compute_reward``, a bound method stored on the goal env itself,
+    made one: 150 WarehouseNavigate goal envs made and dropped kept up to 16 clients alive.)"""
+    import gc
+    import weakref
+
+    import pybullet as p
+
+    gc.collect()
+    gc.disable()
+    try:
+        env = gym.make(env_id, obs_mode=obs_mode, image_size=16)
+        env.reset(seed=0)
+        assert hasattr(env, "compute_reward") == (obs_mode == "goal")
+        client, ref = env.unwrapped.sim.id, weakref.ref(env)
+        del env
+        assert ref() is None, "the env is kept alive by a reference cycle"
+        assert not p.isConnected(physicsClientId=client)
+    finally:
+        gc.enable()
