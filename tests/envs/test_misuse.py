@@ -264,3 +264,31 @@ def test_an_env_dropped_without_close_frees_its_physics_client_at_once(env_id, o
         assert not p.isConnected(physicsClientId=client)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"takeover_steps": 2.7}, r"takeover_steps=2.7 must be an integer >= 1"),  # was truncated to 2
+        ({"takeover_steps": "3"}, r"takeover_steps='3' must be an integer"),
+        ({"takeover_steps": True}, r"takeover_steps=True must be an integer"),
+        ({"takeover_steps": 0}, r"takeover_steps=0 must be an integer >= 1"),
+        ({"threshold": True}, r"threshold=True must be a finite number > 0"),
+        ({"threshold": "0.5"}, r"threshold='0.5' must be a finite number > 0"),  # was a numpy ufunc error
+        ({"threshold": None}, r"threshold=None must be a finite number > 0"),
+        ({"threshold": float("nan")}, r"threshold=nan must be a finite number > 0"),
+    ],
+)
+def test_intervention_gate_arguments_are_checked(make_env, kwargs, message):
+    from loopsim.envs import ExpertIntervention
+
+    with pytest.raises(ValueError, match=message):
+        ExpertIntervention(make_env("loopsim/FactoryPegInsert-v0"), **kwargs)
+
+
+def test_intervention_gate_takes_numpy_numbers(make_env):
+    from loopsim.envs import ExpertIntervention
+
+    env = ExpertIntervention(make_env("loopsim/FactoryPegInsert-v0"), threshold=np.float32(0.5),
+                             takeover_steps=np.int64(3))
+    assert env.takeover_steps == 3 and type(env.takeover_steps) is int
