@@ -172,12 +172,12 @@ class RobotTaskEnv(gym.Env):
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
-        if obs_mode == "goal":
-            # Only goal envs have compute_reward: SB3 (check_env, HER) treats any env that has it as one.
-            self.compute_reward = self._goal_reward
         self._elapsed = 0
         self._actions: deque[np.ndarray] = deque()
         self._has_reset = False
+        #: How the current episode ended (``"terminated"`` / ``"truncated"``), ``None`` while it runs.
+        self._ended: str | None = None
+        self._ended_warned = False
 
     def _build_world(self) -> None:
         """Build the scene into the (new or emptied) world, snapshot it and apply the ``lab`` values.
@@ -278,6 +278,21 @@ class RobotTaskEnv(gym.Env):
         )
 
     @property
+    def compute_reward(self) -> Any:
+        """:meth:`_goal_reward`, in ``goal`` mode only (``hasattr(env, "compute_reward")`` is False else).
+
+        SB3 (``check_env``, HER) treats any env that has ``compute_reward`` as goal-conditioned. A
+        property rather than the bound method stored on the env, which made a reference cycle: a goal
+        env dropped without ``close()`` kept its physics client until the garbage collector ran.
+
+        Raises:
+            AttributeError: Unless ``obs_mode == "goal"``.
+        """
+        if self.obs_mode != "goal":
+            raise AttributeError(f"compute_reward exists in obs_mode='goal' only, not {self.obs_mode!r}")
+        return self._goal_reward
+
+    @property
     def pending_actions(self) -> list[list[float]]:
         """Actions accepted but not yet applied because of actuator lag (oldest first), each clipped."""
         return [list(a) for a in self._actions]
@@ -365,8 +380,10 @@ class RobotTaskEnv(gym.Env):
         is lost).
 
         Args:
-            seed: Seeds ``self.np_random``; the same seed gives a bit-identical episode for the same
-                actions, whatever ran before (with ``fresh_world=True``, the default).
+            seed: Seeds ``self.np_random``: a non-negative integer (Python or NumPy, e.g. from
+                ``np.arange`` or a store's seed column) or ``None``. The same seed gives a
+                bit-identical episode for the same actions, whatever ran before (with
+                ``fresh_world=True``, the default).
             options: Unused; accepted for API compatibility.
 
         Returns:
@@ -375,10 +392,16 @@ class RobotTaskEnv(gym.Env):
             ``info["site_params"]`` (the parameters sampled for this episode).
 
         Raises:
+            ValueError: For a seed that is not a non-negative integer (a bool, float or string), before
+                anything changes.
             RuntimeError: If the env was closed.
         """
         if self.sim.closed:
             raise RuntimeError("reset() on a closed env")
+        if seed is not None:
+            if not _is_int(seed) or seed < 0:
+                raise ValueError(f"seed={seed!r} must be a non-negative integer, or None to draw one")
+            seed = int(seed)  # NumPy integers too (Gymnasium's seeding takes Python ints only)
         if seed is None:
             seed = int(self.np_random.integers(0, 2**31 - 1))
         super().reset(seed=seed)
@@ -402,6 +425,8 @@ class RobotTaskEnv(gym.Env):
         hold = [float(v) for v in self._hold_action()]
         self._actions = deque([list(hold) for _ in range(int(self.site_params.get("action_delay", 0)))])
         self._has_reset = True
+        self._ended = None
+        self._ended_warned = False
         info = {"is_success": False, "seed": int(seed), "site": self.site.name,
                 "site_params": dict(self.site_params)}
         return self._get_obs(), info
@@ -425,11 +450,25 @@ class RobotTaskEnv(gym.Env):
             ValueError: If the action has the wrong shape, is not numeric (strings, bools, complex) or
                 holds NaN or infinite values; nothing is passed to the physics in that case.
             RuntimeError: If called before ``reset()`` or after ``close()``.
+
+        Warns:
+            UserWarning: Once per episode (through ``gymnasium.logger``, as Gymnasium's own envs do),
+                at the first step after the episode ended (``terminated`` or ``truncated``) without a
+                ``reset()``. What follows is undefined in Gymnasium's API: the physics runs on past the
+                end, and the flags describe the state reached, not the episode (a warehouse robot that
+                collided reports ``terminated=False`` once it is no longer touching the shelf).
         """
         if self.sim.closed:
             raise RuntimeError("step() on a closed env")
         if not self._has_reset:
             raise RuntimeError("call reset() before step()")
+        if self._ended is not None and not self._ended_warned:
+            self._ended_warned = True
+            gym.logger.warn(
+                f"step() after the episode ended ({self._ended}) without reset(): call reset() to start "
+                "the next episode; the physics runs on past the end and the steps that follow belong "
+                "to no episode of the task"
+            )
         a = np.asarray(action)
         if a.dtype.kind not in "fiu":
             raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
@@ -454,6 +493,8 @@ class RobotTaskEnv(gym.Env):
         info: dict[str, Any] = {"is_success": success}
         if terminated or truncated:
             info["failure_mode"] = None if success else (failure or self._timeout_failure_mode())
+            if self._ended is None:
+                self._ended = "terminated" if terminated else "truncated"
         achieved = self.achieved_goal().astype(np.float32)
         desired = self.desired_goal().astype(np.float32)
         obs = self._get_obs(achieved, desired)

@@ -23,6 +23,33 @@ from loopsim.envs.core.quiet import stdout_to_devnull
 __all__ = ["Simulation"]
 
 
+def _x_display_problem() -> str | None:
+    """Why PyBullet's GUI could not open the X display, or ``None`` if it can (Linux).
+
+    PyBullet's GUI loads ``libX11.so.6`` and calls ``XOpenDisplay``; when that fails it prints
+    "cannot connect to X server" and exits the whole interpreter. The same call made here first turns
+    that into an error the caller can handle (a stale ``DISPLAY`` over SSH or in a container, an X
+    server that is gone, a Wayland session without XWayland, whose ``DISPLAY`` is unset).
+    """
+    import ctypes
+
+    display = os.environ.get("DISPLAY", "")
+    try:
+        xlib = ctypes.CDLL("libX11.so.6")
+    except OSError:
+        return "cannot open the X display: libX11.so.6, which the PyBullet GUI loads, is not installed"
+    xlib.XOpenDisplay.restype = ctypes.c_void_p
+    xlib.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    xlib.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    handle = xlib.XOpenDisplay(None)  # what PyBullet calls: the display DISPLAY names
+    if not handle:
+        if not display:
+            return "cannot open the X display the PyBullet GUI needs (X11 only: DISPLAY is not set)"
+        return f"cannot open the X display (DISPLAY={display!r}), which the PyBullet GUI needs"
+    xlib.XCloseDisplay(handle)
+    return None
+
+
 class Simulation:
     """A PyBullet client in DIRECT (headless) or GUI mode with a fixed time step and substeps.
 
@@ -39,7 +66,9 @@ class Simulation:
             ``bc.getCameraImage`` call returns an all-zero image (PyBullet reports no error).
 
     Raises:
-        RuntimeError: If the GUI is requested and PyBullet cannot open a window.
+        RuntimeError: If the GUI is requested and PyBullet cannot open a window (on Linux: no
+            ``DISPLAY``, or an X display that cannot be opened; checked before PyBullet tries, which
+            would exit the interpreter).
     """
 
     def __init__(
@@ -50,13 +79,15 @@ class Simulation:
         solver_iterations: int = 50,
         renderer: bool = True,
     ) -> None:
-        if (
-            gui
-            and sys.platform.startswith("linux")
-            and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-        ):
+        if gui and sys.platform.startswith("linux"):
             # PyBullet would print "cannot connect to X server" and exit the interpreter.
-            raise RuntimeError('render_mode="human" needs a display (DISPLAY is not set); use "rgb_array"')
+            if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+                raise RuntimeError(
+                    'render_mode="human" needs a display (DISPLAY is not set); use "rgb_array"'
+                )
+            problem = _x_display_problem()
+            if problem is not None:
+                raise RuntimeError(f'render_mode="human": {problem}; use "rgb_array"')
         mode = p.GUI if gui else p.DIRECT
         try:
             with stdout_to_devnull():

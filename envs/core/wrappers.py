@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import gymnasium as gym
@@ -78,17 +80,28 @@ class ExpertIntervention(gym.Wrapper):
 
     Raises:
         TypeError: If the env's task has no scripted expert.
-        ValueError: For a non-positive ``threshold`` or ``takeover_steps < 1``.
+        ValueError: For a ``threshold`` that is not a finite number > 0 or a ``takeover_steps`` that
+            is not an integer >= 1 (bools and strings are refused), before anything else.
     """
 
     def __init__(self, env: gym.Env, threshold: float = 0.6, takeover_steps: int = 10) -> None:
+        # Python or NumPy numbers, not bools or strings; an integer count (2.7 was truncated to 2)
+        if (
+            isinstance(threshold, bool | np.bool_)
+            or not isinstance(threshold, numbers.Real)
+            or not math.isfinite(threshold)
+            or threshold <= 0
+        ):
+            raise ValueError(f"threshold={threshold!r} must be a finite number > 0 [action units]")
+        if (
+            isinstance(takeover_steps, bool | np.bool_)
+            or not isinstance(takeover_steps, numbers.Integral)
+            or takeover_steps < 1
+        ):
+            raise ValueError(f"takeover_steps={takeover_steps!r} must be an integer >= 1 [control steps]")
         super().__init__(env)
         from loopsim.envs import make_expert
 
-        if not (np.isfinite(threshold) and threshold > 0):
-            raise ValueError(f"threshold={threshold!r} must be a finite number > 0")
-        if int(takeover_steps) < 1:
-            raise ValueError(f"takeover_steps={takeover_steps!r} must be >= 1")
         self.threshold = float(threshold)
         self.takeover_steps = int(takeover_steps)
         self.expert = make_expert(env, noise_std=0.0)

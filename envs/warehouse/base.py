@@ -34,7 +34,8 @@ move kinematically along the aisles, back and forth, each in a lane close to one
 site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
 control step; each one pauses while the robot (or the cart it pushes) is ahead of it in its lane
 within ``YIELD_DISTANCE`` (their own safety scanners), so they never run into the robot from behind or
-head-on: a collision is always the robot's doing.
+head-on: a collision is always the robot's doing. None starts on the robot or its cart (an agent drawn
+there starts along its lane, ``START_CLEARANCE`` clear of them).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
 YIELD_DISTANCE = 1.0
 #: Clearance between a traffic lane and the shelf face [m].
 LANE_MARGIN = 0.1
+#: Least gap along its lane between a traffic agent's start and the robot or its cart [m].
+START_CLEARANCE = 0.1
 #: Where traffic agents the episode does not use wait, far off the floor [m].
 PARK = (500.0, 500.0)
 #: Up to this many obstacles, a contact check asks PyBullet once per obstacle (~1.4 us each, nothing
@@ -497,6 +500,7 @@ class WarehouseEnv(RobotTaskEnv):
         self._agent_hi = (hi - self._agent_half_length[idx]).tolist()
         self._agent_hw = self._agent_half_width[idx].tolist()
         self._agent_hl = self._agent_half_length[idx].tolist()
+        self._clear_traffic_starts()
         self._agent_bodies = [self.agents[i] for i in idx.tolist()]
         self._agent_zs = [self._agent_z[i] for i in idx.tolist()]
         allowed = self._allowed_contacts()
@@ -504,6 +508,47 @@ class WarehouseEnv(RobotTaskEnv):
         #: traffic waits far off the floor; the floor and the task's allowed bodies are left out).
         self._set_obstacles([b for b in [self.structure, *self._agent_bodies] if b not in allowed])
         self._place_agents()
+
+    def _keep_clear(self) -> list[tuple[float, float, float]]:
+        """Where traffic may not start: ``(x, y, radius)`` [m] of the robot as placed for the episode.
+
+        Read from the simulator (the robot was just placed; ``robot_xy`` is read after the traffic).
+        Tasks add what the robot pushes.
+        """
+        (x, y, _), _ = self._base_pose()
+        return [(x, y, ROBOT_RADIUS)]
+
+    def _clear_traffic_starts(self) -> None:
+        """Move every agent whose drawn start overlaps the robot (or its cart) along its lane, clear of it.
+
+        A lane that passes within the agent's half width of a body's disc (``_keep_clear``) is blocked
+        along x for the body's radius plus the agent's half length plus ``START_CLEARANCE``; an agent
+        drawn inside a blocked stretch starts at its nearer end that lies on the lane (no random draw:
+        every other agent, and every agent of an episode without overlap, starts where it was drawn).
+        Without this, in aisles narrower than about 2.4 m a person or robot could be placed on the
+        robot or the cart, and the episode ended at its first step in ``collision`` or ``lost_cart``.
+        """
+        keep = self._keep_clear()
+        for i, (x, y, hw, hl) in enumerate(zip(
+            self.agent_x, self.agent_y, self._agent_hw, self._agent_hl, strict=True,
+        )):
+            spans = sorted(
+                (ox - r - hl - START_CLEARANCE, ox + r + hl + START_CLEARANCE)
+                for ox, oy, r in keep
+                if abs(oy - y) < hw + r
+            )
+            merged: list[list[float]] = []
+            for a, b in spans:
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            for a, b in merged:
+                if a < x < b:
+                    ends = [e for e in (a, b) if self._agent_lo[i] <= e <= self._agent_hi[i]]
+                    if ends:
+                        self.agent_x[i] = min(ends, key=lambda e: abs(e - x))
+                    break
 
     def _place_agents(self) -> None:
         move = self._move

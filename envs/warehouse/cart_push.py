@@ -120,6 +120,11 @@ class WarehouseCartPushEnv(WarehouseEnv):
         self._place_robot(bx - side * back, by + float(robot_dy), heading)
         self._init_traffic(rng)
 
+    def _keep_clear(self) -> list[tuple[float, float, float]]:
+        """The robot and the cart (radius: its half diagonal), as placed for the episode."""
+        (x, y, _), _ = self._cart_pose()
+        return [*super()._keep_clear(), (x, y, math.hypot(CART_HALF[0], CART_HALF[1]))]
+
     def _yield_to(self) -> list[tuple[tuple[float, float], float]]:
         """The traffic waits for the cart too (radius: its half diagonal)."""
         return [*super()._yield_to(), (self.cart_xy, math.hypot(CART_HALF[0], CART_HALF[1]))]

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -100,6 +101,32 @@ def test_gui_without_a_display_is_a_clear_error(tmp_path):
     assert "refused:" in out.stdout and "needs a display" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "display",
+    [{"DISPLAY": ":987"}, {"WAYLAND_DISPLAY": "wayland-987"}],
+    ids=["dead-x-server", "wayland-only"],
+)
+def test_gui_with_an_unreachable_display_is_a_clear_error(display):
+    """A display PyBullet cannot open is a RuntimeError, not the end of the process.
+
+    (PyBullet prints "cannot connect to X server" and exits the interpreter with status 1: a stale
+    ``DISPLAY`` over SSH or in a container, or a Wayland session without XWayland, killed the caller.)
+    """
+    code = (
+        "import gymnasium as gym, loopsim\n"
+        "try:\n"
+        "    gym.make('loopsim/FactoryPickPlace-v0', render_mode='human')\n"
+        "except RuntimeError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('alive')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, **display}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "cannot open the X display" in out.stdout and "alive" in out.stdout
+
+
 def test_envs_created_in_threads_leave_stdout_working(tmp_path):
     code = (
         "import threading, gymnasium as gym, loopsim\n"
@@ -158,3 +185,110 @@ def test_threads_stepping_their_own_envs_agree_with_serial_runs():
         run(serial, s)
     for s in range(3):
         np.testing.assert_array_equal(threaded[s], serial[s])
+
+
+
+def _step_until_the_end(env, action, limit):
+    for _ in range(limit):
+        out = env.step(action)
+        if out[2] or out[3]:
+            return out
+    raise AssertionError(f"the episode did not end within {limit} steps")
+
+
+
+def test_step_after_the_episode_ended_warns_once(env_id, make_env):
+    """Stepping an ended episode warns once (as Gymnasium's own envs do); reset() starts the next.
+
+    (It used to go on silently: a warehouse episode that had ended in a collision reported
+    ``terminated=False`` a step later, as if it went on.)
+    """
+    env = make_env(env_id, max_steps=2)
+    hold = np.zeros(env.action_space.shape, dtype=np.float32)
+    env.reset(seed=0)
+    *_, terminated, truncated, info = _step_until_the_end(env, hold, 2)
+    assert truncated and not terminated and info["failure_mode"] == "timeout"
+    with pytest.warns(UserWarning, match=r"after the episode ended \(truncated\) without reset\(\)"):
+        env.step(hold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.step(hold)  # once per episode
+        env.reset(seed=0)
+        env.step(hold)  # the next episode steps without a warning
+
+
+def test_step_after_a_terminated_episode_warns(make_env):
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    env.reset(seed=0)
+    *_, terminated, truncated, info = _step_until_the_end(env, np.array([0, 0, 0, 1.0]), 30)  # opens: drops
+    assert terminated and info["failure_mode"] == "dropped"
+    with pytest.warns(UserWarning, match=r"after the episode ended \(terminated\)"):
+        env.step(np.zeros(4))
+
+
+@pytest.mark.parametrize("seed", [np.int64(7), np.uint32(7), np.int8(7)])
+def test_numpy_integer_seeds_are_seeds(make_env, seed):
+    """A seed taken from a NumPy array (``np.arange``, a store's seed column) is that seed."""
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    obs, info = env.reset(seed=seed)
+    assert info["seed"] == 7 and type(info["seed"]) is int
+    np.testing.assert_array_equal(obs, env.reset(seed=7)[0])
+
+
+@pytest.mark.parametrize("seed", [True, False, np.bool_(True), 7.0, "7", -1])
+def test_bad_seeds_are_refused_naming_the_seed(make_env, seed):
+    env = make_env("loopsim/FactoryPegInsert-v0")
+    with pytest.raises(ValueError, match=rf"seed={seed!r} must be a non-negative integer"):
+        env.reset(seed=seed)
+
+
+@pytest.mark.parametrize("obs_mode", ["state", "goal", "rgb"])
+def test_an_env_dropped_without_close_frees_its_physics_client_at_once(env_id, obs_mode):
+    """No reference cycle keeps a dropped env (and its PyBullet client, 8-26 MB) alive until the
+    cyclic garbage collector runs. (``compute_reward``, a bound method stored on the goal env itself,
+    made one: 150 WarehouseNavigate goal envs made and dropped kept up to 16 clients alive.)"""
+    import gc
+    import weakref
+
+    import pybullet as p
+
+    gc.collect()
+    gc.disable()
+    try:
+        env = gym.make(env_id, obs_mode=obs_mode, image_size=16)
+        env.reset(seed=0)
+        assert hasattr(env, "compute_reward") == (obs_mode == "goal")
+        client, ref = env.unwrapped.sim.id, weakref.ref(env)
+        del env
+        assert ref() is None, "the env is kept alive by a reference cycle"
+        assert not p.isConnected(physicsClientId=client)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"takeover_steps": 2.7}, r"takeover_steps=2.7 must be an integer >= 1"),  # was truncated to 2
+        ({"takeover_steps": "3"}, r"takeover_steps='3' must be an integer"),
+        ({"takeover_steps": True}, r"takeover_steps=True must be an integer"),
+        ({"takeover_steps": 0}, r"takeover_steps=0 must be an integer >= 1"),
+        ({"threshold": True}, r"threshold=True must be a finite number > 0"),
+        ({"threshold": "0.5"}, r"threshold='0.5' must be a finite number > 0"),  # was a numpy ufunc error
+        ({"threshold": None}, r"threshold=None must be a finite number > 0"),
+        ({"threshold": float("nan")}, r"threshold=nan must be a finite number > 0"),
+    ],
+)
+def test_intervention_gate_arguments_are_checked(make_env, kwargs, message):
+    from loopsim.envs import ExpertIntervention
+
+    with pytest.raises(ValueError, match=message):
+        ExpertIntervention(make_env("loopsim/FactoryPegInsert-v0"), **kwargs)
+
+
+def test_intervention_gate_takes_numpy_numbers(make_env):
+    from loopsim.envs import ExpertIntervention
+
+    env = ExpertIntervention(make_env("loopsim/FactoryPegInsert-v0"), threshold=np.float32(0.5),
+                             takeover_steps=np.int64(3))
+    assert env.takeover_steps == 3 and type(env.takeover_steps) is int

@@ -426,6 +426,34 @@ def test_traffic_moves_at_its_speed_and_yields(make_env):
     assert u.agent_x[0] == before[0]
 
 
+#: Narrow aisles with traffic (each value inside the bundled ``narrow_aisles`` and ``heavy_traffic``
+#: ranges, or the schema's): the traffic's lanes overlap the robot and the cart in their aisle.
+BUSY_NARROW = [
+    {"aisle_width": 1.5, "n_aisles": 3, "n_robots": 3, "n_people": 4},
+    {"aisle_width": 1.2, "n_aisles": 1, "shelf_units": 2, "n_robots": 6, "n_people": 6},
+]
+
+
+@pytest.mark.parametrize("site", BUSY_NARROW)
+def test_traffic_never_starts_on_the_robot_or_the_cart(wh_id, make_env, site):
+    """No episode is lost before the policy acts: standing still, nothing ends by a collision.
+
+    (Traffic used to be placed anywhere along its lane: at these sites 10-100% of the CartPush
+    episodes ended at step 1 with ``collision`` or ``lost_cart``.)
+    """
+    env = make_env(wh_id, site=site)
+    u = env.unwrapped
+    for seed in range(12):
+        env.reset(seed=seed)
+        mine = [u.robot] + ([u.cart] if hasattr(u, "cart") else [])
+        for body in mine:
+            for agent in u._agent_bodies:
+                assert not u.sim.bc.getClosestPoints(body, agent, 0.05), (seed, body, agent)
+        for _ in range(3):
+            *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+            assert not terminated, (seed, info)
+
+
 def test_person_in_the_way_is_a_collision(make_env):
     env = make_env(NAV, site={"n_people": 1, "traffic_speed": 0.0})
     env.reset(seed=2)
