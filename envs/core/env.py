@@ -388,8 +388,9 @@ class RobotTaskEnv(gym.Env):
 
         Returns:
             ``(observation, info)`` with ``info["is_success"]`` (False), ``info["seed"]`` (this
-            episode's seed, int in ``[0, 2**31)`` when drawn), ``info["site"]`` (name) and
-            ``info["site_params"]`` (the parameters sampled for this episode).
+            episode's seed, int in ``[0, 2**31 - 1)`` when drawn, by
+            ``np_random.integers(0, 2**31 - 1)``), ``info["site"]`` (name) and ``info["site_params"]``
+            (the parameters sampled for this episode).
 
         Raises:
             ValueError: For a seed that is not a non-negative integer (a bool, float or string), before
