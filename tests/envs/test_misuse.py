@@ -292,3 +292,25 @@ def test_intervention_gate_takes_numpy_numbers(make_env):
     env = ExpertIntervention(make_env("loopsim/FactoryPegInsert-v0"), threshold=np.float32(0.5),
                              takeover_steps=np.int64(3))
     assert env.takeover_steps == 3 and type(env.takeover_steps) is int
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("obs_mod", "obs_mode"), ("max_step", "max_steps"),
+                                             ("sites", "site")])
+def test_kwarg_typo_names_the_closest_and_every_allowed_kwarg(env_id, typo, meant, monkeypatch):
+    """Python's own TypeError named the unknown key only; now also what was meant and what is allowed,
+    for every env (the task's own kwargs included), before any physics client is made."""
+    from loopsim.envs.core import env as env_module
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("a physics client was made for an env with a kwarg typo")
+
+    monkeypatch.setattr(env_module, "Simulation", no_client)
+    with pytest.raises(TypeError, match=rf"unknown keyword argument {typo}=1 \(did you mean '{meant}'\?\)"
+                       r"; allowed: .*fresh_world, image_size, max_steps, .*reward_type, site") as err:
+        gym.make(env_id, **{typo: 1})
+    own = {"loopsim/FactoryPegInsert-v0": "block_gripper", "loopsim/FactoryPickPlace-v0": "n_parts",
+           "loopsim/FactorySort-v0": "n_parts"}.get(env_id)
+    if own:
+        assert own in str(err.value)
+    with pytest.raises(TypeError, match=r"unknown keyword arguments a=1, b=2; allowed"):
+        gym.make(env_id, a=1, b=2)
