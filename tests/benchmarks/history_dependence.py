@@ -21,23 +21,16 @@ the only history-free one.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-_HELPERS = Path(__file__).resolve().parent.parent / "envs" / "_helpers.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from episode_digests import _helpers  # noqa: E402  (the same loader of tests/envs/_helpers.py)
+
 ENV_IDS = ["loopsim/FactoryPickPlace-v0", "loopsim/FactorySort-v0", "loopsim/FactoryPegInsert-v0"]
 SITES = ["lab", "fast_conveyor", "noisy_sensors", "gripper_faults", "heavy_slippery"]
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("loopsim_env_test_helpers", _HELPERS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _outcome(rec) -> str:
