@@ -228,6 +228,11 @@ class Site:
         return f"Site({self.name!r}, {self.overrides!r})"
 
 
+def _spec(site: Site) -> dict[str, Any]:
+    """Every parameter's distribution spec of ``site`` (overrides and ``lab`` values alike)."""
+    return {n: d.to_spec() for n, d in site._dists.items()}
+
+
 def _site_dir(domain: str):
     return resources.files("loopsim.configs").joinpath("sites", domain)
 
@@ -261,7 +266,8 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
 
     Raises:
         SiteError: For an unknown site name (the message lists the bundled ones), an unknown
-            parameter or a malformed spec.
+            parameter or a malformed spec, or a site document that takes a bundled site's name with
+            other conditions (its episodes would be recorded under that name).
     """
     if site is None:
         site = "lab"
@@ -275,9 +281,20 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
             extra = sorted(set(doc) - {"name", "description", "params"})
             if extra:
                 raise SiteError(f"site document has unknown keys {extra}; allowed: name, description, params")
-            return Site(
+            built = Site(
                 schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", "")
             )
+            if built.name in available_sites(schema.domain) and _spec(built) != _spec(
+                load_site(schema, built.name)
+            ):
+                # info["site"], stores and per-site tables would file these episodes under the
+                # bundled site's name
+                raise SiteError(
+                    f"site document named {built.name!r}: a bundled {schema.domain} site has that name "
+                    f"and other conditions; give this site its own name (bundled sites: "
+                    f"{available_sites(schema.domain)})"
+                )
+            return built
         return Site(schema, "custom", doc)
     if not isinstance(site, str):
         raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")

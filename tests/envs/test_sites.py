@@ -150,6 +150,27 @@ def test_inline_site_document_and_site_object(env_id, make_env):
     assert load_site(schema, site) is site
 
 
+@pytest.mark.parametrize("domain_env", ["loopsim/FactoryPickPlace-v0", "loopsim/WarehouseNavigate-v0"])
+def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain_env, make_env):
+    """A document named like a bundled site runs only with that site's conditions: otherwise
+    ``info["site"]``, stores and per-site tables filed shifted episodes under that name (e.g. ``lab``)."""
+    schema = _schema(domain_env)
+    param = "part_mass" if schema.domain == "factory" else "floor_friction"
+    with pytest.raises(SiteError, match=r"named .lab.: a bundled \w+ site has that name and other"):
+        make_env(domain_env, site={"name": "lab", "params": {param: 0.5}})
+    env = make_env(domain_env)
+    with pytest.raises(SiteError, match="bundled"):
+        env.unwrapped.site = {"name": "lab", "params": {param: 0.5}}
+    assert env.unwrapped.site.name == "lab" and env.unwrapped.site.overrides == {}  # kept
+    # the same conditions under the bundled name, and other conditions under a name of their own, work
+    lab_value = schema.lab_values()[param]
+    for name in available_sites(schema.domain):
+        doc = {"name": name, "params": _site_file(schema.domain, name).get("params") or {}}
+        assert load_site(schema, doc).overrides == load_site(schema, name).overrides
+    assert load_site(schema, {"name": "lab", "params": {param: lab_value}}).name == "lab"
+    assert load_site(schema, {"name": "plant7", "params": {param: 0.5}}).name == "plant7"
+
+
 def test_site_assigned_by_name_between_episodes(env_id, make_env, helpers):
     """``env.unwrapped.site = "name"`` (or a mapping) applies from the next reset, as gym.make(site=...)."""
     shifted = sorted(n for n in available_sites(_schema(env_id).domain) if n != "lab")[0]
