@@ -52,7 +52,7 @@ def _keyword_parameters(cls: type) -> list[str]:
                 name for name, prm in inspect.signature(init).parameters.items()
                 if name != "self" and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)
             )
-        if klass.__name__ == "RobotTaskEnv" and klass.__module__ == __name__:
+        if klass is RobotTaskEnv:
             break
     return sorted(names)
 

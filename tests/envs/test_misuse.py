@@ -177,14 +177,12 @@ def test_threads_stepping_their_own_envs_agree_with_serial_runs():
         np.testing.assert_array_equal(threaded[s], serial[s])
 
 
-
 def _step_until_the_end(env, action, limit):
     for _ in range(limit):
         out = env.step(action)
         if out[2] or out[3]:
             return out
     raise AssertionError(f"the episode did not end within {limit} steps")
-
 
 
 def test_step_after_the_episode_ended_warns_once(env_id, make_env):
