@@ -266,8 +266,9 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
 
     Raises:
         SiteError: For an unknown site name (the message lists the bundled ones), an unknown
-            parameter or a malformed spec, or a site document that takes a bundled site's name with
-            other conditions (its episodes would be recorded under that name).
+            parameter or a malformed spec, a site document (``name``/``description``) without
+            ``params``, or a site document that takes a bundled site's name with other conditions
+            (its episodes would be recorded under that name).
     """
     if site is None:
         site = "lab"
@@ -295,6 +296,11 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
                     f"{available_sites(schema.domain)})"
                 )
             return built
+        if {"name", "description"} & set(doc):
+            raise SiteError(
+                f"site document with keys {sorted(doc)} has no 'params': a document is "
+                "{name, description, params}; a mapping of parameters alone is an inline site"
+            )
         return Site(schema, "custom", doc)
     if not isinstance(site, str):
         raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")

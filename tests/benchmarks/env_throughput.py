@@ -2,7 +2,7 @@
 
 Run::
 
-    /work/venv/bin/python tests/benchmarks/env_throughput.py [--steps N] [--repeats R] [--frames F]
+    python tests/benchmarks/env_throughput.py [--steps N] [--repeats R] [--frames F]
         [--env ID ...] [--json out.json]
 
 The defaults (``--steps 1000 --repeats 5 --frames 100``) take about 4-5 minutes on 2 cores. The script
@@ -606,8 +606,9 @@ def print_report(
     )
     for name, reason in unavailable.items():
         console.print(f"[yellow]{name} unavailable:[/yellow] {reason}")
+    console.print("[dim]wrapper stack of each target (its name carries the variant's kwargs):[/dim]")
     for t in targets:
-        console.print(f"[dim]{t.name}: {t.wrappers}[/dim]")
+        console.print(f"[dim]  {t.name}: {t.wrappers}[/dim]")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 Run::
 
-    /work/venv/bin/python tests/benchmarks/rl_learning.py [CONFIG] [--run-dir DIR] [--min-success S]
+    python tests/benchmarks/rl_learning.py [CONFIG] [--run-dir DIR] [--min-success S]
         [key.sub=value ...]
 
 ``CONFIG`` defaults to ``configs/train/factory_peg_blocked_sac.yaml`` (SAC on FactoryPegInsert with

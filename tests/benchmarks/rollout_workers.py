@@ -2,7 +2,7 @@
 
 Run::
 
-    /work/venv/bin/python tests/benchmarks/rollout_workers.py [--env ID] [--episodes N] [--repeats R]
+    python tests/benchmarks/rollout_workers.py [--env ID] [--episodes N] [--repeats R]
         [--policy expert|random] [--record]
 
 Each repeat runs the same ``--episodes`` seeded episodes of the scripted expert (or random actions)

@@ -2,7 +2,7 @@
 
 Run::
 
-    /work/venv/bin/python tests/benchmarks/store_throughput.py [--episodes N] [--steps T] [--obs-dim D]
+    python tests/benchmarks/store_throughput.py [--episodes N] [--steps T] [--obs-dim D]
         [--repeats R] [--batch-size B] [--batches K] [--rollout-episodes M] [--env ID ...] [--no-rgb]
         [--json out.json]
 

@@ -2,7 +2,7 @@
 
 Run::
 
-    /work/venv/bin/python tests/benchmarks/train_overhead.py [--algo SAC --algo PPO] [--steps N]
+    python tests/benchmarks/train_overhead.py [--algo SAC --algo PPO] [--steps N]
         [--repeats R] [--env ID] [--checkpoint-every K] [--json out.json]
 
 The defaults (``--algo SAC --algo PPO --steps 2048 --repeats 3``) take about 5-8 minutes on 2 cores.

@@ -169,6 +169,9 @@ def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain
         assert load_site(schema, doc).overrides == load_site(schema, name).overrides
     assert load_site(schema, {"name": "lab", "params": {param: lab_value}}).name == "lab"
     assert load_site(schema, {"name": "plant7", "params": {param: 0.5}}).name == "plant7"
+    # a document without params was read as parameters: "unknown parameter(s) ['name']"
+    with pytest.raises(SiteError, match=r"site document with keys \['name'\] has no 'params'"):
+        load_site(schema, {"name": "lab"})
 
 
 def test_site_assigned_by_name_between_episodes(env_id, make_env, helpers):
