@@ -28,6 +28,12 @@ Episode ``i`` owns steps ``episode_ends[i-1]:episode_ends[i]`` and observation r
 
 Commit protocol (why a kill loses at most the episode in flight, and why recording is cheap):
 
+0. :meth:`EpisodeStore.create` takes the lock, writes the ``data``/``meta`` group and array
+   documents, and the root ``zarr.json`` (the loopsim attributes) last: that write makes the
+   directory a store. A kill before it leaves no store: ``open`` says so (``FileNotFoundError``)
+   and ``create`` replaces the leftovers (only files such a create writes; anything else in the
+   directory makes it not a leftover, never deleted). ``overwrite=True`` deletes the root document
+   last, so a killed overwrite leaves a store that the next overwrite replaces.
 1. :meth:`EpisodeStore.add_episode` commits the whole episode with one write. Its payload is a
    *pending object*: :data:`PENDING_MAGIC`, a u64 header length, a JSON header (metadata, array
    dtypes and shapes), the arrays' raw bytes.
@@ -130,6 +136,9 @@ META_COLUMNS: dict[str, str] = {
 """The per-episode metadata columns under ``meta/`` and their dtypes (``str`` = Zarr string)."""
 
 LOCK_NAME = ".loopsim-writer.lock"
+_DOC_PARTIAL = re.compile(r"\.zarr\.json\.[0-9a-f]+\.partial")  # atomic_write's temporary zarr.json
+_GROUP_DOC: dict[str, Any] = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+"""The Zarr v3 document of a group without attributes (what zarr 3.1 writes for ``data``, ``meta``)."""
 PENDING = "pending"
 CHUNK_BYTES = 1 << 20
 """Target uncompressed bytes per data chunk (1 MiB): large enough that a chunk holds many
@@ -441,10 +450,11 @@ class EpisodeStore:
         try:
             if existing:
                 self._wipe()
+            else:
+                self._wipe_interrupted_create()
             step_extras = [e for e in STEP_EXTRAS if e in set(step_extras)]
-            # The root zarr.json is written once, with the loopsim attributes ("w" would delete the
-            # lock file): a kill after it leaves a recognisable store that overwrite=True replaces.
-            group = zarr.open_group(self._zstore, mode="a", attributes={"loopsim": {
+            docs = self._array_documents(observation_space, action_space, step_extras)
+            info = {
                 "schema_version": SCHEMA_VERSION,
                 "loopsim_version": _loopsim_version(),
                 "env_id": env_id,
@@ -454,16 +464,24 @@ class EpisodeStore:
                 "step_extras": step_extras,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "user": dict(attrs or {}),
-            }})
-            created = self._create_arrays(group, observation_space, action_space, step_extras)
+            }
+            # Creation commits like an episode does: the group and array documents first, the root
+            # zarr.json (with the loopsim attributes, what makes the directory a store) last, in one
+            # atomic write. A kill before it leaves no store, only leftovers that create() replaces
+            # and open() reports as no store; a kill after it leaves a whole, empty store.
+            self._write_documents({**{f"{g}/zarr.json": _GROUP_DOC for g in ("data", "meta")},
+                                   **{f"{name}/zarr.json": doc for name, doc in docs.items()}})
+            self._write_documents({"zarr.json": {**_GROUP_DOC, "attributes": {"loopsim": info}}})
+            group = zarr.open_group(self._zstore, mode="r+")
             # The new, empty store's state is known: no need to read back what was just written.
-            self.info = group.attrs.asdict()["loopsim"]
+            self.info = info
             self.observation_space = observation_space
             self.action_space = action_space
             self.step_extras = step_extras
             self.data_keys = _data_keys(observation_space, step_extras)
             self._group = group
-            self._arrays = created
+            self._arrays = {name: zarr.Array(zarr.AsyncArray(metadata=doc, store_path=StorePath(
+                self._zstore, name))) for name, doc in docs.items()}
             self._ends = np.zeros(0, dtype=np.int64)
             self._n_merged = 0
             self._n_pending = 0
@@ -498,7 +516,10 @@ class EpisodeStore:
                              "use EpisodeStore.create(...) for a new store")
         self = cls(url, _mode=mode, _flush_every=flush_every)
         if not self._exists():
-            raise FileNotFoundError(f"no episode store at {self.url}")
+            left = _is_local(self.url) and Path(_local_path(self.url)).is_dir()
+            raise FileNotFoundError(f"no episode store at {self.url}" + (
+                " (only what an interrupted EpisodeStore.create left there; create() replaces it)"
+                if left and self._interrupted_create() else ""))
         cls._read_root_attrs(self._zstore, self.url)
         if mode == "a":
             self._load_layout()  # refuse a damaged store before the lock file is created in it
@@ -518,11 +539,56 @@ class EpisodeStore:
     # ----------------------------------------------------------------- small helpers
 
     def _exists(self) -> bool:
+        """Whether ``url`` holds a store or anything else (what ``create`` must not write over).
+
+        What an interrupted :meth:`create` leaves (see :meth:`_interrupted_create`) counts as nothing.
+        """
         if _is_local(self.url):
             path = _local_path(self.url)
-            # A directory holding only our lock file (a create killed at its start) counts as empty.
-            return path.exists() and (not path.is_dir() or any(c.name != LOCK_NAME for c in path.iterdir()))
+            return path.exists() and (not path.is_dir() or self._interrupted_create() is None)
         return bool(sync(self._zstore.exists("zarr.json")))
+
+    def _interrupted_create(self) -> list[Path] | None:
+        """The files a killed :meth:`create` left in a local directory, or ``None`` if it holds more.
+
+        ``create`` writes the lock file, then group and array documents (``data/**/zarr.json``,
+        ``meta/**/zarr.json``), and the root ``zarr.json`` last (each may also have left its
+        ``*.partial`` temporary file). A directory holding nothing but those, without the root
+        document, is such a leftover (an empty directory too); anything else in it, or a root
+        ``zarr.json``, makes it not one.
+        """
+        root = _local_path(self.url)
+        found: list[Path] = []
+        for child in root.iterdir():
+            if child.is_file() and (child.name == LOCK_NAME or _DOC_PARTIAL.fullmatch(child.name)):
+                found.append(child)  # the lock, or the root document's temporary file
+            elif child.name in ("data", "meta") and child.is_dir() and not child.is_symlink():
+                for folder, _, files in os.walk(child):
+                    for name in files:
+                        if name != "zarr.json" and not _DOC_PARTIAL.fullmatch(name):
+                            return None
+                        found.append(Path(folder) / name)
+            else:
+                return None
+        return found
+
+    def _wipe_interrupted_create(self) -> None:
+        """Delete what an interrupted :meth:`create` left (only that: never data of anything else)."""
+        if _is_local(self.url):
+            root = _local_path(self.url)
+            for path in self._interrupted_create() or ():
+                if path.name != LOCK_NAME:
+                    path.unlink(missing_ok=True)
+            for name in ("data", "meta"):
+                if (root / name).is_dir():
+                    shutil.rmtree(root / name)
+            return
+
+        async def wipe() -> None:  # remote: no root zarr.json, so data/ and meta/ are creation leftovers
+            keys = [k for prefix in ("data/", "meta/") async for k in self._zstore.list_prefix(prefix)]
+            await asyncio.gather(*(self._zstore.delete(k) for k in keys))
+
+        sync(wipe())
 
     @staticmethod
     def _read_root_attrs(zstore: Any, url: str) -> dict[str, Any]:
@@ -614,22 +680,30 @@ class EpisodeStore:
             self._remote_lock = False
 
     def _wipe(self) -> None:
-        """Delete an existing loopsim store's content (create with overwrite=True only)."""
+        """Delete an existing loopsim store's content (create with overwrite=True only).
+
+        The root ``zarr.json`` goes last: a wipe killed midway leaves a recognisable (damaged) store
+        that ``overwrite=True`` replaces again, never an anonymous directory nothing would touch.
+        """
         if _is_local(self.url):
             root = _local_path(self.url)
             for child in root.iterdir():
-                if child.name == LOCK_NAME:
+                if child.name in (LOCK_NAME, "zarr.json"):
                     continue
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            (root / "zarr.json").unlink(missing_ok=True)
         else:  # every key but our lock
             async def wipe() -> None:
-                keys = [k async for k in self._zstore.list_prefix("") if k != LOCK_NAME]
+                keys = [k async for k in self._zstore.list_prefix("") if k not in (LOCK_NAME, "zarr.json")]
                 await asyncio.gather(*(self._zstore.delete(k) for k in keys))
+                await self._zstore.delete("zarr.json")
 
             sync(wipe())
 
-    def _create_arrays(self, group: zarr.Group, obs_space: gym.Space, act_space: gym.Space,
-                       step_extras: Sequence[str]) -> dict[str, zarr.Array]:
+    @staticmethod
+    def _array_documents(obs_space: gym.Space, act_space: gym.Space,
+                         step_extras: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The Zarr v3 metadata document of every array of a new store, by array path."""
         subspaces = obs_space.spaces if isinstance(obs_space, gym.spaces.Dict) else {"": obs_space}
         specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for key, sub in subspaces.items():
@@ -659,25 +733,25 @@ class EpisodeStore:
                                          "compressors": ZstdCodec(level=3), "fill_value": 0}
         arrays["meta/episode_ends"] = {"shape": (0,), "chunks": (META_CHUNK_ROWS,), "dtype": "int64",
                                        "compressors": ZstdCodec(level=3), "fill_value": 0}
-        group.require_group("data")
-        group.require_group("meta")
         docs = {name: _array_metadata(spec) for name, spec in arrays.items()}
-        if _is_local(self.url) and all(doc is not None for doc in docs.values()):
-            # The arrays' metadata documents written directly: zarr's create_array cost ~2 ms of
-            # checks per array, most of a new store's creation (a recorder creates one per job).
-            root = _local_path(self.url)
-            out = {}
-            for name, doc in docs.items():
-                atomic_write(root / name / "zarr.json", json.dumps(doc, indent=2).encode())
-                where = StorePath(self._zstore, name)
-                out[name] = zarr.Array(zarr.AsyncArray(metadata=doc, store_path=where))
-            return out
+        # The documents are built directly: zarr's create_array cost ~2 ms of checks per array, most
+        # of a new store's creation (a recorder creates one per job). zarr builds any other one.
+        scratch = None
+        for name, doc in docs.items():
+            if doc is None:
+                scratch = scratch or zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+                docs[name] = scratch.create_array(name, **arrays[name]).metadata.to_dict()
+        return docs  # type: ignore[return-value]
 
-        async def create_all() -> list[Any]:  # concurrently: one event-loop round trip, not one per array
-            return await asyncio.gather(*(group._async_group.create_array(name, **spec)
-                                          for name, spec in arrays.items()))
+    def _write_documents(self, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write JSON documents by key, each atomically (local: temporary file + rename; remote: a PUT)."""
+        proto = default_buffer_prototype()
 
-        return {name: zarr.Array(a) for name, a in zip(arrays, sync(create_all()), strict=True)}
+        async def put_all() -> None:  # concurrently: one event-loop round trip, not one per document
+            await asyncio.gather(*(self._zstore.set(key, proto.buffer.from_bytes(
+                json.dumps(doc, indent=2).encode())) for key, doc in docs.items()))
+
+        sync(put_all())
 
     def _load_layout(self) -> None:
         """(Re)open the group and arrays and compute the committed state."""

@@ -654,9 +654,9 @@ class LoopRun:
                 "threshold": cfg.strategy.threshold,
                 "takeover_steps": cfg.strategy.takeover_steps,
             }
-        if self.operational_path.exists():
+        try:
             store = EpisodeStore.open(self.operational_path, mode="a")
-        else:
+        except FileNotFoundError:  # none yet, or only what a create killed midway left (create replaces it)
             probe = cfg.env.make(site=cfg.loop.deploy_sites[0])
             store = EpisodeStore.create(
                 self.operational_path,

@@ -3,7 +3,9 @@
 Regression tests for a QA pass: metadata that did not fit its column (seeds >= 2**63, lone
 surrogates) used to be committed and then break every merge; narrowing casts wrapped around or
 overflowed silently; a remote overwrite deleted its own lock; a killed ``create`` left a directory
-nothing would reuse; unsorted ``load(episodes=...)`` misaligned episode boundaries.
+nothing would reuse (first at its start; later between its documents: a damaged store that
+``open(mode="a")``, so a resumed loop, refused); unsorted ``load(episodes=...)`` misaligned episode
+boundaries.
 """
 
 from __future__ import annotations
@@ -137,9 +139,9 @@ def test_directory_left_with_only_a_lock_file_counts_as_empty(tmp_path):
     assert len(EpisodeStore.open(path)) == 0
 
 
-def test_root_attributes_are_written_with_the_group(tmp_path):
-    # A create killed after the root zarr.json leaves a recognisable (damaged) store, which
-    # overwrite=True replaces, never an anonymous group that nothing would touch.
+def test_a_store_whose_arrays_were_deleted_is_damaged_and_overwrite_replaces_it(tmp_path):
+    # Arrays lost after the root zarr.json (the store's commit point) make a recognisable, damaged
+    # store, which overwrite=True replaces, never an anonymous group that nothing would touch.
     path = tmp_path / "s"
     EpisodeStore.create(path, observation_space=OBS, action_space=ACT).close()
     import shutil
@@ -178,3 +180,132 @@ def test_argument_checks(tmp_path):
     with pytest.raises(StoreError, match="closed"):
         store.metadata()
     assert len(EpisodeStore.open(f"file://localhost{path}")) == 0
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: raised from inside a write, nothing after it runs (what is on disk is
+    what a killed process leaves; its lock is released with the process either way)."""
+
+
+def _kill_at_write(monkeypatch, n: int, *, torn: bool) -> None:
+    """Make the store's n-th file write (0-based) kill the 'process', leaving the temporary file
+    half written if ``torn`` (a kill inside atomic_write) or nothing (a kill just before it)."""
+    import loopsim.datasets.store as store_module
+
+    real = store_module.atomic_write
+    count = [0]
+
+    def write(path, data):
+        if count[0] == n:
+            if torn:
+                partial = Path(path).with_name(f".{Path(path).name}.0123456789ab.partial")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_bytes(bytes(data)[: len(bytes(data)) // 2])
+            raise Killed
+        count[0] += 1
+        return real(path, data)
+
+    monkeypatch.setattr(store_module, "atomic_write", write)
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["between-writes", "inside-a-write"])
+def test_a_create_killed_at_any_write_leaves_no_store_and_create_replaces_it(tmp_path, monkeypatch, torn):
+    space = gym.spaces.Dict({"a": OBS, "b": gym.spaces.Discrete(3)})
+    writes = 0
+    while True:
+        path = tmp_path / f"s{writes}"
+        with monkeypatch.context() as m:
+            _kill_at_write(m, writes, torn=torn)
+            try:
+                EpisodeStore.create(path, observation_space=space, action_space=ACT,
+                                    step_extras=["expert_action"]).close()
+            except Killed:
+                killed = True
+            else:
+                killed = False
+        if not killed:  # every write done: a whole store, nothing to recover
+            assert writes > 20 and len(EpisodeStore.open(path)) == 0
+            break
+        assert not (path / "zarr.json").exists()  # the root document is the last write
+        with pytest.raises(FileNotFoundError, match="interrupted EpisodeStore.create"):
+            EpisodeStore.open(path, mode="a")
+        # What a resumed loop or recorder does: create without overwrite, then record.
+        obs = {"a": np.zeros((3, 3), np.float32), "b": np.array([0, 1, 2])}
+        with EpisodeStore.create(path, observation_space=space, action_space=ACT,
+                                 step_extras=["expert_action"]) as store:
+            ep = episode(t=2, obs=obs, act=np.zeros((2, 2), np.float32))
+            ep.extras = {"expert_action": np.ones((2, 2), np.float32)}
+            store.add_episode(ep)
+        with EpisodeStore.open(path) as store:
+            assert len(store) == 1 and store.check().ok and store.check().uncommitted == []
+            assert store.episode(0).extras["expert_action"].tolist() == [[1.0, 1.0]] * 2
+        assert not list(path.rglob("*.partial"))
+        writes += 1
+
+
+def test_a_remote_create_killed_midway_leaves_no_store(tmp_path, monkeypatch):
+    from zarr.storage import FsspecStore
+
+    url = f"memory://loopsim-tests/{tmp_path.name}/killed-create"
+    real = FsspecStore.set
+    calls = [0]
+
+    async def set_then_die(self, key, value):
+        if calls[0] == 5:
+            raise Killed
+        calls[0] += 1
+        return await real(self, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(FsspecStore, "set", set_then_die)
+        with pytest.raises(Killed):
+            EpisodeStore.create(url, observation_space=OBS, action_space=ACT)
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/loopsim-tests/{tmp_path.name}/killed-create"
+    assert not fs.exists(f"{root}/zarr.json") and fs.find(f"{root}/meta")  # some documents, no root
+    with pytest.raises(FileNotFoundError):
+        EpisodeStore.open(url)
+    # (A really killed remote writer leaves its lock key, removed by hand as its error says; here the
+    # exception released it.)
+    assert not fs.exists(f"{root}/{LOCK_NAME}")
+    with EpisodeStore.create(url, observation_space=OBS, action_space=ACT) as store:
+        store.add_episode(episode(k=4))
+    with EpisodeStore.open(url) as store:
+        assert len(store) == 1 and store.check().ok
+
+
+@pytest.mark.parametrize("stray", ["notes.txt", "data/observation/c/0", "meta/zarr.json.bak"])
+def test_a_directory_with_anything_else_is_not_taken_for_a_killed_create(tmp_path, stray):
+    path = tmp_path / "s"
+    (path / "meta" / "seed").mkdir(parents=True)
+    (path / "meta" / "seed" / "zarr.json").write_text("{}")
+    (path / stray).parent.mkdir(parents=True, exist_ok=True)
+    (path / stray).write_text("keep me")
+    with pytest.raises(FileExistsError):
+        EpisodeStore.create(path, observation_space=OBS, action_space=ACT)
+    with pytest.raises(StoreError, match="no zarr.json"):
+        EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+    assert (path / stray).read_text() == "keep me"
+
+
+def test_an_overwrite_killed_midway_is_replaced_by_the_next_overwrite(tmp_path, monkeypatch):
+    import shutil
+
+    path = tmp_path / "s"
+    with EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=1) as store:
+        store.add_episode(episode(k=1))
+    real = shutil.rmtree
+    with monkeypatch.context() as m:
+        def rmtree_once_then_die(p, *a, **k):
+            real(p, *a, **k)
+            raise Killed
+
+        m.setattr(shutil, "rmtree", rmtree_once_then_die)
+        with pytest.raises(Killed):
+            EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+    assert (path / "zarr.json").exists()  # the root document goes last: still a (damaged) store
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
+    with EpisodeStore.open(path) as store:
+        assert len(store) == 0 and store.check().ok

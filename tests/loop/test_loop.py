@@ -198,6 +198,38 @@ def test_killed_loop_resumes_without_duplicates_and_matches_an_uninterrupted_run
     ] or _same_but_timing(read_metrics(killed), read_metrics(clean))
 
 
+class Killed(BaseException):
+    """Stands in for SIGKILL inside a write (BaseException: nothing in the loop catches it)."""
+
+
+def test_a_loop_killed_while_creating_its_operational_store_resumes(tmp_path, monkeypatch):
+    # CI once killed the loop between the operational store's documents: the resume refused the store
+    # ("missing array meta/episode_ends"). Now the store's root document is written last, so a killed
+    # create leaves no store, and the resumed loop creates it.
+    import loopsim.datasets.store as store_module
+
+    path = tmp_path / "run"
+    real = store_module.atomic_write
+    writes = []
+
+    def write(target, data):
+        if "operational.zarr" in str(target):
+            writes.append(target)
+            if len(writes) == 8:
+                raise Killed
+        return real(target, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "atomic_write", write)
+        with pytest.raises(Killed):
+            run_loop(tiny(), path)
+    assert (path / "operational.zarr" / "meta").is_dir()  # killed midway through the creation
+    run_loop(tiny(), path)
+    with EpisodeStore.open(path / "operational.zarr") as op:
+        assert len(op) == 2 and op.check().ok
+        assert op.metadata()["seed"].tolist() == [110_000, 110_001]
+
+
 def _same_but_timing(a, b):
     skip = {"deploy_s", "refine_s", "evaluate_s", "data_bytes"}
     return [{k: v for k, v in r.items() if k not in skip} for r in a] == [
