@@ -182,8 +182,9 @@ class Site:
         description: Human-readable description of the conditions.
 
     Raises:
-        SiteError: If a parameter name is not in the schema (the message lists the valid names) or a
-            spec is malformed or outside the parameter's allowed range.
+        SiteError: If a parameter name is not in the schema (the message lists the valid names), a
+            spec is malformed or outside the parameter's allowed range, or the name is empty, not
+            printable or has leading or trailing whitespace.
     """
 
     def __init__(
@@ -198,6 +199,13 @@ class Site:
         params = dict(params or {})
         if not isinstance(name, str) or not isinstance(description, str):
             raise SiteError(f"site name and description must be strings, got {name!r}, {description!r}")
+        if not name or name != name.strip() or not name.isprintable():
+            # the name is a key of info["site"], the store's site column and per-site tables: an
+            # empty or blank one made a row with no label, " lab" one that looked like lab's
+            raise SiteError(
+                f"site name {name!r} must be non-empty, printable and without leading or trailing "
+                "whitespace"
+            )
         bad_keys = [k for k in params if not isinstance(k, str)]
         if bad_keys:
             raise SiteError(f"site {name!r}: parameter names must be strings, got {bad_keys}")
@@ -267,8 +275,9 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
     Raises:
         SiteError: For an unknown site name (the message lists the bundled ones), an unknown
             parameter or a malformed spec, a site document (``name``/``description``) without
-            ``params``, or a site document that takes a bundled site's name with other conditions
-            (its episodes would be recorded under that name).
+            ``params``, a site document that takes a bundled site's name with other conditions
+            (its episodes would be recorded under that name) or a name that differs from a bundled
+            one only in case, and an empty or blank name (see :class:`Site`).
     """
     if site is None:
         site = "lab"
@@ -285,15 +294,21 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
             built = Site(
                 schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", "")
             )
-            if built.name in available_sites(schema.domain) and _spec(built) != _spec(
-                load_site(schema, built.name)
-            ):
+            bundled = available_sites(schema.domain)
+            same = [b for b in bundled if b.casefold() == built.name.casefold()]
+            if same and same[0] != built.name:
+                # "Lab" beside "lab" in per-site tables: two rows for what reads as one site
+                raise SiteError(
+                    f"site document named {built.name!r}: the bundled {schema.domain} site {same[0]!r} "
+                    f"differs only in case; use {same[0]!r} (with its conditions) or a name of its own "
+                    f"(bundled sites: {bundled})"
+                )
+            if same and _spec(built) != _spec(load_site(schema, built.name)):
                 # info["site"], stores and per-site tables would file these episodes under the
                 # bundled site's name
                 raise SiteError(
                     f"site document named {built.name!r}: a bundled {schema.domain} site has that name "
-                    f"and other conditions; give this site its own name (bundled sites: "
-                    f"{available_sites(schema.domain)})"
+                    f"and other conditions; give this site its own name (bundled sites: {bundled})"
                 )
             return built
         if {"name", "description"} & set(doc):

@@ -169,6 +169,19 @@ def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain
         assert load_site(schema, doc).overrides == load_site(schema, name).overrides
     assert load_site(schema, {"name": "lab", "params": {param: lab_value}}).name == "lab"
     assert load_site(schema, {"name": "plant7", "params": {param: 0.5}}).name == "plant7"
+    # a name that differs from a bundled one only in case made a second row beside it in tables
+    for name in ("Lab", "LAB"):
+        with pytest.raises(SiteError, match=r"the bundled \w+ site 'lab' differs only in case"):
+            load_site(schema, {"name": name, "params": {param: 0.5}})
+        with pytest.raises(SiteError, match="differs only in case"):
+            load_site(schema, {"name": name, "params": {}})
+    # names a table cannot show: empty, blank, padded (" lab" looked like lab), control characters
+    for name in ("", " ", " lab", "lab ", "lab\n", "plant\t7"):
+        with pytest.raises(SiteError, match=r"must be non-empty, printable and without leading"):
+            load_site(schema, {"name": name, "params": {param: 0.5}})
+        with pytest.raises(SiteError, match=r"must be non-empty"):
+            Site(schema, name, {param: 0.5})
+    assert load_site(schema, {"name": "plant 7 (north)", "params": {}}).name == "plant 7 (north)"
     # a document without params was read as parameters: "unknown parameter(s) ['name']"
     with pytest.raises(SiteError, match=r"site document with keys \['name'\] has no 'params'"):
         load_site(schema, {"name": "lab"})
