@@ -23,31 +23,64 @@ from loopsim.envs.core.quiet import stdout_to_devnull
 __all__ = ["Simulation"]
 
 
-def _x_display_problem() -> str | None:
-    """Why PyBullet's GUI could not open the X display, or ``None`` if it can (Linux).
+@contextlib.contextmanager
+def _x_display_held() -> Iterator[str | None]:
+    """Open the X display PyBullet's GUI will open, and hold it open while the GUI connects (Linux).
 
-    PyBullet's GUI loads ``libX11.so.6`` and calls ``XOpenDisplay``; when that fails it prints
-    "cannot connect to X server" and exits the whole interpreter. The same call made here first turns
-    that into an error the caller can handle (a stale ``DISPLAY`` over SSH or in a container, an X
-    server that is gone, a Wayland session without XWayland, whose ``DISPLAY`` is unset).
+    Yields why it cannot be opened, or ``None`` if it can. PyBullet's GUI loads ``libX11.so.6`` and
+    calls ``XOpenDisplay``; when that fails it prints "cannot connect to X server" and exits the whole
+    interpreter. The same call made here first turns that into an error the caller can handle (a
+    stale ``DISPLAY`` over SSH or in a container, an X server that is gone, a Wayland session without
+    XWayland, whose ``DISPLAY`` is unset).
+
+    The connection stays open until the block ends: an X server resets when its last client
+    disconnects (X.Org's and Xvfb's default without ``-noreset``) and refuses connections meanwhile,
+    so closing the probe before PyBullet connected made PyBullet fail (exit) 2-3 times in 12 under
+    ``xvfb-run``. A failed open is tried again for up to ~1 s, for a server still resetting after the
+    previous GUI closed.
     """
     import ctypes
+    import time
 
     display = os.environ.get("DISPLAY", "")
     try:
         xlib = ctypes.CDLL("libX11.so.6")
     except OSError:
-        return "cannot open the X display: libX11.so.6, which the PyBullet GUI loads, is not installed"
+        yield "cannot open the X display: libX11.so.6, which the PyBullet GUI loads, is not installed"
+        return
     xlib.XOpenDisplay.restype = ctypes.c_void_p
     xlib.XOpenDisplay.argtypes = [ctypes.c_char_p]
     xlib.XCloseDisplay.argtypes = [ctypes.c_void_p]
-    handle = xlib.XOpenDisplay(None)  # what PyBullet calls: the display DISPLAY names
+    handle = None
+    for attempt in range(6 if display else 1):
+        handle = xlib.XOpenDisplay(None)  # what PyBullet calls: the display DISPLAY names
+        if handle:
+            break
+        time.sleep(0.05 * 2**attempt)
     if not handle:
         if not display:
-            return "cannot open the X display the PyBullet GUI needs (X11 only: DISPLAY is not set)"
-        return f"cannot open the X display (DISPLAY={display!r}), which the PyBullet GUI needs"
-    xlib.XCloseDisplay(handle)
-    return None
+            yield "cannot open the X display the PyBullet GUI needs (X11 only: DISPLAY is not set)"
+        else:
+            yield f"cannot open the X display (DISPLAY={display!r}), which the PyBullet GUI needs"
+        return
+    try:
+        yield None
+    finally:
+        xlib.XCloseDisplay(handle)
+
+
+class _BulletClient(bullet_client.BulletClient):
+    """PyBullet's ``BulletClient``, whose destructor also copes with a connection that failed.
+
+    ``BulletClient.__init__`` raises before it sets ``_client`` when ``connect`` fails (e.g. a second
+    GUI in one process); its ``__del__`` then raised ``AttributeError``, which Python printed as
+    "Exception ignored in ... BulletClient.__del__" after our clear error.
+    """
+
+    def __del__(self) -> None:
+        """Disconnect, as ``BulletClient`` does, if the connection was ever made."""
+        if "_client" in self.__dict__:
+            super().__del__()
 
 
 class Simulation:
@@ -68,7 +101,8 @@ class Simulation:
     Raises:
         RuntimeError: If the GUI is requested and PyBullet cannot open a window (on Linux: no
             ``DISPLAY``, or an X display that cannot be opened; checked before PyBullet tries, which
-            would exit the interpreter).
+            would exit the interpreter), or another GUI client is open in this process (PyBullet
+            allows one).
     """
 
     def __init__(
@@ -79,23 +113,27 @@ class Simulation:
         solver_iterations: int = 50,
         renderer: bool = True,
     ) -> None:
+        held: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext()
         if gui and sys.platform.startswith("linux"):
             # PyBullet would print "cannot connect to X server" and exit the interpreter.
             if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
                 raise RuntimeError(
                     'render_mode="human" needs a display (DISPLAY is not set); use "rgb_array"'
                 )
-            problem = _x_display_problem()
-            if problem is not None:
-                raise RuntimeError(f'render_mode="human": {problem}; use "rgb_array"')
+            held = _x_display_held()
         mode = p.GUI if gui else p.DIRECT
         try:
-            with stdout_to_devnull():
-                self.bc = bullet_client.BulletClient(connection_mode=mode)
-        except p.error as exc:  # pragma: no cover - depends on a display
+            with held as problem, stdout_to_devnull():
+                if problem is not None:
+                    raise RuntimeError(f'render_mode="human": {problem}; use "rgb_array"')
+                self.bc = _BulletClient(connection_mode=mode)
+        except p.error as exc:
+            hint = ""
+            if gui and "Only one" in str(exc):
+                hint = ' (one render_mode="human" env per process: close() the other one first)'
             raise RuntimeError(
-                f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}"
-            ) from exc
+                f"could not start PyBullet in {'GUI' if gui else 'DIRECT'} mode: {exc}{hint}"
+            ) from None
         self.id: int = self.bc._client
         self.timestep = float(timestep)
         self.substeps = int(substeps)
@@ -113,7 +151,7 @@ class Simulation:
                 self.bc.unloadPlugin(plugin)
                 self.renders = False
         self._configure()
-        if gui:  # pragma: no cover - needs a display
+        if gui:  # tests/envs/test_gui.py, under Xvfb
             self.bc.configureDebugVisualizer(self.bc.COV_ENABLE_GUI, 0)
         self._step_once = functools.partial(p.stepSimulation, physicsClientId=self.id)
         # The reset path too: BulletClient's attribute lookup builds a new partial on every call.
