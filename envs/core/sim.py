@@ -51,12 +51,12 @@ def _x_display_held() -> Iterator[str | None]:
     xlib.XOpenDisplay.restype = ctypes.c_void_p
     xlib.XOpenDisplay.argtypes = [ctypes.c_char_p]
     xlib.XCloseDisplay.argtypes = [ctypes.c_void_p]
-    handle = None
-    for attempt in range(6 if display else 1):
-        handle = xlib.XOpenDisplay(None)  # what PyBullet calls: the display DISPLAY names
+    handle = xlib.XOpenDisplay(None)  # what PyBullet calls: the display DISPLAY names
+    for attempt in range(5 if display else 0):  # 0.05 + 0.1 + ... + 0.8 s
         if handle:
             break
         time.sleep(0.05 * 2**attempt)
+        handle = xlib.XOpenDisplay(None)
     if not handle:
         if not display:
             yield "cannot open the X display the PyBullet GUI needs (X11 only: DISPLAY is not set)"
