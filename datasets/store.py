@@ -32,8 +32,11 @@ Commit protocol (why a kill loses at most the episode in flight, and why recordi
    documents, and the root ``zarr.json`` (the loopsim attributes) last: that write makes the
    directory a store. A kill before it leaves no store: ``open`` says so (``FileNotFoundError``)
    and ``create`` replaces the leftovers (only files such a create writes; anything else in the
-   directory makes it not a leftover, never deleted). ``overwrite=True`` deletes the root document
-   last, so a killed overwrite leaves a store that the next overwrite replaces.
+   directory, a symbolic link or another key under a remote prefix, makes it not a leftover, never
+   deleted). ``create`` looks again under the lock before deleting them: another process may have
+   finished a store there meanwhile. ``overwrite=True`` first marks the old root document
+   (``overwriting``) and deletes it last, so a killed overwrite leaves a store that ``open`` refuses
+   (never one read as whole with part of its files gone) and the next overwrite replaces.
 1. :meth:`EpisodeStore.add_episode` commits the whole episode with one write. Its payload is a
    *pending object*: :data:`PENDING_MAGIC`, a u64 header length, a JSON header (metadata, array
    dtypes and shapes), the arrays' raw bytes.
