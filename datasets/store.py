@@ -586,6 +586,8 @@ class EpisodeStore:
             found = sync(keys())
             return None if any(not _creation_key(k) for k in found) else found
         root = _local_path(self.url)
+        if os.path.lexists(root / "zarr.json"):  # a store (or not one): no need to list its files
+            return None
         files: list[Path] = []
 
         def refuse(exc: OSError) -> None:  # an unreadable folder: what it holds is unknown
