@@ -32,8 +32,11 @@ Commit protocol (why a kill loses at most the episode in flight, and why recordi
    documents, and the root ``zarr.json`` (the loopsim attributes) last: that write makes the
    directory a store. A kill before it leaves no store: ``open`` says so (``FileNotFoundError``)
    and ``create`` replaces the leftovers (only files such a create writes; anything else in the
-   directory makes it not a leftover, never deleted). ``overwrite=True`` deletes the root document
-   last, so a killed overwrite leaves a store that the next overwrite replaces.
+   directory, a symbolic link or another key under a remote prefix, makes it not a leftover, never
+   deleted). ``create`` looks again under the lock before deleting them: another process may have
+   finished a store there meanwhile. ``overwrite=True`` first marks the old root document
+   (``overwriting``) and deletes it last, so a killed overwrite leaves a store that ``open`` refuses
+   (never one read as whole with part of its files gone) and the next overwrite replaces.
 1. :meth:`EpisodeStore.add_episode` commits the whole episode with one write. Its payload is a
    *pending object*: :data:`PENDING_MAGIC`, a u64 header length, a JSON header (metadata, array
    dtypes and shapes), the arrays' raw bytes.
@@ -139,6 +142,8 @@ LOCK_NAME = ".loopsim-writer.lock"
 _DOC_PARTIAL = re.compile(r"\.zarr\.json\.[0-9a-f]+\.partial")  # atomic_write's temporary zarr.json
 _GROUP_DOC: dict[str, Any] = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 """The Zarr v3 document of a group without attributes (what zarr 3.1 writes for ``data``, ``meta``)."""
+_OVERWRITING = "overwriting"
+"""Root attribute (``loopsim`` group) an overwrite sets before deleting the old store's files."""
 PENDING = "pending"
 CHUNK_BYTES = 1 << 20
 """Target uncompressed bytes per data chunk (1 MiB): large enough that a chunk holds many
@@ -173,6 +178,11 @@ def _loopsim_version() -> str:
         return version("loopsim")
     except PackageNotFoundError:  # pragma: no cover - running from a tree without an install
         return "0+unknown"
+
+
+def _creation_key(key: str) -> bool:
+    """Whether ``key`` is one that :meth:`EpisodeStore.create` writes before the root document."""
+    return key == LOCK_NAME or (key.startswith(("data/", "meta/")) and key.endswith("/zarr.json"))
 
 
 def _is_local(url: str | os.PathLike) -> bool:
@@ -445,9 +455,17 @@ class EpisodeStore:
             if not overwrite:
                 raise FileExistsError(f"{self.url} already exists; open it with EpisodeStore.open(url, "
                                       "mode='a') to append, or pass overwrite=True to replace it")
-            cls._read_root_attrs(self._zstore, self.url)  # refuses non-stores: never delete them
+            cls._read_root_attrs(self._zstore, self.url, overwrite=True)  # refuses non-stores
         self._acquire_lock()
         try:
+            if not existing and self._exists():
+                # Another process created a store (or wrote anything) here between the look above and
+                # the lock: look again, under the lock, before deleting anything as leftovers.
+                if not overwrite:
+                    raise FileExistsError(f"{self.url} was created by another writer meanwhile; open it "
+                                          "with EpisodeStore.open(url, mode='a') to append")
+                cls._read_root_attrs(self._zstore, self.url, overwrite=True)
+                existing = True
             if existing:
                 self._wipe()
             else:
@@ -516,10 +534,11 @@ class EpisodeStore:
                              "use EpisodeStore.create(...) for a new store")
         self = cls(url, _mode=mode, _flush_every=flush_every)
         if not self._exists():
-            left = _is_local(self.url) and Path(_local_path(self.url)).is_dir()
+            left = ((not _is_local(self.url) or _local_path(self.url).is_dir())
+                    and self._interrupted_create())
             raise FileNotFoundError(f"no episode store at {self.url}" + (
                 " (only what an interrupted EpisodeStore.create left there; create() replaces it)"
-                if left and self._interrupted_create() else ""))
+                if left else ""))
         cls._read_root_attrs(self._zstore, self.url)
         if mode == "a":
             self._load_layout()  # refuse a damaged store before the lock file is created in it
@@ -546,52 +565,96 @@ class EpisodeStore:
         if _is_local(self.url):
             path = _local_path(self.url)
             return path.exists() and (not path.is_dir() or self._interrupted_create() is None)
-        return bool(sync(self._zstore.exists("zarr.json")))
+        return bool(sync(self._zstore.exists("zarr.json"))) or self._interrupted_create() is None
 
-    def _interrupted_create(self) -> list[Path] | None:
-        """The files a killed :meth:`create` left in a local directory, or ``None`` if it holds more.
+    def _interrupted_create(self) -> list[Any] | None:
+        """What a killed :meth:`create` left at ``url``, or ``None`` if it holds anything else.
 
-        ``create`` writes the lock file, then group and array documents (``data/**/zarr.json``,
-        ``meta/**/zarr.json``), and the root ``zarr.json`` last (each may also have left its
-        ``*.partial`` temporary file). A directory holding nothing but those, without the root
-        document, is such a leftover (an empty directory too); anything else in it, or a root
-        ``zarr.json``, makes it not one.
+        ``create`` writes the lock, then group and array documents (``data/**/zarr.json``,
+        ``meta/**/zarr.json``), and the root ``zarr.json`` last (locally, each through a ``*.partial``
+        temporary file that a kill may leave). A place holding nothing but those, without the root
+        document, is such a leftover (an empty directory, or no key at all, too); anything else, a
+        root ``zarr.json`` or a symbolic link (``create`` writes none) makes it not one.
+
+        Returns:
+            Local stores: the leftover files (``Path``); remote stores: the leftover keys (``str``).
         """
+        if not _is_local(self.url):
+            async def keys() -> list[str]:
+                return [k async for k in self._zstore.list_prefix("")]
+
+            found = sync(keys())
+            return None if any(not _creation_key(k) for k in found) else found
         root = _local_path(self.url)
-        found: list[Path] = []
+        if os.path.lexists(root / "zarr.json"):  # a store (or not one): no need to list its files
+            return None
+        files: list[Path] = []
+
+        def refuse(exc: OSError) -> None:  # an unreadable folder: what it holds is unknown
+            raise exc
+
         for child in root.iterdir():
-            if child.is_file() and (child.name == LOCK_NAME or _DOC_PARTIAL.fullmatch(child.name)):
-                found.append(child)  # the lock, or the root document's temporary file
-            elif child.name in ("data", "meta") and child.is_dir() and not child.is_symlink():
-                for folder, _, files in os.walk(child):
-                    for name in files:
-                        if name != "zarr.json" and not _DOC_PARTIAL.fullmatch(name):
+            if child.is_symlink():
+                return None
+            if child.name == LOCK_NAME or _DOC_PARTIAL.fullmatch(child.name):
+                if not child.is_file():
+                    return None
+                files.append(child)  # the lock, or the root document's temporary file
+            elif child.name in ("data", "meta") and child.is_dir():
+                for folder, dirs, names in os.walk(child, onerror=refuse):
+                    if any(os.path.islink(os.path.join(folder, d)) for d in dirs):
+                        return None
+                    for name in names:
+                        path = Path(folder) / name
+                        if ((name != "zarr.json" and not _DOC_PARTIAL.fullmatch(name))
+                                or path.is_symlink() or not path.is_file()):
                             return None
-                        found.append(Path(folder) / name)
+                        files.append(path)
             else:
                 return None
-        return found
+        return files
 
     def _wipe_interrupted_create(self) -> None:
-        """Delete what an interrupted :meth:`create` left (only that: never data of anything else)."""
+        """Delete what an interrupted :meth:`create` left (only that: never data of anything else).
+
+        Called by ``create`` under the writer lock, after it found only such leftovers there.
+
+        Raises:
+            FileExistsError: If ``url`` now holds anything else (nothing is deleted).
+        """
+        left = self._interrupted_create()
+        if left is None:
+            raise FileExistsError(f"{self.url} holds files that EpisodeStore.create does not write; "
+                                  "not replacing them")
         if _is_local(self.url):
             root = _local_path(self.url)
-            for path in self._interrupted_create() or ():
+            for path in left:
                 if path.name != LOCK_NAME:
                     path.unlink(missing_ok=True)
-            for name in ("data", "meta"):
+            for name in ("data", "meta"):  # then their folders, now empty (rmdir: never a file)
                 if (root / name).is_dir():
-                    shutil.rmtree(root / name)
+                    for folder, _, _ in os.walk(root / name, topdown=False):
+                        os.rmdir(folder)
             return
 
-        async def wipe() -> None:  # remote: no root zarr.json, so data/ and meta/ are creation leftovers
-            keys = [k for prefix in ("data/", "meta/") async for k in self._zstore.list_prefix(prefix)]
-            await asyncio.gather(*(self._zstore.delete(k) for k in keys))
+        async def wipe() -> None:
+            await asyncio.gather(*(self._zstore.delete(k) for k in left if k != LOCK_NAME))
 
         sync(wipe())
 
     @staticmethod
-    def _read_root_attrs(zstore: Any, url: str) -> dict[str, Any]:
+    def _read_root_attrs(zstore: Any, url: str, *, overwrite: bool = False) -> dict[str, Any]:
+        """The root document's ``loopsim`` attributes, refusing anything that is not a usable store.
+
+        Args:
+            zstore: The zarr store.
+            url: Its URL, for messages.
+            overwrite: For ``create(overwrite=True)``: accept a store an interrupted overwrite was
+                deleting (marked in its root document, see :meth:`_wipe`), which ``open`` refuses.
+
+        Raises:
+            NotAStoreError, StoreDamagedError, StoreSchemaError: See :meth:`open`.
+        """
         if _is_local(url) and _local_path(url).is_file():
             raise NotAStoreError(f"{url} is a file, not a loopsim episode store (a directory)")
         raw = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
@@ -609,6 +672,11 @@ class EpisodeStore:
                                  "(no 'loopsim' attributes)")
         if not isinstance(info["schema_version"], int):
             raise StoreDamagedError(f"{url}: schema_version {info['schema_version']!r} is not an integer")
+        if _OVERWRITING in info and not overwrite:
+            raise StoreDamagedError(
+                f"{url}: an interrupted overwrite (EpisodeStore.create(..., overwrite=True), started "
+                f"{info[_OVERWRITING]}) was deleting this store's files; create it again with "
+                "overwrite=True (collect mode=overwrite) to replace it")
         if info["schema_version"] > SCHEMA_VERSION:
             raise StoreSchemaError(
                 f"{url} has schema version {info['schema_version']} (written by loopsim "
@@ -682,9 +750,15 @@ class EpisodeStore:
     def _wipe(self) -> None:
         """Delete an existing loopsim store's content (create with overwrite=True only).
 
-        The root ``zarr.json`` goes last: a wipe killed midway leaves a recognisable (damaged) store
-        that ``overwrite=True`` replaces again, never an anonymous directory nothing would touch.
+        First the root ``zarr.json`` is marked (the attribute ``overwriting``), and it goes last: a
+        wipe killed midway leaves a recognisable store that ``open`` refuses (never a store missing
+        some of its files, read as if whole) and ``overwrite=True`` replaces again, never an anonymous
+        directory nothing would touch.
         """
+        info = self._read_root_attrs(self._zstore, self.url, overwrite=True)
+        now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        marked = {**_GROUP_DOC, "attributes": {"loopsim": {**info, _OVERWRITING: now}}}
+        self._write_documents({"zarr.json": marked})
         if _is_local(self.url):
             root = _local_path(self.url)
             for child in root.iterdir():

@@ -309,3 +309,107 @@ def test_an_overwrite_killed_midway_is_replaced_by_the_next_overwrite(tmp_path, 
     EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
     with EpisodeStore.open(path) as store:
         assert len(store) == 0 and store.check().ok
+
+
+def test_create_checks_again_under_the_lock_and_never_deletes_a_store_made_meanwhile(tmp_path, monkeypatch):
+    # Another process may finish creating (and fill, and close) a store between create()'s first look
+    # (leftovers, or nothing: "no store") and its taking the lock. The look must be taken again under
+    # the lock: the old code then deleted the new store's data/ and meta/ as "leftovers" and wrote its
+    # own root document over it (the other store's pending episodes became this store's).
+    path = tmp_path / "s"
+    real = EpisodeStore._acquire_lock
+    raced = []
+
+    def other_process_first(self):
+        if not raced:
+            raced.append(True)
+            with EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=1) as other:
+                other.add_episode(episode(k=5))
+            with EpisodeStore.open(path, mode="a") as other:  # one merged, one pending episode
+                other.add_episode(episode(k=6))
+                other._pending.clear()  # leave it in the pending log, as a killed writer would
+                other._n_pending = 0
+        return real(self)
+
+    monkeypatch.setattr(EpisodeStore, "_acquire_lock", other_process_first)
+    with pytest.raises(FileExistsError):
+        EpisodeStore.create(path, observation_space=OBS, action_space=ACT)
+    monkeypatch.undo()
+    with EpisodeStore.open(path) as store:
+        assert len(store) == 2 and store.metadata()["return"].tolist() == [15.0, 18.0]
+
+
+@pytest.mark.parametrize("link", ["data/observation", "meta/seed/zarr.json",
+                                  ".zarr.json.0123456789ab.partial"])
+def test_leftovers_holding_a_symlink_are_not_a_killed_create(tmp_path, link):
+    # create() writes no symbolic links: a directory holding one is not what a killed create left, so
+    # nothing in it is deleted (the old code unlinked the link as a leftover).
+    path = tmp_path / "s"
+    (path / "meta" / "seed").mkdir(parents=True)
+    (path / "data").mkdir()
+    (path / "meta" / "zarr.json").write_text("{}")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("keep me")
+    (path / link).symlink_to(target if link == "data/observation" else target / "keep")
+    with pytest.raises(FileExistsError):
+        EpisodeStore.create(path, observation_space=OBS, action_space=ACT)
+    with pytest.raises(StoreError, match="no zarr.json"):
+        EpisodeStore.open(path)
+    assert (path / link).is_symlink() and (target / "keep").read_text() == "keep me"
+    assert (path / "meta" / "zarr.json").exists()
+
+
+def test_a_remote_create_never_deletes_keys_that_a_create_does_not_write(tmp_path):
+    # Remote prefixes without a root zarr.json: create() may replace a killed create's documents, but
+    # anything else there (here under data/ and meta/) is not its to delete; it refuses, as locally.
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/loopsim-tests/{tmp_path.name}/foreign"
+    fs.pipe(f"{root}/data/user.csv", b"keep me")
+    fs.pipe(f"{root}/meta/seed/zarr.json", b"{}")
+    url = f"memory:/{root}"
+    with pytest.raises(FileExistsError):
+        EpisodeStore.create(url, observation_space=OBS, action_space=ACT)
+    with pytest.raises(StoreError, match="no zarr.json"):
+        EpisodeStore.open(url)
+    assert fs.cat(f"{root}/data/user.csv") == b"keep me" and fs.exists(f"{root}/meta/seed/zarr.json")
+
+
+def test_an_interrupted_overwrite_is_refused_by_open_until_an_overwrite_replaces_it(tmp_path, monkeypatch):
+    # An overwrite deletes the old store's files (root document last). Killed midway, what is left
+    # used to open as a store holding whatever the wipe had not yet reached (SIGKILL at random instants
+    # gave e.g. 4 of 6 episodes: the pending log gone, the arrays not yet). The overwrite now marks
+    # the root document first, so open refuses the half-deleted store and the next overwrite replaces it.
+    import shutil
+
+    from loopsim.datasets import StoreDamagedError
+
+    path = tmp_path / "s"
+    with EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=2) as store:
+        for k in range(3):
+            store.add_episode(episode(k=k))
+    store = EpisodeStore.open(path, mode="a", flush_every=100)
+    store.add_episode(episode(k=3))  # pending: committed in the log, not merged
+    store._pending.clear()
+    store._n_pending = 0
+    store._release_lock()  # "killed": the log stays
+    assert len(EpisodeStore.open(path)) == 4
+    real = shutil.rmtree
+    with monkeypatch.context() as m:
+        def delete_then_die(p, *a, **k):
+            real(p, *a, **k)
+            raise Killed
+
+        m.setattr(shutil, "rmtree", delete_then_die)
+        with pytest.raises(Killed):
+            EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+    for mode in ("r", "a"):
+        with pytest.raises(StoreDamagedError, match="interrupted overwrite"):
+            EpisodeStore.open(path, mode=mode)
+    with pytest.raises(FileExistsError):
+        EpisodeStore.create(path, observation_space=OBS, action_space=ACT)
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
+    with EpisodeStore.open(path) as store:
+        assert len(store) == 0 and store.check().ok

@@ -295,6 +295,72 @@ def test_kill_writer_that_merges_every_episode(tmp_path: Path) -> None:
     append_and_verify(url, 3, flush_every=1)
 
 
+# Creates store s<i>, records episode 0, then replaces it (overwrite) with episodes 0 and 1, for i = 0,
+# 1, 2 ... until killed; prints "done <i>" after each pair. argv: folder.
+CREATE_CHILD_SRC = EPISODE_SRC + textwrap.dedent("""
+    import itertools
+    import sys
+    from pathlib import Path
+
+    from loopsim.datasets import EpisodeStore
+
+    root = Path(sys.argv[1])
+    for i in itertools.count():
+        for overwrite, n in ((False, 1), (True, 2)):
+            with EpisodeStore.create(root / f"s{i}", observation_space=OBS_SPACE, action_space=ACT_SPACE,
+                                     step_extras=EXTRAS, overwrite=overwrite, flush_every=1) as store:
+                for k in range(n):
+                    store.add_episode(episode(k))
+        print("done", i, flush=True)
+""")
+
+
+def recover_killed_create(url: Path) -> int:
+    """What a killed create or overwrite left must open, or be replaced by what its error names."""
+    try:
+        return verify_store(url, at_least=0, at_most=2)
+    except FileNotFoundError as exc:  # a create killed before its root document
+        assert "interrupted EpisodeStore.create" in str(exc) or not url.exists(), exc
+        new_store(url)
+    except StoreDamagedError as exc:  # an overwrite killed midway
+        assert "interrupted overwrite" in str(exc), exc
+        EpisodeStore.create(url, observation_space=OBS_SPACE, action_space=ACT_SPACE, step_extras=EXTRAS,
+                            overwrite=True).close()
+    return verify_store(url, at_least=0, at_most=0)
+
+
+def run_create_kill_instants(tmp_path: Path, instants: int, seed: int) -> None:
+    """Kill a process creating and overwriting stores at random instants; every store left recovers."""
+    rng = np.random.default_rng(seed)
+    script = tmp_path / "child_creator.py"
+    script.write_text(CREATE_CHILD_SRC)
+    for it in range(instants):
+        folder = tmp_path / f"run{it}"
+        proc = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("done 0")
+            time.sleep(float(rng.uniform(0.0, 0.1)))  # a create + overwrite pair takes ~50-100 ms
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        for url in sorted(folder.iterdir()):
+            recover_killed_create(url)
+            with EpisodeStore.create(url, observation_space=OBS_SPACE, action_space=ACT_SPACE,
+                                     step_extras=EXTRAS, overwrite=True) as store:
+                store.add_episode(episode(0))  # and it takes new episodes
+            verify_store(url, at_least=1, at_most=1)
+
+
+def test_kill_create_and_overwrite_at_random_instants(tmp_path: Path) -> None:
+    run_create_kill_instants(tmp_path, instants=2, seed=3)
+
+
+@pytest.mark.slow
+def test_kill_create_and_overwrite_at_many_random_instants(tmp_path: Path) -> None:
+    run_create_kill_instants(tmp_path, instants=60, seed=11)
+
+
 # ----------------------------------------------------------------------------- concurrent reader + writer
 
 
