@@ -544,11 +544,13 @@ def evaluate_policy(
         on_episode: Called after each episode (e.g. to advance a progress bar).
 
     Returns:
-        ``{site name: EvaluationResult}`` in the order of ``sites`` (an inline site is named by
-        the env, usually ``"custom"``).
+        ``{site name: EvaluationResult}`` in the order of ``sites`` (named as the env names them,
+        :func:`loopsim.envs.site_name`: a site document by its ``name``, an inline mapping
+        ``"custom"``).
 
     Raises:
-        ValueError: If ``episodes < 1``, ``seed < 0`` or ``workers < 1``.
+        ValueError: If ``episodes < 1``, ``seed < 0`` or ``workers < 1``, or two different sites
+            have the same name (e.g. two inline mappings: both ``"custom"``).
     """
     if episodes < 1 or seed < 0:
         raise ValueError(f"need episodes >= 1 and seed >= 0, got episodes={episodes}, seed={seed}")
@@ -561,7 +563,13 @@ def evaluate_policy(
     check_policy(policy, env, site=sites[0])
     tasks = [(site, seed + i) for site in sites for i in range(episodes)]
     results: dict[str, EvaluationResult] = {}
-    names = [s if isinstance(s, str) else "custom" for s in sites]
+    from loopsim.envs.core.site import site_name
+
+    names = [site_name(s) for s in sites]
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:  # their episodes would be pooled into one row
+        raise ValueError(f"sites {shared} name more than one site (an inline mapping is named 'custom'); "
+                         "give each its own name with a site document {name, params}")
     for k, (result, _) in enumerate(
         run_episodes(policy, env, tasks, workers=workers, deterministic=deterministic)
     ):
@@ -614,6 +622,7 @@ def collect(
     """
     from loopsim.config import ConfigError, check_env_config
     from loopsim.datasets import EpisodeStore
+    from loopsim.envs.core.site import site_name
 
     check_env_config(config.env)
     extras = ["is_success"] + (["expert_action"] if config.expert_labels else [])
@@ -643,17 +652,14 @@ def collect(
             problem = f"was recorded with env kwargs {store.env_kwargs}, this job uses {config.env.kwargs}"
         else:
             meta = store.metadata()
-            site_name = config.env.site if isinstance(config.env.site, str) else "custom"
-            have = {
-                int(sd)
-                for st, sd in zip(meta["site"], meta["seed"], strict=True)
-                if st == site_name and sd >= 0
-            }
+            at = site_name(config.env.site)
+            pairs = zip(meta["site"], meta["seed"], strict=True)
+            have = {int(sd) for st, sd in pairs if st == at and sd >= 0}
             overlap = sorted(have & set(range(config.seed, config.seed + config.episodes)))
             if overlap:
                 nxt = max(have) + 1
                 problem = (
-                    f"already holds {len(overlap)} episodes of these seeds at {site_name!r} (e.g. seed "
+                    f"already holds {len(overlap)} episodes of these seeds at {at!r} (e.g. seed "
                     f"{overlap[0]}): they would be duplicated; continue with seed={nxt}"
                 )
         if problem:
@@ -676,10 +682,9 @@ def collect(
                 f"store = {config.store!r} already exists; use mode=append or mode=overwrite, or another path"
             ) from None
     policy_id = config.policy_id or _policy_id(config.policy)
-    site_name = config.env.site if isinstance(config.env.site, str) else "custom"
     with store:
         before = len(store)
-        summary = EvaluationResult(config.env.id, site_name, ci_seed=config.seed)
+        summary = EvaluationResult(config.env.id, site_name(config.env.site), ci_seed=config.seed)
         tasks = [(config.env.site, config.seed + i) for i in range(config.episodes)]
         for result, episode in run_episodes(
             config.policy,

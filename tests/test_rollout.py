@@ -260,6 +260,22 @@ def test_append_refuses_duplicate_seeds_and_other_env_kwargs(tmp_path):
         assert len(s) == 2
 
 
+def test_a_named_site_document_is_labelled_and_deduplicated_by_its_name(tmp_path):
+    # collect labelled such episodes "custom" (the store said "Werk Süd") and so never found them
+    # when checking an append for duplicate seeds; evaluate pooled two inline sites into one row
+    doc = {"name": "Werk Süd", "params": {"part_mass": 0.2}}
+    env = EnvConfig(id=ENV.id, site=doc, kwargs={"max_steps": 15})
+    store = str(tmp_path / "a.zarr")
+    cfg = CollectConfig(env=env, episodes=1, seed=0, store=store)
+    assert collect(cfg).summary.site == "Werk Süd"
+    with pytest.raises(ConfigError, match="already holds 1 episodes of these seeds at 'Werk Süd'"):
+        collect(cfg.model_copy(update={"mode": "append"}))
+    with EpisodeStore.open(store) as s:
+        assert s.metadata()["site"].tolist() == ["Werk Süd"]
+    with pytest.raises(ValueError, match=r"sites \['custom'\] name more than one site"):
+        evaluate_policy(ExpertPolicyConfig(), env, sites=[{"part_mass": 0.2}, {"part_mass": 0.3}], episodes=1)
+
+
 def test_eval_command_checks_arguments_before_running(tmp_path):
     import gymnasium as gym
 

@@ -41,6 +41,7 @@ __all__ = [
     "SiteError",
     "available_sites",
     "load_site",
+    "site_name",
 ]
 
 _SPEC_KINDS = ("uniform", "normal", "choice")
@@ -260,6 +261,53 @@ def available_sites(domain: str) -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in d.iterdir() if f.name.endswith(".yaml"))
 
 
+def _check_bundled_name(schema: SiteSchema, site: Site, what: str) -> None:
+    """Refuse a site that takes a bundled site's name (in any case) with other conditions or spelling.
+
+    ``info["site"]``, stores and per-site tables file episodes under the site's name: shifted
+    conditions named ``lab`` would be counted as lab's, and ``Lab`` would be a second row beside it.
+
+    Raises:
+        SiteError: Naming the bundled site and what to do instead.
+    """
+    bundled = available_sites(schema.domain)
+    same = [b for b in bundled if b.casefold() == site.name.casefold()]
+    if not same:
+        return
+    if same[0] != site.name:
+        raise SiteError(
+            f"{what} named {site.name!r}: the bundled {schema.domain} site {same[0]!r} differs only in "
+            f"case; use {same[0]!r} (with its conditions) or a name of its own (bundled sites: {bundled})"
+        )
+    if _spec(site) != _spec(load_site(schema, site.name)):
+        raise SiteError(
+            f"{what} named {site.name!r}: a bundled {schema.domain} site has that name and other "
+            f"conditions; give this site its own name (bundled sites: {bundled})"
+        )
+
+
+def site_name(site: str | Mapping[str, Any] | Site | None) -> str:
+    """The name episodes at ``site`` are recorded under (``info["site"]``, a store's site column).
+
+    The same rule as :func:`load_site`, without loading anything: ``None`` is ``lab``, a name is
+    itself, a site document its ``name`` (``custom`` if it has none), any other mapping (an inline
+    site) ``custom``, a :class:`Site` its ``name``.
+
+    Args:
+        site: Anything ``site=`` accepts.
+
+    Returns:
+        The site's name (``str(site)`` for a value ``load_site`` would refuse).
+    """
+    if site is None:
+        return "lab"
+    if isinstance(site, Site):
+        return site.name
+    if isinstance(site, Mapping):
+        return str(site.get("name", "custom")) if "params" in site else "custom"
+    return str(site)
+
+
 def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -> Site:
     """Resolve a site given by name, inline mapping or :class:`Site`.
 
@@ -284,6 +332,7 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
     if isinstance(site, Site):
         if site.schema is not schema and site.schema.domain != schema.domain:
             raise SiteError(f"site {site.name!r} is for {site.schema.domain}, not {schema.domain}")
+        _check_bundled_name(schema, site, "site")
         return site
     if isinstance(site, Mapping):
         doc = dict(site)
@@ -291,25 +340,10 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
             extra = sorted(set(doc) - {"name", "description", "params"})
             if extra:
                 raise SiteError(f"site document has unknown keys {extra}; allowed: name, description, params")
-            built = Site(
-                schema, str(doc.get("name", "custom")), doc["params"] or {}, doc.get("description", "")
-            )
-            bundled = available_sites(schema.domain)
-            same = [b for b in bundled if b.casefold() == built.name.casefold()]
-            if same and same[0] != built.name:
-                # "Lab" beside "lab" in per-site tables: two rows for what reads as one site
-                raise SiteError(
-                    f"site document named {built.name!r}: the bundled {schema.domain} site {same[0]!r} "
-                    f"differs only in case; use {same[0]!r} (with its conditions) or a name of its own "
-                    f"(bundled sites: {bundled})"
-                )
-            if same and _spec(built) != _spec(load_site(schema, built.name)):
-                # info["site"], stores and per-site tables would file these episodes under the
-                # bundled site's name
-                raise SiteError(
-                    f"site document named {built.name!r}: a bundled {schema.domain} site has that name "
-                    f"and other conditions; give this site its own name (bundled sites: {bundled})"
-                )
+            # the name as given: Site refuses a non-string (a blank YAML "name:" is None, which
+            # str() recorded as a site named "None")
+            built = Site(schema, doc.get("name", "custom"), doc["params"] or {}, doc.get("description", ""))
+            _check_bundled_name(schema, built, "site document")
             return built
         if {"name", "description"} & set(doc):
             raise SiteError(

@@ -182,6 +182,16 @@ def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain
         with pytest.raises(SiteError, match=r"must be non-empty"):
             Site(schema, name, {param: 0.5})
     assert load_site(schema, {"name": "plant 7 (north)", "params": {}}).name == "plant 7 (north)"
+    # a blank YAML "name:" (None) was recorded as a site named "None"
+    with pytest.raises(SiteError, match="must be strings"):
+        load_site(schema, {"name": None, "params": {}})
+    # a Site object took the same names unchecked
+    for site in (Site(schema, "lab", {param: 0.5}), Site(schema, "Lab", {})):
+        with pytest.raises(SiteError, match="bundled"):
+            load_site(schema, site)
+        with pytest.raises(SiteError, match="bundled"):
+            env.unwrapped.site = site
+    assert load_site(schema, Site(schema, "lab", {})).name == "lab"
     # a document without params was read as parameters: "unknown parameter(s) ['name']"
     with pytest.raises(SiteError, match=r"site document with keys \['name'\] has no 'params'"):
         load_site(schema, {"name": "lab"})
