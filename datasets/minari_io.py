@@ -404,7 +404,12 @@ def import_from_minari(
         flag = np.asarray(info.get("is_success", ()))
         extras = ["is_success"] if first is not None and flag.shape == (len(first) + 1,) else []
         attrs = {"minari_dataset_id": dataset.id, "minari_version": dataset.minari_version}
-    existed = _is_local(url) and _local_path(url).exists()
+    # What a failed import removes again: a store it created (not one it overwrote). The directory
+    # itself only if the import made it: a directory that was there held nothing or only what an
+    # interrupted create left (create refuses anything else without overwrite).
+    local = _is_local(url)
+    dir_existed = local and _local_path(url).exists()
+    store_existed = local and (_local_path(url) / "zarr.json").exists()
     out = EpisodeStore.create(url, observation_space=dataset.observation_space,
                               action_space=dataset.action_space, env_id=env_id, env_kwargs=env_kwargs,
                               step_extras=extras, overwrite=overwrite, flush_every=flush_every,
@@ -423,8 +428,12 @@ def import_from_minari(
         out.close()
     except BaseException:
         out.close()
-        if not existed and _is_local(url):
-            shutil.rmtree(_local_path(url), ignore_errors=True)
+        if local and not store_existed:
+            if not dir_existed:
+                shutil.rmtree(_local_path(url), ignore_errors=True)
+            else:
+                for child in _local_path(url).iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
         raise
     return EpisodeStore.open(url, mode="r")
 

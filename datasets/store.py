@@ -453,6 +453,13 @@ class EpisodeStore:
         existing = self._exists()
         if existing:
             if not overwrite:
+                try:
+                    cls._read_root_attrs(self._zstore, self.url, overwrite=True)
+                except NotAStoreError as exc:  # neither suggestion below would work
+                    raise FileExistsError(f"{self.url} already exists: {exc}; EpisodeStore.create writes "
+                                          "only into a new or empty directory: choose another path") from None
+                except StoreError:  # a store, damaged or newer: open() says how
+                    pass
                 raise FileExistsError(f"{self.url} already exists; open it with EpisodeStore.open(url, "
                                       "mode='a') to append, or pass overwrite=True to replace it")
             cls._read_root_attrs(self._zstore, self.url, overwrite=True)  # refuses non-stores

@@ -22,6 +22,7 @@ Site files live in the ``loopsim.configs`` package data at ``sites/<domain>/<nam
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Mapping
@@ -355,7 +356,10 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
         raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")
     names = available_sites(schema.domain)
     if site not in names:
-        raise SiteError(f"unknown {schema.domain} site {site!r}; available sites are {names}")
+        near = [n for n in names if n.casefold() == site.strip().casefold()] or difflib.get_close_matches(
+            site, names, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SiteError(f"unknown {schema.domain} site {site!r}{hint}; available sites are {names}")
     text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text()
     try:
         doc = load_unique(text) or {}

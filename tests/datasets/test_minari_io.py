@@ -253,3 +253,14 @@ def test_failed_import_leaves_no_partial_store(tmp_path):
     with pytest.raises(ValueError, match="Minari episode 0 of broken-v0"):
         import_from_minari("broken-v0", tmp_path / "back")
     assert not (tmp_path / "back").exists()
+    # into a directory that was there (empty, or holding only what a killed create left): the
+    # directory stays, without a store in it (an empty store was left behind)
+    for leftover in (None, "meta/seed/zarr.json"):
+        target = tmp_path / f"made-{leftover is not None}"
+        target.mkdir()
+        if leftover:
+            (target / leftover).parent.mkdir(parents=True)
+            (target / leftover).write_text("{}")
+        with pytest.raises(ValueError, match="Minari episode 0 of broken-v0"):
+            import_from_minari("broken-v0", target)
+        assert target.is_dir() and list(target.iterdir()) == []

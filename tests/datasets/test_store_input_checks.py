@@ -413,3 +413,14 @@ def test_an_interrupted_overwrite_is_refused_by_open_until_an_overwrite_replaces
     EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
     with EpisodeStore.open(path) as store:
         assert len(store) == 0 and store.check().ok
+
+
+def test_create_over_a_folder_that_is_not_a_store_says_so(tmp_path):
+    # it said "open it with EpisodeStore.open(url, mode='a') to append, or pass overwrite=True":
+    # both then failed with "not a loopsim episode store"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="already exists: .* is not a loopsim episode store: it has no "
+                       "zarr.json; EpisodeStore.create writes only into a new or empty directory"):
+        EpisodeStore.create(tmp_path / "d", observation_space=OBS, action_space=ACT)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "keep"

@@ -182,6 +182,9 @@ def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain
         with pytest.raises(SiteError, match=r"must be non-empty"):
             Site(schema, name, {param: 0.5})
     assert load_site(schema, {"name": "plant 7 (north)", "params": {}}).name == "plant 7 (north)"
+    # an unknown name gets the bundled one it resembles
+    with pytest.raises(SiteError, match=r"unknown \w+ site 'Lab' \(did you mean 'lab'\?\); available"):
+        load_site(schema, "Lab")
     # a blank YAML "name:" (None) was recorded as a site named "None"
     with pytest.raises(SiteError, match="must be strings"):
         load_site(schema, {"name": None, "params": {}})
