@@ -290,21 +290,27 @@ def test_a_directory_with_anything_else_is_not_taken_for_a_killed_create(tmp_pat
     assert (path / stray).read_text() == "keep me"
 
 
-def test_an_overwrite_killed_midway_is_replaced_by_the_next_overwrite(tmp_path, monkeypatch):
+def _kill_an_overwrite_after_its_first_folder(monkeypatch, path: Path) -> None:
+    """Run ``create(path, overwrite=True)``, 'killed' right after it deleted its first folder."""
     import shutil
+
+    real = shutil.rmtree
+    with monkeypatch.context() as m:
+        def rmtree_then_die(p, *a, **k):
+            real(p, *a, **k)
+            raise Killed
+
+        m.setattr(shutil, "rmtree", rmtree_then_die)
+        with pytest.raises(Killed):
+            EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+
+
+def test_an_overwrite_killed_midway_is_replaced_by_the_next_overwrite(tmp_path, monkeypatch):
 
     path = tmp_path / "s"
     with EpisodeStore.create(path, observation_space=OBS, action_space=ACT, flush_every=1) as store:
         store.add_episode(episode(k=1))
-    real = shutil.rmtree
-    with monkeypatch.context() as m:
-        def rmtree_once_then_die(p, *a, **k):
-            real(p, *a, **k)
-            raise Killed
-
-        m.setattr(shutil, "rmtree", rmtree_once_then_die)
-        with pytest.raises(Killed):
-            EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+    _kill_an_overwrite_after_its_first_folder(monkeypatch, path)
     assert (path / "zarr.json").exists()  # the root document goes last: still a (damaged) store
     EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True).close()
     with EpisodeStore.open(path) as store:
@@ -382,7 +388,6 @@ def test_an_interrupted_overwrite_is_refused_by_open_until_an_overwrite_replaces
     # used to open as a store holding whatever the wipe had not yet reached (SIGKILL at random instants
     # gave e.g. 4 of 6 episodes: the pending log gone, the arrays not yet). The overwrite now marks
     # the root document first, so open refuses the half-deleted store and the next overwrite replaces it.
-    import shutil
 
     from loopsim.datasets import StoreDamagedError
 
@@ -396,15 +401,7 @@ def test_an_interrupted_overwrite_is_refused_by_open_until_an_overwrite_replaces
     store._n_pending = 0
     store._release_lock()  # "killed": the log stays
     assert len(EpisodeStore.open(path)) == 4
-    real = shutil.rmtree
-    with monkeypatch.context() as m:
-        def delete_then_die(p, *a, **k):
-            real(p, *a, **k)
-            raise Killed
-
-        m.setattr(shutil, "rmtree", delete_then_die)
-        with pytest.raises(Killed):
-            EpisodeStore.create(path, observation_space=OBS, action_space=ACT, overwrite=True)
+    _kill_an_overwrite_after_its_first_folder(monkeypatch, path)
     for mode in ("r", "a"):
         with pytest.raises(StoreDamagedError, match="interrupted overwrite"):
             EpisodeStore.open(path, mode=mode)
