@@ -34,8 +34,10 @@ move kinematically along the aisles, back and forth, each in a lane close to one
 site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
 control step; each one pauses while the robot (or the cart it pushes) is ahead of it in its lane
 within ``YIELD_DISTANCE`` (their own safety scanners), so they never run into the robot from behind or
-head-on: a collision is always the robot's doing. None starts on the robot or its cart (an agent drawn
-there starts along its lane, ``START_CLEARANCE`` clear of them).
+head-on: a collision is always the robot's doing. An agent that has paused for ``TURN_AROUND_AFTER``
+seconds in a row turns around and goes back the way it came, so a robot standing in an aisle too
+narrow to pass (or waiting for the agent itself) is not blocked for ever. None starts on the robot or
+its cart (an agent drawn there starts along its lane, ``START_CLEARANCE`` clear of them).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ TRAFFIC_ROBOT_HALF = (0.35, 0.25, 0.25)
 PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
 #: An agent pauses while the robot is ahead of it in its lane, closer than this [m] (gap between bodies).
 YIELD_DISTANCE = 1.0
+#: An agent that has paused this long for the robot turns around and goes back the way it came [s].
+TURN_AROUND_AFTER = 3.0
 #: Clearance between a traffic lane and the shelf face [m].
 LANE_MARGIN = 0.1
 #: Least gap along its lane between a traffic agent's start and the robot or its cart [m].
@@ -496,6 +500,8 @@ class WarehouseEnv(RobotTaskEnv):
         self.agent_x = start[idx].tolist()
         self.agent_dir = direction[idx].tolist()
         self.agent_speed = (self._traffic_speed * factor[idx]).tolist()
+        #: Control steps each agent has paused in a row for the robot (or its cart).
+        self.agent_waited = [0] * self._n_agents
         self._agent_lo = (lo + self._agent_half_length[idx]).tolist()
         self._agent_hi = (hi - self._agent_half_length[idx]).tolist()
         self._agent_hw = self._agent_half_width[idx].tolist()
@@ -559,6 +565,9 @@ class WarehouseEnv(RobotTaskEnv):
     def _step_traffic(self) -> None:
         """Advance the traffic by one control step, yielding to the robot ahead in its lane.
 
+        An agent that paused for ``TURN_AROUND_AFTER`` [s] in a row (``agent_waited`` counts its
+        control steps) reverses its direction there and moves from the next step on.
+
         Plain float arithmetic per agent (a handful of agents), operation for operation what the
         vectorised NumPy form computes: the same float64 results.
         """
@@ -566,7 +575,8 @@ class WarehouseEnv(RobotTaskEnv):
             return
         yield_to = self._yield_to()
         dt = self.sim.control_dt
-        xs, dirs = self.agent_x, self.agent_dir
+        turn_after = round(TURN_AROUND_AFTER / dt)
+        xs, dirs, waited = self.agent_x, self.agent_dir, self.agent_waited
         for i, (x, y, d, speed, hl, hw, lo, hi) in enumerate(zip(
             xs, self.agent_y, dirs, self.agent_speed, self._agent_hl, self._agent_hw, self._agent_lo,
             self._agent_hi, strict=True,
@@ -576,7 +586,14 @@ class WarehouseEnv(RobotTaskEnv):
                 ahead = (rx - x) * d - hl - radius
                 if abs(ry - y) < hw + radius + 0.1 and ahead > -radius and ahead < YIELD_DISTANCE:
                     waiting = True
-            x = x + (0.0 if waiting else d * speed * dt)
+            if waiting:
+                waited[i] += 1
+                if waited[i] >= turn_after:  # gives way: back the way it came (moves from the next step)
+                    dirs[i], waited[i] = -d, 0
+                xs[i] = x
+                continue
+            waited[i] = 0
+            x = x + d * speed * dt
             if x > hi:
                 xs[i], dirs[i] = 2.0 * hi - x, -d
             elif x < lo:

@@ -12,7 +12,8 @@ follows the steepest descent of the field from the robot's cell for a look-ahead
 :func:`drive_command` turns a look-ahead point into ``(v, w)``: it picks, among candidate headings,
 the one closest to the look-ahead direction whose corridor (the robot's width) is free in the lidar
 scan for the distance it needs, and slows down for obstacles ahead, sharp turns and the goal (braking
-within what the floor friction allows).
+within what the floor friction allows). It does not turn where the turn would swing a corner of the
+body into a lidar return close beside it (traffic that stopped there), and waits instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from loopsim.envs.warehouse.base import LIDAR_RANGE, MAX_ANGULAR, MAX_LINEAR, ROBOT_RADIUS, Layout
+from loopsim.envs.warehouse.base import (
+    BODY_HALF,
+    LIDAR_RANGE,
+    MAX_ANGULAR,
+    MAX_LINEAR,
+    ROBOT_RADIUS,
+    Layout,
+)
 
 __all__ = ["GridPlanner", "drive_command"]
 
@@ -149,6 +157,10 @@ class GridPlanner:
 
 
 _CANDIDATES = np.deg2rad(np.arange(-90, 91, 10, dtype=np.float64))
+#: Margin kept around the robot's body (``BODY_HALF``) when checking a turn [m].
+FOOTPRINT_MARGIN = 0.03
+#: How far ahead the footprint check predicts the robot's motion [s] (two control steps).
+FOOTPRINT_HORIZON = 0.2
 
 
 def drive_command(
@@ -161,6 +173,10 @@ def drive_command(
     half_width: float = 0.34,
 ) -> tuple[float, float]:
     """``(v, w)`` actions in ``[-1, 1]`` to drive towards a look-ahead point, avoiding lidar obstacles.
+
+    A command that would bring the body (``BODY_HALF`` plus ``FOOTPRINT_MARGIN``) onto a lidar return
+    within the next ``FOOTPRINT_HORIZON`` seconds is replaced by the first safe one of: the turn on the
+    spot, straight on at the same speed, standing still.
 
     Args:
         target_fx: Look-ahead point, forward of the robot [m].
@@ -208,9 +224,54 @@ def drive_command(
     else:
         v *= math.cos(turn)
     w = max(-MAX_ANGULAR, min(MAX_ANGULAR, 2.0 * heading))
+    if not _safe_motion(px, py, v, w):
+        # a corner of the body would swing or slide into something close (traffic that stopped beside
+        # the robot): turn on the spot if that is safe, else go straight on, else wait until it moves
+        for v_alt, w_alt in ((0.0, w), (v, 0.0), (0.0, 0.0)):
+            if v_alt == w_alt == 0.0 or _safe_motion(px, py, v_alt, w_alt):
+                v, w = v_alt, w_alt
+                break
     if goal_distance < 0.12:
         v, w = 0.0, 0.0
     return v / MAX_LINEAR, w / MAX_ANGULAR
+
+
+def _safe_motion(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
+    """Whether the command ``(v, w)`` keeps the body off every lidar point over ``FOOTPRINT_HORIZON``.
+
+    The turn lags the forward motion on the simulated robot (wheel motors and inertia), so a command
+    that turns and moves is checked both as commanded and as going straight on. Arguments as for
+    :func:`_footprint_hits`; returns False if a predicted footprint would contain a point.
+    """
+    if _footprint_hits(px, py, v, w):
+        return False
+    return not (v and w and _footprint_hits(px, py, v, 0.0))
+
+
+def _footprint_hits(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
+    """Whether a lidar point would be inside the robot's footprint (plus margin) after ``FOOTPRINT_HORIZON``.
+
+    Args:
+        px: Lidar points, forward coordinate in the robot frame ``(M,)`` [m].
+        py: Lidar points, leftward coordinate in the robot frame ``(M,)`` [m].
+        v: Forward speed [m/s].
+        w: Turn rate [rad/s].
+
+    Returns:
+        True if the body, moved ``v`` forward and turned by ``w`` for the horizon, would contain a point.
+    """
+    if not px.size:
+        return False
+    t = FOOTPRINT_HORIZON
+    a = w * t
+    c, s = math.cos(a), math.sin(a)
+    qx = px - v * t
+    qy = py
+    bx = c * qx + s * qy
+    by = -s * qx + c * qy
+    hx, hy = BODY_HALF[0] + FOOTPRINT_MARGIN, BODY_HALF[1] + FOOTPRINT_MARGIN
+    inside = (np.abs(bx) < hx) & (np.abs(by) < hy)
+    return bool(inside.any())
 
 
 def _clearance(heading: float, px: np.ndarray, py: np.ndarray, half_width: float) -> float:
