@@ -196,9 +196,10 @@ class WarehouseCartPushExpert(Expert):
     Reactive rules on privileged state (true robot and cart poses, the station, the lidar scan):
 
     1. The push direction ``d`` points from the cart to the station (to a point ``CARROT`` ahead on the
-       aisle's centre line while the station is more than 2 m away). The robot's place is right behind
-       the cart on that line, facing ``d``. If it is off that line (more than 0.2 m sideways) or not
-       behind the cart, it drives to a point 1.3 m behind the cart on the line, then turns to face ``d``.
+       aisle's centre line while the cart is in the aisle or the station more than 2 m away). The
+       robot's place is right behind the cart on that line, facing ``d``. If it is off that line (more
+       than 0.2 m sideways) or not behind the cart, it drives to a point 1.3 m behind the cart on the
+       line, then turns to face ``d``.
     2. Pushing: it heads for a point beyond the cart chosen so that robot, cart and station line up
        (steering against the cart's sideways offset from the robot's axis), at a speed that lets the
        cart coast to rest in the zone, slowed by anything the lidar sees ahead of the cart.
@@ -219,7 +220,11 @@ class WarehouseCartPushExpert(Expert):
         dist = math.hypot(sx - cx, sy - cy)
         if dist < 0.15:
             return np.zeros(2)
-        if dist > 2.0:  # far from the station: steer the cart back onto the aisle's centre line
+        lo, hi = env.layout.aisle_x_range()
+        if dist > 2.0 or lo < cx < hi:
+            # far from the station, or still in the aisle: steer the cart back onto the aisle's centre
+            # line (aiming at the station from an off-centre cart near the aisle's end put the robot's
+            # place behind it against the shelf: in narrow aisles it collided getting there)
             ux = 1.0 if sx > cx else -1.0
             kx, ky = cx + self.CARROT * ux, sy
             k = math.hypot(kx - cx, ky - cy)

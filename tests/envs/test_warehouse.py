@@ -560,10 +560,11 @@ def test_planner_paths_descend_to_the_bay(make_env):
     assert (x, y) == u.bay and all(b < a for a, b in zip(costs, costs[1:], strict=False))
 
 
-def _expert_success(site, seeds):
-    env = gym.make(NAV, site=site)
+def _expert_outcomes(site, seeds, env_id=NAV):
+    """The scripted expert's episode outcomes: ``"success"`` or the failure mode, one per seed."""
+    env = gym.make(env_id, site=site)
     expert = make_expert(env)
-    wins = 0
+    outcomes = []
     try:
         for s in seeds:
             env.reset(seed=s)
@@ -571,10 +572,14 @@ def _expert_success(site, seeds):
                 *_, terminated, truncated, info = env.step(expert.act())
                 if terminated or truncated:
                     break
-            wins += info["is_success"]
+            outcomes.append("success" if info["is_success"] else info["failure_mode"])
     finally:
         env.close()
-    return wins
+    return outcomes
+
+
+def _expert_success(site, seeds, env_id=NAV):
+    return _expert_outcomes(site, seeds, env_id).count("success")
 
 
 def test_expert_solves_lab_quick():
@@ -614,19 +619,7 @@ def test_expert_in_narrow_aisles_with_traffic():
     (Before traffic gave way and the expert checked its turns: 12 of 20 succeeded, 2 collided and 6
     timed out, robot and traffic waiting for each other.)
     """
-    env = gym.make(NAV, site=BUSY_NARROW[0])
-    expert = make_expert(env)
-    outcomes = []
-    try:
-        for s in range(20):
-            env.reset(seed=s)
-            while True:
-                *_, terminated, truncated, info = env.step(expert.act())
-                if terminated or truncated:
-                    break
-            outcomes.append(info.get("failure_mode") or "success")
-    finally:
-        env.close()
+    outcomes = _expert_outcomes(BUSY_NARROW[0], range(20))
     assert "collision" not in outcomes, outcomes
     assert outcomes.count("success") >= 16, outcomes
 
@@ -709,17 +702,15 @@ def test_cart_push_expert_quick(make_env):
 
 @pytest.mark.slow
 def test_cart_push_expert_solves_lab_200_episodes():
-    env = gym.make(CART)
-    expert = make_expert(env)
-    wins = 0
-    try:
-        for s in range(1000, 1200):
-            env.reset(seed=s)
-            while True:
-                *_, terminated, truncated, info = env.step(expert.act())
-                if terminated or truncated:
-                    break
-            wins += info["is_success"]
-    finally:
-        env.close()
-    assert wins >= 190
+    assert _expert_success("lab", range(1000, 1200), CART) >= 190
+
+
+def test_cart_push_expert_in_narrow_aisles():
+    """At ``narrow_aisles`` the pusher keeps an off-centre cart on the aisle's centre line to its end.
+
+    (It aimed at the station from 2 m away, even inside the aisle: the robot's place behind an
+    off-centre cart was then against a shelf, and it collided getting there. Seeds 1000-1019: 10 of
+    20 succeeded, 14 now.)
+    """
+    outcomes = _expert_outcomes("narrow_aisles", range(1000, 1020), CART)
+    assert outcomes.count("success") >= 14, outcomes
