@@ -32,12 +32,14 @@ return does).
 Traffic: other robots (boxes 0.70 x 0.50 x 0.50 m) and people (cylinders of radius 0.25 m, 1.7 m tall)
 move kinematically along the aisles, back and forth, each in a lane close to one shelf face, at the
 site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
-control step; each one pauses while the robot (or the cart it pushes) is ahead of it in its lane
-within ``YIELD_DISTANCE`` (their own safety scanners), so they never run into the robot from behind or
-head-on: a collision is always the robot's doing. An agent that has paused for ``TURN_AROUND_AFTER``
-seconds in a row turns around and goes back the way it came, so a robot standing in an aisle too
-narrow to pass (or waiting for the agent itself) is not blocked for ever. None starts on the robot or
-its cart (an agent drawn there starts along its lane, ``START_CLEARANCE`` clear of them).
+control step; each one pauses while any part of the robot (a disc of ``ROBOT_RADIUS``; or of the cart
+it pushes) is ahead of the agent's front face in its lane, within ``YIELD_DISTANCE`` (their own safety
+scanners), so they never run into the robot from behind, beside or head-on: a collision is always the
+robot's doing. An agent that has paused for ``TURN_AROUND_AFTER`` seconds in a row turns around and
+goes back the way it came, so a robot standing in an aisle too narrow to pass (or waiting for the
+agent itself) is not blocked for ever, except by an agent with its back to the end of its lane: that
+one turns, reaches the end, turns back and waits again. None starts on the robot or its cart (an
+agent drawn there starts along its lane, ``START_CLEARANCE`` clear of them).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ __all__ = [
 MAX_LINEAR, MAX_ANGULAR = 1.0, 1.5
 #: Drive wheel radius [m], distance between the wheels [m], motor torque limit [N m].
 WHEEL_RADIUS, WHEEL_TRACK, WHEEL_TORQUE = 0.08, 0.50, 8.0
+#: Width of a drive wheel [m] (its outer face is ``WHEEL_TRACK / 2 + WHEEL_WIDTH / 2`` from the centre line).
+WHEEL_WIDTH = 0.04
 #: Robot body half extents (x, y, z) [m], base mass [kg], height of the base centre above the floor [m].
 BODY_HALF = (0.30, 0.22, 0.10)
 BODY_MASS = 20.0
@@ -376,8 +380,8 @@ class WarehouseEnv(RobotTaskEnv):
         body_vis = bc.createVisualShape(
             bc.GEOM_BOX, halfExtents=list(BODY_HALF), rgbaColor=[0.2, 0.7, 0.3, 1]
         )
-        wheel_col = bc.createCollisionShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, height=0.04)
-        wheel_vis = bc.createVisualShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, length=0.04,
+        wheel_col = bc.createCollisionShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, height=WHEEL_WIDTH)
+        wheel_vis = bc.createVisualShape(bc.GEOM_CYLINDER, radius=WHEEL_RADIUS, length=WHEEL_WIDTH,
                                          rgbaColor=[0.1, 0.1, 0.1, 1])
         caster_col = bc.createCollisionShape(bc.GEOM_SPHERE, radius=0.03)
         caster_vis = bc.createVisualShape(bc.GEOM_SPHERE, radius=0.03, rgbaColor=[0.3, 0.3, 0.3, 1])
@@ -583,8 +587,10 @@ class WarehouseEnv(RobotTaskEnv):
         )):
             waiting = False
             for (rx, ry), radius in yield_to:
+                # gap from the agent's front face to the robot's disc; the agent waits while any part of
+                # the disc is ahead of its front face (and in its lane), up to YIELD_DISTANCE away
                 ahead = (rx - x) * d - hl - radius
-                if abs(ry - y) < hw + radius + 0.1 and ahead > -radius and ahead < YIELD_DISTANCE:
+                if abs(ry - y) < hw + radius + 0.1 and ahead > -2.0 * radius and ahead < YIELD_DISTANCE:
                     waiting = True
             if waiting:
                 waited[i] += 1

@@ -31,10 +31,12 @@ from loopsim.envs.warehouse.base import (
     MAX_ANGULAR,
     MAX_LINEAR,
     ROBOT_RADIUS,
+    WHEEL_TRACK,
+    WHEEL_WIDTH,
     Layout,
 )
 
-__all__ = ["GridPlanner", "drive_command"]
+__all__ = ["GridPlanner", "drive_command", "guard_command", "lidar_points"]
 
 #: Grid cell size [m].
 RESOLUTION = 0.1
@@ -157,8 +159,13 @@ class GridPlanner:
 
 
 _CANDIDATES = np.deg2rad(np.arange(-90, 91, 10, dtype=np.float64))
-#: Margin kept around the robot's body (``BODY_HALF``) when checking a turn [m].
+#: The robot's footprint as a rectangle: half length (the body) and half width (the wheels' outer
+#: faces, beyond the body's sides) [m].
+FOOTPRINT_HALF = (BODY_HALF[0], max(BODY_HALF[1], 0.5 * WHEEL_TRACK + 0.5 * WHEEL_WIDTH))
+#: Clearance kept around the footprint when checking a command [m].
 FOOTPRINT_MARGIN = 0.03
+#: Speed of the straight reverse tried when neither the turn nor going straight on is safe [m/s].
+BACK_OFF_SPEED = 0.2
 #: How far ahead the footprint check predicts the robot's motion [s] (two control steps).
 FOOTPRINT_HORIZON = 0.2
 
@@ -174,9 +181,8 @@ def drive_command(
 ) -> tuple[float, float]:
     """``(v, w)`` actions in ``[-1, 1]`` to drive towards a look-ahead point, avoiding lidar obstacles.
 
-    A command that would bring the body (``BODY_HALF`` plus ``FOOTPRINT_MARGIN``) onto a lidar return
-    within the next ``FOOTPRINT_HORIZON`` seconds is replaced by the first safe one of: the turn on the
-    spot, straight on at the same speed, standing still.
+    The command is then passed through :func:`guard_command` (no move that brings the footprint onto
+    a lidar return).
 
     Args:
         target_fx: Look-ahead point, forward of the robot [m].
@@ -192,10 +198,7 @@ def drive_command(
     """
     bearing = math.atan2(target_fy, target_fx)
     # obstacle points in the robot frame
-    px = lidar * np.cos(lidar_angles)
-    py = lidar * np.sin(lidar_angles)
-    real = lidar < LIDAR_RANGE - 1e-6
-    px, py = px[real], py[real]
+    px, py = lidar_points(lidar, lidar_angles)
     # clearance along each candidate heading: nearest point inside the robot-wide corridor
     c, s = np.cos(_CANDIDATES)[:, None], np.sin(_CANDIDATES)[:, None]
     along = c * px[None] + s * py[None]
@@ -224,54 +227,93 @@ def drive_command(
     else:
         v *= math.cos(turn)
     w = max(-MAX_ANGULAR, min(MAX_ANGULAR, 2.0 * heading))
-    if not _safe_motion(px, py, v, w):
-        # a corner of the body would swing or slide into something close (traffic that stopped beside
-        # the robot): turn on the spot if that is safe, else go straight on, else wait until it moves
-        for v_alt, w_alt in ((0.0, w), (v, 0.0), (0.0, 0.0)):
-            if v_alt == w_alt == 0.0 or _safe_motion(px, py, v_alt, w_alt):
-                v, w = v_alt, w_alt
-                break
+    v, w = guard_command(v, w, px, py)
     if goal_distance < 0.12:
         v, w = 0.0, 0.0
     return v / MAX_LINEAR, w / MAX_ANGULAR
 
 
-def _safe_motion(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
-    """Whether the command ``(v, w)`` keeps the body off every lidar point over ``FOOTPRINT_HORIZON``.
-
-    The turn lags the forward motion on the simulated robot (wheel motors and inertia), so a command
-    that turns and moves is checked both as commanded and as going straight on. Arguments as for
-    :func:`_footprint_hits`; returns False if a predicted footprint would contain a point.
-    """
-    if _footprint_hits(px, py, v, w):
-        return False
-    return not (v and w and _footprint_hits(px, py, v, 0.0))
-
-
-def _footprint_hits(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
-    """Whether a lidar point would be inside the robot's footprint (plus margin) after ``FOOTPRINT_HORIZON``.
+def lidar_points(lidar: np.ndarray, lidar_angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's returns as points in the robot frame, rays that hit nothing left out.
 
     Args:
+        lidar: ``(N,)`` ranges [m].
+        lidar_angles: ``(N,)`` ray angles in the robot frame [rad].
+
+    Returns:
+        ``(px, py)``: forward and leftward coordinates ``(M,)`` [m] of the ``M`` returns.
+    """
+    real = lidar < LIDAR_RANGE - 1e-6
+    r, a = lidar[real], lidar_angles[real]
+    return r * np.cos(a), r * np.sin(a)
+
+
+def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[float, float]:
+    """``(v, w)`` if it keeps the footprint clear of the lidar points, else a safe replacement.
+
+    A command that would bring the footprint (``FOOTPRINT_HALF`` plus ``FOOTPRINT_MARGIN``) onto a
+    lidar return within ``FOOTPRINT_HORIZON`` seconds (a corner swinging or the body sliding into
+    traffic that stopped beside the robot, or into a shelf) is replaced by the first safe one of: the
+    turn on the spot, straight on at the same speed, straight back at ``BACK_OFF_SPEED``, standing
+    still.
+
+    Args:
+        v: Forward speed [m/s] (negative: backwards).
+        w: Turn rate [rad/s].
         px: Lidar points, forward coordinate in the robot frame ``(M,)`` [m].
         py: Lidar points, leftward coordinate in the robot frame ``(M,)`` [m].
-        v: Forward speed [m/s].
+
+    Returns:
+        ``(v, w)`` [m/s, rad/s].
+    """
+    if _safe_motion(px, py, v, w):
+        return v, w
+    options = [(0.0, w), *([(v, 0.0)] if v else []), (-BACK_OFF_SPEED, 0.0)]
+    return next((o for o in options if _safe_motion(px, py, *o)), (0.0, 0.0))
+
+
+def _safe_motion(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
+    """Whether the command ``(v, w)`` keeps the lidar points clear of the footprint (``FOOTPRINT_HORIZON``).
+
+    Clear means ``FOOTPRINT_MARGIN`` outside the footprint (``FOOTPRINT_HALF``), or, for a robot that
+    stands closer than that already, no closer than now (so it can move off a shelf it stopped next
+    to). The turn lags the forward motion on the simulated robot (wheel motors and inertia), so a
+    command that turns and moves is checked both as commanded and as going straight on. Arguments as
+    for :func:`_footprint_clearance`.
+    """
+    if not px.size:
+        return True
+    need = min(FOOTPRINT_MARGIN, _footprint_clearance(px, py, 0.0, 0.0))
+    if _footprint_clearance(px, py, v, w) < need:
+        return False
+    return not (v and w and _footprint_clearance(px, py, v, 0.0) < need)
+
+
+def _footprint_clearance(px: np.ndarray, py: np.ndarray, v: float, w: float) -> float:
+    """Least clearance [m] of the lidar points from the footprint after ``FOOTPRINT_HORIZON`` of ``(v, w)``.
+
+    A point's clearance is ``max(|bx| - hx, |by| - hy)`` in the moved footprint's frame (``hx, hy`` =
+    ``FOOTPRINT_HALF``): below ``m`` exactly when the point is inside the footprint grown by ``m`` on
+    every side, negative inside the footprint. The motion is the unicycle's, to first order: ``v t``
+    forward, then a turn by ``w t``.
+
+    Args:
+        px: Lidar points, forward coordinate in the robot frame ``(M,)``, ``M >= 1`` [m].
+        py: Lidar points, leftward coordinate in the robot frame ``(M,)`` [m].
+        v: Forward speed [m/s] (negative: backwards).
         w: Turn rate [rad/s].
 
     Returns:
-        True if the body, moved ``v`` forward and turned by ``w`` for the horizon, would contain a point.
+        The least clearance over the points [m].
     """
-    if not px.size:
-        return False
     t = FOOTPRINT_HORIZON
     a = w * t
     c, s = math.cos(a), math.sin(a)
     qx = px - v * t
-    qy = py
-    bx = c * qx + s * qy
-    by = -s * qx + c * qy
-    hx, hy = BODY_HALF[0] + FOOTPRINT_MARGIN, BODY_HALF[1] + FOOTPRINT_MARGIN
-    inside = (np.abs(bx) < hx) & (np.abs(by) < hy)
-    return bool(inside.any())
+    bx = c * qx + s * py
+    by = -s * qx + c * py
+    hx, hy = FOOTPRINT_HALF
+    return float(np.maximum(np.abs(bx) - hx, np.abs(by) - hy).min())
 
 
 def _clearance(heading: float, px: np.ndarray, py: np.ndarray, half_width: float) -> float:

@@ -27,7 +27,7 @@ from loopsim.envs.warehouse.base import (
     WAREHOUSE_SCHEMA,
     Layout,
 )
-from loopsim.envs.warehouse.planner import GridPlanner, drive_command
+from loopsim.envs.warehouse.planner import FOOTPRINT_HALF, GridPlanner, drive_command
 
 WAREHOUSE_IDS = sorted(i for i in ENV_ENTRY_POINTS if i.startswith("loopsim/Warehouse"))
 SHIFTED = ["heavy_carts", "heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
@@ -456,6 +456,68 @@ def test_traffic_that_waited_for_the_robot_turns_around(make_env):
     assert (u.agent_x[0] - x0) * -direction > 1.0
 
 
+@pytest.mark.parametrize("yaw", [0.0, 1.0])
+def test_traffic_does_not_walk_into_a_robot_beside_it(make_env, yaw):
+    """A robot standing still beside a person's front half, not touching it: the person waits.
+
+    (The person waited only while the robot's centre was beyond its front face, and walked on into the
+    robot's side: at yaw 1.0 the episode ended in ``collision`` at its second step.)
+    """
+    env = make_env(NAV, site={"n_people": 1, "traffic_speed": 0.8})
+    env.reset(seed=2)
+    u = env.unwrapped
+    d, x0, y0 = u.agent_dir[0], u.agent_x[0], u.agent_y[0]
+    towards_centre = 1.0 if y0 < u.layout.aisle_y(0) else -1.0
+    u._place_robot(x0 + d * 0.24, y0 + towards_centre * 0.56, yaw)  # front face at 0.25 m
+    u._read_state()
+    assert not u.sim.bc.getClosestPoints(u.robot, u._agent_bodies[0], 0.0)
+    for _ in range(10):
+        *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+        assert not terminated, info
+    assert u.agent_x[0] == x0
+
+
+def test_footprint_covers_the_robot(make_env):
+    """The expert's footprint rectangle contains every link of the robot (the wheels stick out of the
+    body's sides by 5 cm: the check used the body's half width, 0.22 m, and missed them)."""
+    env = make_env(NAV)
+    env.reset(seed=0)
+    u = env.unwrapped
+    u._place_robot(0.0, 0.0, 0.0)
+    u._read_state()
+    (x, y, _), _ = u._base_pose()
+    for link in range(-1, u.sim.bc.getNumJoints(u.robot)):
+        lo, hi = u.sim.bc.getAABB(u.robot, link)
+        # Bullet pads every AABB by its contact margin (a few mm); the footprint must cover the shapes
+        assert max(abs(lo[0] - x), abs(hi[0] - x)) <= FOOTPRINT_HALF[0] + 0.01, link
+        assert max(abs(lo[1] - y), abs(hi[1] - y)) <= FOOTPRINT_HALF[1] + 0.01, link
+    assert FOOTPRINT_HALF[1] >= 0.27
+
+
+@pytest.mark.parametrize("gap", [0.03, 0.08])
+def test_expert_backs_away_from_a_wall_it_faces(make_env, gap):
+    """Nose to the dock's wall with the bay behind it: the expert backs off, turns and gets there.
+
+    (With the footprint check and no reverse, a robot 3-8 cm from the wall could neither turn nor go
+    on, and stood still until the time limit.)
+    """
+    env = make_env(NAV)
+    env.reset(seed=0)
+    u = env.unwrapped
+    y = u.robot_xy[1]
+    u._place_robot(-1.25, y, math.pi)
+    u._read_state()
+    wall = float(u.lidar[0])  # straight ahead, from the robot's centre
+    u._place_robot(-1.25 - (wall - 0.30 - gap), y, math.pi)  # the body's front face `gap` from the wall
+    u._read_state()
+    expert = make_expert(env)
+    for _ in range(400):
+        *_, terminated, truncated, info = env.step(expert.act())
+        if terminated or truncated:
+            break
+    assert info["is_success"], info
+
+
 #: Narrow aisles with traffic (each value inside the bundled ``narrow_aisles`` and ``heavy_traffic``
 #: ranges, or the schema's): the traffic's lanes overlap the robot and the cart in their aisle.
 BUSY_NARROW = [
@@ -592,7 +654,7 @@ def test_expert_solves_lab_200_episodes():
 
 
 def test_drive_command_does_not_swing_a_corner_into_something_close():
-    """Turning on the spot near traffic that stopped beside the robot: hold still until it moves.
+    """Turning on the spot near traffic that stopped beside the robot: back off instead.
 
     One lidar return 0.37 m away, 15 degrees right of ahead: outside the 0.60 x 0.44 m body, but a
     turn to the left swings the front right corner into it. (The expert used to turn: in narrow aisles
@@ -602,8 +664,9 @@ def test_drive_command_does_not_swing_a_corner_into_something_close():
     angles = np.where(angles > math.pi, angles - 2.0 * math.pi, angles)
     lidar = np.full(LIDAR_RAYS, LIDAR_RANGE)
     lidar[LIDAR_RAYS - 3] = 0.3736  # -15 degrees
-    # the look-ahead point to the left, 1 m away: the expert would turn left on the spot
-    assert drive_command(0.0, 1.0, 5.0, lidar, angles, 1.5) == (0.0, 0.0)
+    # the look-ahead point to the left, 1 m away: the expert would turn left on the spot; it cannot
+    # go straight on (it is not moving), so it backs off, away from the return
+    assert drive_command(0.0, 1.0, 5.0, lidar, angles, 1.5) == (-0.2, 0.0)
     lidar_free = np.full(LIDAR_RAYS, LIDAR_RANGE)
     v, w = drive_command(0.0, 1.0, 5.0, lidar_free, angles, 1.5)
     assert v == 0.0 and w == 1.0
