@@ -506,6 +506,8 @@ class WarehouseEnv(RobotTaskEnv):
         self.agent_speed = (self._traffic_speed * factor[idx]).tolist()
         #: Control steps each agent has paused in a row for the robot (or its cart).
         self.agent_waited = [0] * self._n_agents
+        #: ``TURN_AROUND_AFTER`` in control steps.
+        self._turn_after = round(TURN_AROUND_AFTER / self.sim.control_dt)
         self._agent_lo = (lo + self._agent_half_length[idx]).tolist()
         self._agent_hi = (hi - self._agent_half_length[idx]).tolist()
         self._agent_hw = self._agent_half_width[idx].tolist()
@@ -578,8 +580,7 @@ class WarehouseEnv(RobotTaskEnv):
         if not self._n_agents:
             return
         yield_to = self._yield_to()
-        dt = self.sim.control_dt
-        turn_after = round(TURN_AROUND_AFTER / dt)
+        dt, turn_after = self.sim.control_dt, self._turn_after
         xs, dirs, waited = self.agent_x, self.agent_dir, self.agent_waited
         for i, (x, y, d, speed, hl, hw, lo, hi) in enumerate(zip(
             xs, self.agent_y, dirs, self.agent_speed, self._agent_hl, self._agent_hw, self._agent_lo,

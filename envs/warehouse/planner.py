@@ -12,8 +12,10 @@ follows the steepest descent of the field from the robot's cell for a look-ahead
 :func:`drive_command` turns a look-ahead point into ``(v, w)``: it picks, among candidate headings,
 the one closest to the look-ahead direction whose corridor (the robot's width) is free in the lidar
 scan for the distance it needs, and slows down for obstacles ahead, sharp turns and the goal (braking
-within what the floor friction allows). It does not turn where the turn would swing a corner of the
-body into a lidar return close beside it (traffic that stopped there), and waits instead.
+within what the floor friction allows). :func:`guard_command` then replaces a command that would bring
+the robot's footprint onto a lidar return (a corner swinging into traffic that stopped beside it, the
+body sliding into a shelf) by a safe one: the turn on the spot, straight on, backing off or standing
+still.
 """
 
 from __future__ import annotations
@@ -266,24 +268,24 @@ def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[f
     Returns:
         ``(v, w)`` [m/s, rad/s].
     """
-    if _safe_motion(px, py, v, w):
+    if not px.size:
+        return v, w
+    # clear: FOOTPRINT_MARGIN outside the footprint, or, for a robot that stands closer than that
+    # already, no closer than now (so it can move off a shelf it stopped next to)
+    need = min(FOOTPRINT_MARGIN, _footprint_clearance(px, py, 0.0, 0.0))
+    if _safe_motion(px, py, v, w, need):
         return v, w
     options = [(0.0, w), *([(v, 0.0)] if v else []), (-BACK_OFF_SPEED, 0.0)]
-    return next((o for o in options if _safe_motion(px, py, *o)), (0.0, 0.0))
+    return next((o for o in options if _safe_motion(px, py, *o, need)), (0.0, 0.0))
 
 
-def _safe_motion(px: np.ndarray, py: np.ndarray, v: float, w: float) -> bool:
-    """Whether the command ``(v, w)`` keeps the lidar points clear of the footprint (``FOOTPRINT_HORIZON``).
+def _safe_motion(px: np.ndarray, py: np.ndarray, v: float, w: float, need: float) -> bool:
+    """Whether ``(v, w)`` keeps every lidar point ``need`` [m] clear of the footprint for the horizon.
 
-    Clear means ``FOOTPRINT_MARGIN`` outside the footprint (``FOOTPRINT_HALF``), or, for a robot that
-    stands closer than that already, no closer than now (so it can move off a shelf it stopped next
-    to). The turn lags the forward motion on the simulated robot (wheel motors and inertia), so a
-    command that turns and moves is checked both as commanded and as going straight on. Arguments as
-    for :func:`_footprint_clearance`.
+    The turn lags the forward motion on the simulated robot (wheel motors and inertia), so a command
+    that turns and moves is checked both as commanded and as going straight on. The other arguments
+    as for :func:`_footprint_clearance`.
     """
-    if not px.size:
-        return True
-    need = min(FOOTPRINT_MARGIN, _footprint_clearance(px, py, 0.0, 0.0))
     if _footprint_clearance(px, py, v, w) < need:
         return False
     return not (v and w and _footprint_clearance(px, py, v, 0.0) < need)
