@@ -36,10 +36,11 @@ control step; each one pauses while any part of the robot (a disc of ``ROBOT_RAD
 it pushes) is ahead of the agent's front face in its lane, within ``YIELD_DISTANCE`` (their own safety
 scanners), so they never run into the robot from behind, beside or head-on: a collision is always the
 robot's doing. An agent that has paused for ``TURN_AROUND_AFTER`` seconds in a row turns around and
-goes back the way it came, so a robot standing in an aisle too narrow to pass (or waiting for the
-agent itself) is not blocked for ever, except by an agent with its back to the end of its lane: that
-one turns, reaches the end, turns back and waits again. None starts on the robot or its cart (an
-agent drawn there starts along its lane, ``START_CLEARANCE`` clear of them).
+goes back the way it came, to the end of its lane, and then comes back: in an aisle too narrow to
+pass, robot and traffic no longer wait for each other until the time limit, but the robot only gets
+the time the agent takes to walk to its lane's end and back (none with the agent's back to that
+end). None starts on the robot or its cart (an agent drawn there starts along its lane,
+``START_CLEARANCE`` clear of them).
 """
 
 from __future__ import annotations
