@@ -32,10 +32,11 @@ return does).
 Traffic: other robots (boxes 0.70 x 0.50 x 0.50 m) and people (cylinders of radius 0.25 m, 1.7 m tall)
 move kinematically along the aisles, back and forth, each in a lane close to one shelf face, at the
 site's ``traffic_speed`` (times a per-agent factor in [0.8, 1.2]). They are static bodies moved once per
-control step; each one pauses while any part of the robot (a disc of ``ROBOT_RADIUS``; or of the cart
-it pushes) is ahead of the agent's front face in its lane, within ``YIELD_DISTANCE`` (their own safety
-scanners), so they never run into the robot from behind, beside or head-on: a collision is always the
-robot's doing. An agent that has paused for ``TURN_AROUND_AFTER`` seconds in a row turns around and
+control step; each one pauses while the robot (a disc of ``ROBOT_RADIUS``; or the cart it pushes) is in
+its lane with its centre ahead of the agent's centre and its disc within ``YIELD_DISTANCE`` of the
+agent's front face (their own safety scanners), so they never run into the robot from behind, beside
+or head-on: a collision is always the robot's doing. An agent that turned away from a robot beside it
+does not wait for it. An agent that has paused for ``TURN_AROUND_AFTER`` seconds in a row turns around and
 goes back the way it came, to the end of its lane, and then comes back: in an aisle too narrow to
 pass, robot and traffic no longer wait for each other until the time limit, but the robot only gets
 the time the agent takes to walk to its lane's end and back (none with the agent's back to that
@@ -589,10 +590,11 @@ class WarehouseEnv(RobotTaskEnv):
         )):
             waiting = False
             for (rx, ry), radius in yield_to:
-                # gap from the agent's front face to the robot's disc; the agent waits while any part of
-                # the disc is ahead of its front face (and in its lane), up to YIELD_DISTANCE away
-                ahead = (rx - x) * d - hl - radius
-                if abs(ry - y) < hw + radius + 0.1 and ahead > -2.0 * radius and ahead < YIELD_DISTANCE:
+                # the robot's centre ahead of the agent's (so also a robot beside its front half, which
+                # a step would run into; not one it turned away from), in its lane, with a gap from the
+                # agent's front face to the robot's disc below YIELD_DISTANCE
+                along = (rx - x) * d
+                if abs(ry - y) < hw + radius + 0.1 and along > 0.0 and along - hl - radius < YIELD_DISTANCE:
                     waiting = True
             if waiting:
                 waited[i] += 1

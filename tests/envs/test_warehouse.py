@@ -477,6 +477,27 @@ def test_traffic_does_not_walk_into_a_robot_beside_it(make_env, yaw):
     assert u.agent_x[0] == x0
 
 
+@pytest.mark.parametrize("dx", [-0.02, 0.0, 0.1])
+def test_traffic_beside_a_standing_robot_does_not_freeze(make_env, dx):
+    """A person level with a robot standing beside it (centres within 0.13 m along the lane) walks on.
+
+    (A rule that waited while any part of the robot's disc was ahead of the person's front face waited
+    both ways there: the person turned every 3 s and never moved, a deadlock with an expert whose path
+    needed that space.)
+    """
+    env = make_env(NAV, site={"n_people": 1, "traffic_speed": 0.8})
+    env.reset(seed=2)
+    u = env.unwrapped
+    x0, y0 = u.agent_x[0], u.agent_y[0]
+    towards_centre = 1.0 if y0 < u.layout.aisle_y(0) else -1.0
+    u._place_robot(x0 + dx, y0 + towards_centre * 0.6, 0.0)  # beside the person, ~8 cm apart
+    u._read_state()
+    for _ in range(60):  # 6 s: at most one turn-around
+        *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+        assert not terminated, info
+    assert abs(u.agent_x[0] - x0) > 1.0
+
+
 def test_footprint_covers_the_robot(make_env):
     """The expert's footprint rectangle contains every link of the robot (the wheels stick out of the
     body's sides by 5 cm: the check used the body's half width, 0.22 m, and missed them)."""
