@@ -18,7 +18,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from loopsim.envs.core.site import Site, SiteError, available_sites, load_site, site_name
+from loopsim.envs.core.site import Site, SiteError, available_sites, load_site, read_site_file, site_name
 from loopsim.envs.core.wrappers import ExpertActionInfo, ExpertIntervention
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "available_sites",
     "env_class",
     "load_site",
+    "read_site_file",
     "site_name",
     "make_expert",
     "register_envs",

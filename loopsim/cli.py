@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, env_class
+from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, env_class, site_name
 
 app = typer.Typer(
     name="loopsim",
@@ -135,7 +135,12 @@ def sites(domain: Annotated[str, typer.Argument(help="Domain, e.g. factory.")] =
 def expert(
     env_id: Annotated[str, typer.Argument(help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
     site: Annotated[
-        list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable). [default: lab]")
+        list[str] | None,
+        typer.Option(
+            "--site", "-s",
+            help="A bundled site's name or the path of a site file of your own (YAML: description, "
+            "params; name optional, the file's stem by default). Repeatable. [default: lab]",
+        ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[
@@ -149,6 +154,9 @@ def expert(
 ) -> None:
     """Run the task's scripted expert at one or more sites and report success with 95% intervals.
 
+    A site is a bundled site's name or the path of a site file (see ``loopsim.envs.read_site_file``);
+    every one is checked before the first episode runs.
+
     With ``--store``, every episode is recorded (with the expert's action at each state and
     ``is_success`` as step extras, policy id ``expert``); see ``loopsim info STORE``.
     """
@@ -160,13 +168,11 @@ def expert(
     if not math.isfinite(noise):
         console.print(f"[red]--noise {noise} must be a finite number >= 0[/red]")
         raise typer.Exit(2)
-    domain = env_class(env_id).site_schema.domain
-    site_names = site or ["lab"]
-    valid = available_sites(domain)
-    bad = [s for s in site_names if s not in valid]
-    if bad:
-        console.print(f"[red]unknown {domain} site(s) {bad}; available sites are {valid}[/red]")
-        raise typer.Exit(2)
+    try:
+        sites_to_run = _expert_sites(env_id, site or ["lab"])
+    except SiteError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     summaries = []
     episode_store = _open_expert_store(store, env_id) if store else None
     wrap = None
@@ -181,11 +187,11 @@ def expert(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            for name in site_names:
-                task = progress.add_task(f"{env_id} @ {name}", total=episodes)
+            for site_arg in sites_to_run:
+                task = progress.add_task(f"{env_id} @ {site_name(site_arg)}", total=episodes)
                 try:
                     summary = run_expert(
-                        env_id, name, episodes, seed, noise,
+                        env_id, site_arg, episodes, seed, noise,
                         on_episode=lambda _r, t=task: progress.advance(t), wrap=wrap,
                     )
                 except SiteError as exc:  # pragma: no cover - names were checked above
@@ -222,6 +228,57 @@ def expert(
 
 
 # ----------------------------------------------------------------------------- episode stores
+
+
+def _looks_like_path(value: str) -> bool:
+    """Whether a ``--site`` value names a file rather than a bundled site."""
+    return value.endswith((".yaml", ".yml")) or os.sep in value or "/" in value or os.path.exists(value)
+
+
+def _expert_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]:
+    """Resolve ``loopsim expert --site`` values, checking every one before any episode runs.
+
+    Args:
+        env_id: A registered loopsim env id.
+        values: Bundled site names or paths of site files (:func:`loopsim.envs.read_site_file`).
+
+    Returns:
+        One entry per value: the name of a bundled site, or the site document read from a file.
+
+    Raises:
+        SiteError: For a value that is neither a bundled site of the env's domain nor a readable,
+            valid site file (unknown parameter, malformed spec, a bundled site's name with other
+            conditions), or two values that would be recorded under the same site name.
+    """
+    from loopsim.envs import load_site, read_site_file
+
+    schema = env_class(env_id).site_schema
+    valid = available_sites(schema.domain)
+    resolved: list[str | dict[str, Any]] = []
+    for value in values:
+        if value in valid:
+            resolved.append(value)
+        elif _looks_like_path(value):
+            doc = read_site_file(value)
+            try:
+                load_site(schema, doc)
+            except SiteError as exc:
+                raise SiteError(f"site file {value!r}: {exc}") from None
+            resolved.append(doc)
+        else:
+            try:
+                load_site(schema, value)
+            except SiteError as exc:  # always: the bundled names were checked above
+                raise SiteError(f"{exc}; or give the path of a site file (.yaml)") from None
+            raise AssertionError(f"{value!r} is no bundled site, yet load_site took it")  # pragma: no cover
+    names = [site_name(r) for r in resolved]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SiteError(
+            f"--site: {repeated} given more than once (a site file is named by its 'name' or its stem); "
+            "each site is run once and its episodes are reported under its name"
+        )
+    return resolved
 
 
 def _open_expert_store(url: str, env_id: str) -> Any:
@@ -670,7 +727,12 @@ def eval_(
     ],
     env_id: Annotated[str, typer.Option("--env", help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
     site: Annotated[
-        list[str] | None, typer.Option("--site", "-s", help="Site name (repeatable). [default: lab]")
+        list[str] | None,
+        typer.Option(
+            "--site", "-s",
+            help="A bundled site's name or the path of a site file of your own (YAML: description, "
+            "params; name optional, the file's stem by default). Repeatable. [default: lab]",
+        ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[

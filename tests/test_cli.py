@@ -97,3 +97,67 @@ def test_help_keeps_units_and_defaults_in_brackets(command, texts):
     flat = " ".join(result.output.split())
     for text in texts:
         assert text in flat, (text, flat)
+
+
+def _site_file(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_expert_runs_at_a_site_file_of_ones_own(tmp_path):
+    from loopsim.evaluation import run_expert
+
+    path = _site_file(tmp_path / "dock3.yaml", "description: worn fingers\nparams:\n  gripper_force: 8.0\n")
+    env_id = "loopsim/FactoryPegInsert-v0"
+    result = runner.invoke(app, ["expert", env_id, "--site", "lab", "--site", path, "-n", "4"],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "dock3" in result.output and "lab" in result.output
+    # the same episodes as the API at the same conditions (success count and mean return)
+    direct = run_expert(env_id, {"name": "dock3", "params": {"gripper_force": 8.0}}, 4, 0)
+    assert direct.site == "dock3"
+    row = next(line for line in result.output.splitlines() if "dock3" in line)
+    assert f"{direct.success_rate:.0%}" in row and f"{direct.mean_return:.2f}" in row
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("unknown_param.yaml", "params:\n  part_mas: 0.5\n", "unknown parameter(s) ['part_mas']"),
+        ("unknown_key.yaml", "parms:\n  part_mass: 0.5\n", "unknown keys ['parms']"),
+        ("no_params.yaml", "description: nothing\n", "needs 'params'"),
+        ("not_yaml.yaml", "params: [1, 2\n", "is not valid YAML"),
+        ("repeated.yaml", "params:\n  part_mass: 0.5\n  part_mass: 0.6\n", "twice"),
+        ("out_of_range.yaml", "params:\n  part_mass: -1.0\n", "part_mass"),
+        ("lab.yaml", "params:\n  part_mass: 0.9\n", "a bundled factory site has that name"),
+        ("missing.yaml", None, "cannot be read"),
+    ],
+)
+def test_expert_refuses_a_bad_site_file_before_running(tmp_path, monkeypatch, name, text, message):
+    import loopsim.evaluation
+
+    def no_episodes(*_a, **_k):
+        raise AssertionError("an episode ran before the site file was checked")
+
+    monkeypatch.setattr(loopsim.evaluation, "run_expert", no_episodes)
+    path = str(tmp_path / name) if text is None else _site_file(tmp_path / name, text)
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", "lab", "--site", path],
+                           terminal_width=400)
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert message in flat and name in flat
+
+
+def test_expert_refuses_two_sites_under_one_name(tmp_path):
+    path = _site_file(tmp_path / "a.yaml", "name: dock\nparams:\n  part_mass: 0.5\n")
+    other = _site_file(tmp_path / "b.yaml", "name: dock\nparams:\n  part_mass: 0.6\n")
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", path, "--site", other],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "['dock'] given more than once" in result.output
+
+
+def test_unknown_site_name_mentions_site_files():
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", "hevy_slippery"],
+                           terminal_width=300)
+    assert result.exit_code == 2
+    assert "did you mean 'heavy_slippery'" in result.output and "site file" in result.output

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +43,7 @@ __all__ = [
     "SiteError",
     "available_sites",
     "load_site",
+    "read_site_file",
     "site_name",
 ]
 
@@ -371,3 +373,53 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
     if extra:
         raise SiteError(f"site file {site}.yaml has unknown keys {extra}; allowed: description, params")
     return Site(schema, site, doc.get("params") or {}, str(doc.get("description", "")))
+
+
+def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a site file of one's own into a site document that ``site=`` and :func:`load_site` take.
+
+    The file has the bundled sites' format (``description`` and ``params``, see the module
+    docstring), optionally with a ``name``; without one the site is named after the file (``dock3.yaml``
+    is ``dock3``), as bundled sites are. The document is not checked against a domain here:
+    :func:`load_site` (or ``gymnasium.make(id, site=doc)``) does that, naming any unknown parameter.
+
+    Args:
+        path: Path of the YAML file.
+
+    Returns:
+        ``{"name": str, "description": str, "params": dict}``, a new dict.
+
+    Raises:
+        SiteError: If the file cannot be read, is not valid YAML (a key given twice included), is not
+            a mapping, has keys other than ``name``, ``description`` and ``params``, or has no
+            ``params`` mapping (the message names the file).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SiteError(f"site file {path!r} cannot be read: {exc}") from None
+    try:
+        doc = load_unique(text)
+    except yaml.YAMLError as exc:
+        raise SiteError(f"site file {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(doc, Mapping):
+        raise SiteError(f"site file {path!r} must hold a mapping with 'params', got {type(doc).__name__}")
+    extra = sorted(str(k) for k in set(doc) - {"name", "description", "params"})
+    if extra:
+        raise SiteError(
+            f"site file {path!r} has unknown keys {extra}; allowed: name, description, params (the "
+            "conditions go under params)"
+        )
+    if not isinstance(doc.get("params"), Mapping):
+        raise SiteError(
+            f"site file {path!r} needs 'params', a mapping of parameter names to distribution specs; "
+            f"got {doc.get('params')!r}"
+        )
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return {
+        "name": doc.get("name", stem),
+        "description": doc.get("description", ""),
+        "params": dict(doc["params"]),
+    }

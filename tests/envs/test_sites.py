@@ -6,6 +6,7 @@ import json
 import math
 from importlib import resources
 
+import gymnasium as gym
 import numpy as np
 import pybullet as p
 import pytest
@@ -435,3 +436,20 @@ def test_a_site_file_with_a_repeated_key_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(site_module, "_site_dir", lambda domain: tmp_path / domain)
     with pytest.raises(SiteError, match="(?s)twice.yaml is not valid YAML.*'part_mass' twice"):
         load_site(FACTORY_SCHEMA, "twice")
+
+
+def test_read_site_file_names_the_site_after_the_file_unless_it_has_a_name(tmp_path):
+    from loopsim.envs import read_site_file
+
+    (tmp_path / "dock3.yaml").write_text("description: d\nparams:\n  part_mass: 0.5\n")
+    (tmp_path / "other.yml").write_text("name: east_dock\nparams: {part_mass: {uniform: [0.4, 0.6]}}\n")
+    assert read_site_file(tmp_path / "dock3.yaml") == {
+        "name": "dock3", "description": "d", "params": {"part_mass": 0.5}}
+    doc = read_site_file(str(tmp_path / "other.yml"))
+    assert doc["name"] == "east_dock" and doc["params"] == {"part_mass": {"uniform": [0.4, 0.6]}}
+    env = gym.make("loopsim/FactoryPickPlace-v0", site=doc)
+    try:
+        _, info = env.reset(seed=0)
+        assert info["site"] == "east_dock" and 0.4 <= info["site_params"]["part_mass"] <= 0.6
+    finally:
+        env.close()
