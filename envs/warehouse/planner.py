@@ -267,9 +267,20 @@ def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[f
 
     Returns:
         ``(v, w)`` [m/s, rad/s].
+
+    Raises:
+        ValueError: If ``v`` or ``w`` is not finite, a point is not finite (a NaN compares as clear
+            and would let any command through), or ``px`` and ``py`` differ in shape.
     """
+    if not (math.isfinite(v) and math.isfinite(w)):
+        raise ValueError(f"guard_command: the command (v={v}, w={w}) must be finite")
+    if px.shape != py.shape:
+        raise ValueError(f"guard_command: px {px.shape} and py {py.shape} must have one shape")
     if not px.size:
         return v, w
+    if not (np.isfinite(px).all() and np.isfinite(py).all()):
+        raise ValueError("guard_command: every lidar point must be finite (a missing return is left out, "
+                         "not given as NaN or inf)")
     # clear: FOOTPRINT_MARGIN outside the footprint, or, for a robot that stands closer than that
     # already, no closer than now (so it can move off a shelf it stopped next to)
     need = min(FOOTPRINT_MARGIN, _footprint_clearance(px, py, 0.0, 0.0))

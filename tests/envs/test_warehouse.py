@@ -27,7 +27,7 @@ from loopsim.envs.warehouse.base import (
     WAREHOUSE_SCHEMA,
     Layout,
 )
-from loopsim.envs.warehouse.planner import FOOTPRINT_HALF, GridPlanner, drive_command
+from loopsim.envs.warehouse.planner import FOOTPRINT_HALF, GridPlanner, drive_command, guard_command
 
 WAREHOUSE_IDS = sorted(i for i in ENV_ENTRY_POINTS if i.startswith("loopsim/Warehouse"))
 SHIFTED = ["heavy_carts", "heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
@@ -695,6 +695,25 @@ def test_drive_command_does_not_swing_a_corner_into_something_close():
     lidar_behind = np.full(LIDAR_RAYS, LIDAR_RANGE)
     lidar_behind[27] = 0.40  # +135 degrees
     assert drive_command(0.0, 1.0, 5.0, lidar_behind, angles, 1.5) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("v", "w", "px", "py", "message"),
+    [
+        (math.nan, 0.0, [1.0], [0.0], "must be finite"),
+        (0.5, math.inf, [1.0], [0.0], "must be finite"),
+        (0.5, 0.0, [math.nan], [0.0], "every lidar point must be finite"),
+        (0.5, 0.0, [0.35], [-math.inf], "every lidar point must be finite"),
+        (0.5, 0.0, [1.0, 2.0], [0.0], "must have one shape"),
+    ],
+)
+def test_guard_command_refuses_non_finite_input(v, w, px, py, message):
+    """A NaN compares as clear of the footprint: the guard used to pass (nan, w) or any command on."""
+    with pytest.raises(ValueError, match=message):
+        guard_command(v, w, np.array(px), np.array(py))
+    # finite input: a real answer (a return 0.35 m dead ahead: driving on would hit it within 0.2 s,
+    # the turn on the spot keeps the front face clear)
+    assert guard_command(0.5, 1.0, np.array([0.35]), np.array([0.0])) == (0.0, 1.0)
 
 
 def test_expert_in_narrow_aisles_with_traffic():
