@@ -716,6 +716,17 @@ def test_guard_command_refuses_non_finite_input(v, w, px, py, message):
     assert guard_command(0.5, 1.0, np.array([0.35]), np.array([0.0])) == (0.0, 1.0)
 
 
+def test_guard_command_leaves_out_returns_inside_the_footprint():
+    """A noisy return inside the robot used to relax the guard for every command ("no closer than now"
+    measured from a point inside the body): driving into a return 0.35 m dead ahead passed."""
+    ahead = (np.array([0.35]), np.array([0.0]))
+    with_noise = (np.array([0.35, 0.0]), np.array([0.0, 0.1]))  # + a return 0.1 m left of the centre
+    assert guard_command(0.5, 0.0, *ahead) == (0.0, 0.0)
+    assert guard_command(0.5, 0.0, *with_noise) == (0.0, 0.0)
+    # only returns inside the footprint: nothing to keep clear of
+    assert guard_command(0.5, 0.0, np.array([0.1]), np.array([-0.2])) == (0.5, 0.0)
+
+
 def test_expert_in_narrow_aisles_with_traffic():
     """The navigation expert in 1.5 m aisles with 3 robots and 4 people: no collision in 20 episodes.
 
