@@ -92,6 +92,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 import zlib
@@ -190,7 +191,10 @@ def _is_local(url: str | os.PathLike) -> bool:
 
 
 def _local_path(url: str | os.PathLike) -> Path:
-    """The directory of a local store: a path, ``~/...``, or ``file:///abs`` / ``file://localhost/abs``."""
+    """The directory of a local store: a path, ``~/...``, or ``file:///abs`` / ``file://localhost/abs``.
+
+    A file URL's path is percent-decoded (RFC 8089, as ``Path.as_uri()`` writes it: a space is ``%20``).
+    """
     text = os.fspath(url)
     if text.startswith("file://"):
         rest = text[len("file://"):]
@@ -198,7 +202,7 @@ def _local_path(url: str | os.PathLike) -> Path:
             rest = rest[len("localhost"):]
         elif not rest.startswith("/"):
             raise ValueError(f"{text}: a file URL must be file:///absolute/path (or file://localhost/...)")
-        text = rest
+        return Path(urllib.parse.unquote(rest))
     return Path(text).expanduser()
 
 

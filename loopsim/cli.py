@@ -346,9 +346,11 @@ def _store_errors(*extra: type[BaseException]) -> Iterator[None]:
 
 def _disk_size(url: str) -> int | None:
     """Bytes of all files under a local store (``None`` for a remote URL)."""
-    if "://" in url and not url.startswith("file://"):
+    from loopsim.datasets.store import _is_local, _local_path
+
+    if not _is_local(url):
         return None
-    root = Path(url.removeprefix("file://")).expanduser()
+    root = _local_path(url)
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 

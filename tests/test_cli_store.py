@@ -122,6 +122,19 @@ def test_info_reports_episodes_success_and_failure_counts(tmp_path):
     assert "policies and loop iterations" in out
 
 
+def test_info_through_a_file_url_reports_the_size_on_disk(tmp_path):
+    """``file://localhost/...`` and percent-encoded URLs (``Path.as_uri()``): the size used to be
+    looked up under the undecoded path (``FileNotFoundError``, or 0 bytes)."""
+    path = tmp_path / "my store"
+    build_store(path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    for url in (path.as_uri(), f"file://localhost{path.as_uri().removeprefix('file://')}"):
+        result = invoke("info", url)
+        assert result.exit_code == 0, result.output
+        row = next(line for line in result.output.splitlines() if "size on disk" in line)
+        assert f"({size} bytes)" in row
+
+
 def test_info_counts_pending_episodes_of_a_live_writer(tmp_path):
     writer = build_store(tmp_path / "s", EPISODES[:3], close=False, flush_every=100)
     try:

@@ -182,6 +182,18 @@ def test_argument_checks(tmp_path):
     assert len(EpisodeStore.open(f"file://localhost{path}")) == 0
 
 
+def test_a_file_url_is_percent_decoded(tmp_path):
+    """``Path.as_uri()`` writes a space as ``%20``: that URL opened (or created) a store named
+    ``my%20store`` beside the real one."""
+    path = tmp_path / "my store #1"
+    EpisodeStore.create(path, observation_space=OBS, action_space=ACT).close()
+    uri = path.as_uri()
+    assert "%20" in uri
+    with EpisodeStore.open(uri) as store:
+        assert len(store) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my store #1"]
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: raised from inside a write, nothing after it runs (what is on disk is
     what a killed process leaves; its lock is released with the process either way)."""
