@@ -47,9 +47,12 @@ app = typer.Typer(
 )
 #: Piped output (logs, CI) is 120 columns wide rather than rich's 80, so tables do not fold, and text
 #: lines are never wrapped (one message, one line: greppable); a terminal keeps its own width and
-#: wrapping, and ``COLUMNS`` overrides the width.
+#: wrapping, and ``COLUMNS`` overrides the width. No console markup: what is printed holds names,
+#: paths and messages of users' own (``[draft]plant.yaml``, "uniform needs [lo, hi]"), and rich read
+#: their bracketed words as tags and dropped them; colour is given with ``style=`` instead.
 _PIPED = not sys.stdout.isatty()
-console = Console(width=120 if _PIPED and "COLUMNS" not in os.environ else None, soft_wrap=_PIPED)
+console = Console(width=120 if _PIPED and "COLUMNS" not in os.environ else None, soft_wrap=_PIPED,
+                  markup=False)
 store_app = typer.Typer(
     name="store",
     help="Episode stores: verify and repair.",
@@ -112,8 +115,7 @@ def sites(domain: Annotated[str, typer.Argument(help="Domain, e.g. factory.")] =
 
     schemas = {env_class(i).site_schema.domain: env_class(i).site_schema for i in ENV_ENTRY_POINTS}
     if domain not in schemas:
-        console.print(f"[red]unknown domain {domain!r}; domains are {sorted(schemas)}[/red]")
-        raise typer.Exit(2)
+        raise _error(f"unknown domain {domain!r}; domains are {sorted(schemas)}")
     schema = schemas[domain]
     params = Table(title=f"{domain} site parameters")
     for col in ("parameter", "lab", "range", "unit", "meaning"):
@@ -154,25 +156,22 @@ def expert(
 ) -> None:
     """Run the task's scripted expert at one or more sites and report success with 95% intervals.
 
-    A site is a bundled site's name or the path of a site file (see ``loopsim.envs.read_site_file``);
-    every one is checked before the first episode runs.
+    A site is a bundled site's name or the path of a site file (YAML with params, and optionally
+    description and name); every one is checked before the first episode runs.
 
-    With ``--store``, every episode is recorded (with the expert's action at each state and
-    ``is_success`` as step extras, policy id ``expert``); see ``loopsim info STORE``.
+    With --store, every episode is recorded (with the expert's action at each state and is_success as
+    step extras, policy id "expert"); see: loopsim info STORE.
     """
     from loopsim.evaluation import run_expert
 
     if env_id not in ENV_ENTRY_POINTS:
-        console.print(f"[red]unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}[/red]")
-        raise typer.Exit(2)
+        raise _error(f"unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}")
     if not math.isfinite(noise):
-        console.print(f"[red]--noise {noise} must be a finite number >= 0[/red]")
-        raise typer.Exit(2)
+        raise _error(f"--noise {noise} must be a finite number >= 0")
     try:
-        sites_to_run = _expert_sites(env_id, site or ["lab"])
+        sites_to_run = _resolve_sites(env_id, site or ["lab"])
     except SiteError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise _error(str(exc)) from None
     summaries = []
     episode_store = _open_expert_store(store, env_id) if store else None
     wrap = None
@@ -184,9 +183,8 @@ def expert(
             return RecordEpisodes(ExpertActionInfo(env), episode_store, policy_id="expert",
                                   policy_version=f"noise_std={noise:g}")
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with _progress() as progress:
             for site_arg in sites_to_run:
                 task = progress.add_task(f"{env_id} @ {site_name(site_arg)}", total=episodes)
                 try:
@@ -194,9 +192,8 @@ def expert(
                         env_id, site_arg, episodes, seed, noise,
                         on_episode=lambda _r, t=task: progress.advance(t), wrap=wrap,
                     )
-                except SiteError as exc:  # pragma: no cover - names were checked above
-                    console.print(f"[red]{exc}[/red]")
-                    raise typer.Exit(2) from exc
+                except SiteError as exc:  # pragma: no cover - sites were checked above
+                    raise _error(str(exc)) from exc
                 summaries.append(summary)
     finally:
         if episode_store is not None:
@@ -235,20 +232,23 @@ def _looks_like_path(value: str) -> bool:
     return value.endswith((".yaml", ".yml")) or os.sep in value or "/" in value or os.path.exists(value)
 
 
-def _expert_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]:
-    """Resolve ``loopsim expert --site`` values, checking every one before any episode runs.
+def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]:
+    """Resolve ``--site`` values (``loopsim expert``, ``loopsim eval``), checking every one first.
+
+    A bundled site's name wins over a file of the same name in the working directory.
 
     Args:
         env_id: A registered loopsim env id.
         values: Bundled site names or paths of site files (:func:`loopsim.envs.read_site_file`).
 
     Returns:
-        One entry per value: the name of a bundled site, or the site document read from a file.
+        One entry per distinct site, in the order given (a site given twice is run once): the name of
+        a bundled site, or the site document read from a file.
 
     Raises:
         SiteError: For a value that is neither a bundled site of the env's domain nor a readable,
             valid site file (unknown parameter, malformed spec, a bundled site's name with other
-            conditions), or two values that would be recorded under the same site name.
+            conditions), or two different sites that would be recorded under one name.
     """
     from loopsim.envs import load_site, read_site_file
 
@@ -271,14 +271,18 @@ def _expert_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]:
             except SiteError as exc:  # always: the bundled names were checked above
                 raise SiteError(f"{exc}; or give the path of a site file (.yaml)") from None
             raise AssertionError(f"{value!r} is no bundled site, yet load_site took it")  # pragma: no cover
-    names = [site_name(r) for r in resolved]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise SiteError(
-            f"--site: {repeated} given more than once (a site file is named by its 'name' or its stem); "
-            "each site is run once and its episodes are reported under its name"
-        )
-    return resolved
+    unique: list[str | dict[str, Any]] = []
+    for r in resolved:
+        same_name = [u for u in unique if site_name(u) == site_name(r)]
+        if not same_name:
+            unique.append(r)
+        elif load_site(schema, same_name[0]).overrides != load_site(schema, r).overrides:
+            raise SiteError(
+                f"--site: two different sites are named {site_name(r)!r} (a site file is named by its "
+                "'name', else its file's stem); their episodes would be reported and recorded as one "
+                "site's: give one of them another name"
+            )
+    return unique
 
 
 def _open_expert_store(url: str, env_id: str) -> Any:
@@ -531,7 +535,8 @@ def store_check(
 
 def _progress() -> Progress:
     """A transient progress bar, shown only on a terminal (nothing in pipes, logs and tests)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
@@ -627,7 +632,7 @@ def collect(
 ) -> None:
     """Run a policy (by default the task's expert) at a site for N episodes into an episode store.
 
-    Episode i is reset with seed ``seed + i``; ``workers`` processes run whole episodes each; every
+    Episode i is reset with seed seed + i; the config's workers processes run whole episodes each; every
     finished episode is committed to the store at once, in seed order.
     """
     from loopsim.config import CollectConfig, load_config
@@ -774,12 +779,10 @@ def eval_(
         apply_overrides,
         check_env_config,
     )
-    from loopsim.envs import available_sites
     from loopsim.policies import read_checkpoint
     from loopsim.rollout import collect as run_collect
     from loopsim.rollout import evaluate_policy
 
-    site_names = list(dict.fromkeys(site or ["lab"]))  # a repeated site is evaluated once
     if seed + episodes - 1 > MAX_SEED:
         raise _error(f"--seed {seed} + --episodes {episodes} - 1 exceeds the largest seed {MAX_SEED}")
     if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()
@@ -793,20 +796,23 @@ def eval_(
         trained = (meta.get("config") or {}).get("env") or {}
         kwargs = dict(trained.get("kwargs") or {}) if trained.get("id") == env_id else {}
         kwargs = apply_overrides(kwargs, env_kwarg or [])
+        if env_id in ENV_ENTRY_POINTS:  # names and site files, each checked; a repeated one runs once
+            try:
+                site_list = _resolve_sites(env_id, site or ["lab"])
+            except SiteError as exc:
+                raise ConfigError(f"--site: {exc}") from None
+        else:  # refused just below, naming the env id
+            site_list = list(dict.fromkeys(site or ["lab"]))
+        site_names = [site_name(s) for s in site_list]
         try:
-            env_cfg = EnvConfig(id=env_id, site=site_names[0], kwargs=kwargs)
+            env_cfg = EnvConfig(id=env_id, site=site_list[0], kwargs=kwargs)
         except ValidationError as exc:
             msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors())
             raise ConfigError(f"--env {env_id!r} / --env-kwarg {kwargs}: {msgs}") from None
-        if env_id in ENV_ENTRY_POINTS:
-            allowed = available_sites(env_class(env_id).site_schema.domain)
-            bad = [s for s in site_names if s not in allowed]
-            if bad:
-                raise ConfigError(f"--site {bad[0]!r} is not a site of {env_id}; allowed: {allowed}")
-        check_env_config(env_cfg, site_names)
+        check_env_config(env_cfg, [s for s in site_list if isinstance(s, str)])
         spec = CheckpointPolicyConfig(path=str(policy))
-        if store is not None and len(site_names) != 1:
+        if store is not None and len(site_list) != 1:
             raise ConfigError("--store records one site at a time: give exactly one --site")
     with _run_errors(), _store_errors(), _progress() as progress:
         task = progress.add_task(f"{policy} @ {', '.join(site_names)}", total=episodes * len(site_names))
@@ -828,7 +834,7 @@ def eval_(
             results = evaluate_policy(
                 spec,
                 env_cfg,
-                sites=site_names,
+                sites=site_list,
                 episodes=episodes,
                 seed=seed,
                 workers=workers,

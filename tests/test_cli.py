@@ -153,7 +153,29 @@ def test_expert_refuses_two_sites_under_one_name(tmp_path):
     other = _site_file(tmp_path / "b.yaml", "name: dock\nparams:\n  part_mass: 0.6\n")
     result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", path, "--site", other],
                            terminal_width=300)
-    assert result.exit_code == 2 and "['dock'] given more than once" in result.output
+    assert result.exit_code == 2 and "two different sites are named 'dock'" in result.output
+    # the same site twice (a name, or a file with the same conditions) runs once
+    same = _site_file(tmp_path / "c.yaml", "name: dock\nparams:\n  part_mass: 0.5\n")
+    args = ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "-s", "lab", "-s", "lab", "-s", path,
+            "-s", same]
+    result = runner.invoke(app, args, terminal_width=300)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.startswith("│")]
+    assert rows == ["lab", "dock"]
+
+
+def test_cli_messages_keep_bracketed_words(tmp_path):
+    """rich read '[lo, hi]' or '[draft]' as a markup tag and dropped it from errors and tables."""
+    bad = _site_file(tmp_path / "[draft]plant.yaml", "params:\n  part_mass: {uniform: [0.5, 0.3]}\n")
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", bad], terminal_width=400)
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "[lo, hi]" in flat and "[draft]plant.yaml" in flat and "site '[draft]plant'" in flat
+    good = _site_file(tmp_path / "[v2]dock.yaml", "params:\n  gripper_force: 30.0\n")
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "--site", good],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "[v2]dock" in result.output
 
 
 def test_unknown_site_name_mentions_site_files():

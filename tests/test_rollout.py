@@ -287,7 +287,8 @@ def test_eval_command_checks_arguments_before_running(tmp_path):
     cases = [
         (["--seed", str(2**31 - 1), "-n", "2"], "exceeds the largest seed"),
         (["--json", str(tmp_path / "missing" / "x.json")], "--json"),
-        (["--site", "atlantis"], "--site 'atlantis' is not a site"),
+        (["--site", "atlantis"], "--site: unknown factory site 'atlantis'"),
+        (["--site", str(tmp_path / "nowhere.yaml")], "cannot be read"),
         (["--env-kwarg", "obs_mode=rgb"], "expects observations"),
     ]
     for args, match in cases:
@@ -299,3 +300,18 @@ def test_eval_command_checks_arguments_before_running(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["lab"]["episodes"] == 1  # a repeated site runs once
+    # a site file of one's own, also into a store: named after the file, the same episodes as the API's
+    site_file = tmp_path / "dock3.yaml"
+    site_file.write_text("params:\n  conveyor_speed: 0.08\n")
+    out = tmp_path / "file.json"
+    args = ["eval", str(ck), "--env", ENV.id, "-n", "2", "--site", str(site_file), "--json", str(out),
+            "--store", str(tmp_path / "f.zarr")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())["dock3"]
+    direct = evaluate_policy(str(ck), ENV, sites=[{"name": "dock3", "params": {"conveyor_speed": 0.08}}],
+                             episodes=2, seed=1_000_000)["dock3"]
+    assert data["success_rate"] == direct.success_rate and data["per_episode"][1]["return"] == pytest.approx(
+        direct.as_dict()["per_episode"][1]["return"], abs=0)
+    with EpisodeStore.open(tmp_path / "f.zarr") as s:
+        assert list(s.metadata()["site"]) == ["dock3", "dock3"]
