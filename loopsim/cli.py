@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import threading
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -257,6 +258,9 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
     resolved: list[str | dict[str, Any]] = []
     for value in values:
         if value in valid:
+            if os.path.isfile(value):
+                console.print(f"note: --site {value} is the bundled site; for the file of that name give "
+                              f"./{value}", style="yellow", highlight=False, soft_wrap=True)
             resolved.append(value)
         elif _looks_like_path(value):
             doc = read_site_file(value)
@@ -273,16 +277,27 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
             raise AssertionError(f"{value!r} is no bundled site, yet load_site took it")  # pragma: no cover
     unique: list[str | dict[str, Any]] = []
     for r in resolved:
-        same_name = [u for u in unique if site_name(u) == site_name(r)]
-        if not same_name:
+        look_alike = [u for u in unique if _name_key(site_name(u)) == _name_key(site_name(r))]
+        if look_alike and site_name(look_alike[0]) != site_name(r):
+            raise SiteError(
+                f"--site: the site names {site_name(look_alike[0])!r} and {site_name(r)!r} differ only in "
+                "case or Unicode form: tables and stores would show two rows that read alike; give one "
+                "of them another name"
+            )
+        if not look_alike:
             unique.append(r)
-        elif load_site(schema, same_name[0]).overrides != load_site(schema, r).overrides:
+        elif load_site(schema, look_alike[0]).overrides != load_site(schema, r).overrides:
             raise SiteError(
                 f"--site: two different sites are named {site_name(r)!r} (a site file is named by its "
                 "'name', else its file's stem); their episodes would be reported and recorded as one "
                 "site's: give one of them another name"
             )
     return unique
+
+
+def _name_key(name: str) -> str:
+    """A site name as compared for look-alikes: Unicode NFC form, case-folded."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _open_expert_store(url: str, env_id: str) -> Any:

@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from loopsim.yaml_io import load_unique
+from loopsim.yaml_io import describe_yaml_error, load_unique
 
 __all__ = [
     "BCPolicyConfig",
@@ -571,7 +571,7 @@ def load_config(
         try:
             data = load_unique(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {describe_yaml_error(exc)}") from None
         if data is None:
             data = {}
     if not isinstance(data, Mapping):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
 
-__all__ = ["UniqueKeyLoader", "load_unique"]
+__all__ = ["UniqueKeyLoader", "describe_yaml_error", "load_unique"]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -17,10 +19,21 @@ class UniqueKeyLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        """Build the mapping of ``node``; raises ``ConstructorError`` naming a repeated key."""
+        """Build the mapping of ``node``; raises ``ConstructorError`` naming a repeated or unhashable key.
+
+        Merge keys (``<<: *anchor``) work as in ``yaml.SafeLoader``: only the keys written in the
+        mapping itself are checked for repeats (a written key overrides a merged one, as YAML says).
+        """
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # PyYAML's own check, made before ours looks the key up
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "found unhashable key",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
@@ -36,7 +49,31 @@ def load_unique(text: str) -> Any:
     """Parse YAML ``text`` like ``yaml.safe_load``, refusing a mapping that repeats a key.
 
     Raises:
-        yaml.YAMLError: If the text is not valid YAML or a mapping repeats a key (named, with both
-            line numbers).
+        yaml.YAMLError: If the text is not valid YAML, a mapping repeats a key (named, with both line
+            numbers) or has a list or mapping as a key, or the text nests deeper than Python's
+            recursion limit allows (PyYAML's parser recurses per level).
     """
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError(
+            f"nested too deeply to be parsed (PyYAML recurses per level; Python's limit is "
+            f"{sys.getrecursionlimit()} calls)"
+        ) from None
+
+
+def describe_yaml_error(exc: BaseException) -> str:
+    """One line for a YAML error: ``line L, column C: problem (context)``; PyYAML's own text spans lines.
+
+    Args:
+        exc: A ``yaml.YAMLError`` (or ``UnicodeDecodeError``) from :func:`load_unique`.
+
+    Returns:
+        The message on one line, with 1-based line and column where PyYAML gives a position.
+    """
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        context = f" ({exc.context})" if exc.context else ""
+        return " ".join(f"{where}{exc.problem}{context}".split())
+    return " ".join(str(exc).split())

@@ -131,6 +131,8 @@ def test_expert_runs_at_a_site_file_of_ones_own(tmp_path):
         ("out_of_range.yaml", "params:\n  part_mass: -1.0\n", "part_mass"),
         ("lab.yaml", "params:\n  part_mass: 0.9\n", "a bundled factory site has that name"),
         ("missing.yaml", None, "cannot be read"),
+        ("exponent.yaml", "params:\n  sensor_noise: 5e-3\n", "write 5.0e-3 or 0.005"),
+        ("unhashable.yaml", "params:\n  ? [a]\n  : 1\n", "line 2, column 5: found unhashable key"),
     ],
 )
 def test_expert_refuses_a_bad_site_file_before_running(tmp_path, monkeypatch, name, text, message):
@@ -183,3 +185,34 @@ def test_unknown_site_name_mentions_site_files():
                            terminal_width=300)
     assert result.exit_code == 2
     assert "did you mean 'heavy_slippery'" in result.output and "site file" in result.output
+
+
+def test_expert_refuses_a_fifo_instead_of_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", str(fifo)],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "not a regular file" in result.output
+
+
+@pytest.mark.parametrize(("first", "second"), [("Plant", "plant"), ("caf\u00e9", "cafe\u0301")])
+def test_expert_refuses_site_names_that_differ_only_in_case_or_unicode_form(tmp_path, first, second):
+    a = _site_file(tmp_path / "a.yaml", f"name: {first}\nparams:\n  part_mass: 0.5\n")
+    b = _site_file(tmp_path / "b.yaml", f"name: {second}\nparams:\n  part_mass: 0.5\n")
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", a, "--site", b],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "differ only in case or Unicode form" in result.output
+
+
+def test_a_bundled_name_wins_over_a_file_of_that_name_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab").write_text("params:\n  gripper_force: 8.0\n")
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "--site", "lab"],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "note: --site lab is the bundled site; for the file of that name give ./lab" in result.output
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "--site", "./lab"],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "a bundled factory site has that name" in result.output

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from loopsim.yaml_io import load_unique
+from loopsim.yaml_io import describe_yaml_error, load_unique
 
 __all__ = [
     "ParamDef",
@@ -100,6 +100,16 @@ class SiteSchema:
 
 
 def _check_number(value: Any, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:  # PyYAML (YAML 1.1) reads 5e-3 as text: a float needs a dot, 5.0e-3
+            raise SiteError(
+                f"{where}: expected a finite number, got the text {value!r} (YAML reads an exponent "
+                "without a dot as text: write 5.0e-3 or 0.005, not 5e-3; or drop the quotes)"
+            )
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise SiteError(f"{where}: expected a finite number, got {value!r}")
     try:
@@ -366,7 +376,7 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
     try:
         doc = load_unique(text) or {}
     except yaml.YAMLError as exc:
-        raise SiteError(f"site file {site}.yaml is not valid YAML: {exc}") from None
+        raise SiteError(f"site file {site}.yaml is not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(doc, Mapping):
         raise SiteError(f"site file {site}.yaml must hold a mapping, got {type(doc).__name__}")
     extra = sorted(set(doc) - {"description", "params"})
@@ -390,11 +400,14 @@ def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``{"name": str, "description": str, "params": dict}``, a new dict.
 
     Raises:
-        SiteError: If the file cannot be read, is not valid YAML (a key given twice included), is not
-            a mapping, has keys other than ``name``, ``description`` and ``params``, or has no
-            ``params`` mapping (the message names the file).
+        SiteError: If the file cannot be read (missing, a directory, not a regular file, not UTF-8),
+            is not valid YAML (a key given twice included), is not a mapping, has keys other than
+            ``name``, ``description`` and ``params``, or has no ``params`` mapping (the message names
+            the file).
     """
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):  # a directory, a FIFO (open() would block)...
+        raise SiteError(f"site file {path!r} cannot be read: not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -403,7 +416,7 @@ def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         doc = load_unique(text)
     except yaml.YAMLError as exc:
-        raise SiteError(f"site file {path!r} is not valid YAML: {exc}") from None
+        raise SiteError(f"site file {path!r} is not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(doc, Mapping):
         raise SiteError(f"site file {path!r} must hold a mapping with 'params', got {type(doc).__name__}")
     extra = sorted(str(k) for k in set(doc) - {"name", "description", "params"})
