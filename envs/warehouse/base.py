@@ -40,7 +40,9 @@ does not wait for it. An agent that has paused for ``TURN_AROUND_AFTER`` seconds
 goes back the way it came, to the end of its lane, and then comes back: in an aisle too narrow to
 pass, robot and traffic no longer wait for each other until the time limit, but the robot only gets
 the time the agent takes to walk to its lane's end and back (none with the agent's back to that
-end). None starts on the robot or its cart (an agent drawn there starts along its lane,
+end). An agent turning at its lane's end with the robot right behind it (the waiting rule, for the
+way it now faces) stops at the end instead of walking the rest of its step back into the robot.
+None starts on the robot or its cart (an agent drawn there starts along its lane,
 ``START_CLEARANCE`` clear of them).
 """
 
@@ -234,6 +236,31 @@ def _shelf_box_array(layout: Layout) -> np.ndarray:
     out = np.array(layout.shelf_boxes(), dtype=np.float64).reshape(-1, 4)
     out.flags.writeable = False
     return out
+
+
+def _must_wait(
+    x: float, y: float, d: float, hl: float, hw: float, yield_to: list[tuple[tuple[float, float], float]]
+) -> bool:
+    """Whether a traffic agent at ``(x, y)`` [m] facing ``d`` (+-1.0 along x) must pause for the robot.
+
+    It must while the robot's centre (or its cart's) is ahead of its own centre (so also a robot beside
+    its front half, which a step would run into; not one it turned away from), in its lane (laterally
+    within the agent's half width ``hw`` + the body's radius + 0.1 m), with a gap from the agent's
+    front face (``hl`` ahead of its centre) to the body's disc below ``YIELD_DISTANCE``.
+
+    Args:
+        x: Agent centre x [m].
+        y: Agent lane centre y [m].
+        d: Direction the agent faces along x, +1.0 or -1.0.
+        hl: Agent half length along its lane [m].
+        hw: Agent half width [m].
+        yield_to: ``((x, y) [m], radius [m])`` of each body it yields to (``WarehouseEnv._yield_to``).
+    """
+    for (rx, ry), radius in yield_to:
+        along = (rx - x) * d
+        if abs(ry - y) < hw + radius + 0.1 and along > 0.0 and along - hl - radius < YIELD_DISTANCE:
+            return True
+    return False
 
 
 def _wrap(angle: float) -> float:
@@ -574,7 +601,9 @@ class WarehouseEnv(RobotTaskEnv):
         """Advance the traffic by one control step, yielding to the robot ahead in its lane.
 
         An agent that paused for ``TURN_AROUND_AFTER`` [s] in a row (``agent_waited`` counts its
-        control steps) reverses its direction there and moves from the next step on.
+        control steps) reverses its direction there and moves from the next step on. One that steps
+        past its lane's end turns and walks the rest of the step back, or stops at the end if the
+        robot is right behind it (:func:`_must_wait` for the new direction).
 
         Plain float arithmetic per agent (a handful of agents), operation for operation what the
         vectorised NumPy form computes: the same float64 results.
@@ -588,15 +617,7 @@ class WarehouseEnv(RobotTaskEnv):
             xs, self.agent_y, dirs, self.agent_speed, self._agent_hl, self._agent_hw, self._agent_lo,
             self._agent_hi, strict=True,
         )):
-            waiting = False
-            for (rx, ry), radius in yield_to:
-                # the robot's centre ahead of the agent's (so also a robot beside its front half, which
-                # a step would run into; not one it turned away from), in its lane, with a gap from the
-                # agent's front face to the robot's disc below YIELD_DISTANCE
-                along = (rx - x) * d
-                if abs(ry - y) < hw + radius + 0.1 and along > 0.0 and along - hl - radius < YIELD_DISTANCE:
-                    waiting = True
-            if waiting:
+            if _must_wait(x, y, d, hl, hw, yield_to):
                 waited[i] += 1
                 if waited[i] >= turn_after:  # gives way: back the way it came (moves from the next step)
                     dirs[i], waited[i] = -d, 0
@@ -604,10 +625,13 @@ class WarehouseEnv(RobotTaskEnv):
                 continue
             waited[i] = 0
             x = x + d * speed * dt
-            if x > hi:
-                xs[i], dirs[i] = 2.0 * hi - x, -d
-            elif x < lo:
-                xs[i], dirs[i] = 2.0 * lo - x, -d
+            if x > hi or x < lo:
+                # past its lane's end: it turns there and walks the rest of the step back, unless that
+                # is towards the robot (the yield rule, checked for the way it now faces): then it
+                # stops at the end (it used to step back into a robot standing behind it)
+                end = hi if x > hi else lo
+                back = 2.0 * end - x
+                xs[i], dirs[i] = (end if _must_wait(back, y, -d, hl, hw, yield_to) else back), -d
             else:
                 xs[i] = x
         self._place_agents()

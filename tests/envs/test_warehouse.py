@@ -477,6 +477,39 @@ def test_traffic_does_not_walk_into_a_robot_beside_it(make_env, yaw):
     assert u.agent_x[0] == x0
 
 
+@pytest.mark.parametrize("end", ["hi", "lo"])
+def test_traffic_does_not_step_back_into_a_robot_at_its_lane_end(make_env, end):
+    """A person reaching its lane's end with the robot standing 2 cm behind it stops at the end.
+
+    (A step past the end used to be reflected, ``2 * end - x``: the agent turned and walked the rest of
+    the step back, without the yield check, into the robot: ``collision`` at the first step; also
+    right after a turn-around at the end, so the turn bought the robot no time. Found by the break-it
+    pass: with the expert, 1 of its busy-aisle seeds.)
+    """
+    env = make_env(NAV, site={"n_aisles": 1, "aisle_width": 2.0, "n_people": 1, "traffic_speed": 0.8})
+    env.reset(seed=0)
+    u = env.unwrapped
+    lane_end = u._agent_hi[0] if end == "hi" else u._agent_lo[0]
+    d = 1.0 if end == "hi" else -1.0
+    u.agent_x[0], u.agent_dir[0] = lane_end - d * 0.005, d  # 5 mm short of the end, walking to it
+    u._place_agents()
+    u._place_robot(lane_end - d * (0.005 + 0.25 + 0.30 + 0.02), u.agent_y[0], 0.0)  # 2 cm behind it
+    u._read_state()
+    assert not u.sim.bc.getClosestPoints(u.robot, u._agent_bodies[0], 0.0)
+    for k in range(70):  # 7 s: two turn-arounds at the end, each stopped there
+        *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
+        assert not terminated, (k, info)
+        assert u.agent_x[0] == lane_end, k
+    # with the way back clear, the turn at the end is reflected as before (the rest of the step back)
+    u._place_robot(lane_end - d * 3.0, u.agent_y[0] + 0.9, 0.0)  # out of the lane
+    u._read_state()
+    u.agent_x[0], u.agent_dir[0], u.agent_waited[0] = lane_end - d * 0.005, d, 0
+    env.step(np.zeros(2, dtype=np.float32))
+    step = u.agent_speed[0] * u.sim.control_dt
+    assert u.agent_dir[0] == -d
+    assert u.agent_x[0] == pytest.approx(lane_end - d * (step - 0.005), abs=1e-12)
+
+
 @pytest.mark.parametrize("dx", [-0.02, 0.0, 0.1])
 def test_traffic_beside_a_standing_robot_does_not_freeze(make_env, dx):
     """A person level with a robot standing beside it (centres within 0.13 m along the lane) walks on.
