@@ -141,8 +141,9 @@ def expert(
         list[str] | None,
         typer.Option(
             "--site", "-s",
-            help="A bundled site's name or the path of a site file of your own (YAML: description, "
-            "params; name optional, the file's stem by default). Repeatable. [default: lab]",
+            help="A bundled site's name or the path of a site file of your own (YAML with params; "
+            "description and name optional, the name by default the file's stem). Repeatable. "
+            "[default: lab]",
         ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
@@ -172,7 +173,7 @@ def expert(
     try:
         sites_to_run = _resolve_sites(env_id, site or ["lab"])
     except SiteError as exc:
-        raise _error(str(exc)) from None
+        raise _error(f"--site: {exc}") from None
     summaries = []
     episode_store = _open_expert_store(store, env_id) if store else None
     wrap = None
@@ -260,7 +261,9 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
         if value in valid:
             if os.path.isfile(value):
                 console.print(f"note: --site {value} is the bundled site; for the file of that name give "
-                              f"./{value}", style="yellow", highlight=False, soft_wrap=True)
+                              f"./{value} (with a name of its own inside, 'name: ...', if its conditions "
+                              f"differ from the bundled {value}'s)", style="yellow", highlight=False,
+                              soft_wrap=True)
             resolved.append(value)
         elif _looks_like_path(value):
             doc = read_site_file(value)
@@ -752,8 +755,9 @@ def eval_(
         list[str] | None,
         typer.Option(
             "--site", "-s",
-            help="A bundled site's name or the path of a site file of your own (YAML: description, "
-            "params; name optional, the file's stem by default). Repeatable. [default: lab]",
+            help="A bundled site's name or the path of a site file of your own (YAML with params; "
+            "description and name optional, the name by default the file's stem). Repeatable. "
+            "[default: lab]",
         ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,

@@ -41,7 +41,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     f"found the key {key!r} twice (first {seen[key]}); each key may appear once",
                     key_node.start_mark,
                 )
-            seen[key] = str(key_node.start_mark).strip()
+            mark = key_node.start_mark
+            seen[key] = f"at line {mark.line + 1}, column {mark.column + 1}"
         return super().construct_mapping(node, deep=deep)
 
 

@@ -131,7 +131,8 @@ def test_expert_runs_at_a_site_file_of_ones_own(tmp_path):
         ("out_of_range.yaml", "params:\n  part_mass: -1.0\n", "part_mass"),
         ("lab.yaml", "params:\n  part_mass: 0.9\n", "a bundled factory site has that name"),
         ("missing.yaml", None, "cannot be read"),
-        ("exponent.yaml", "params:\n  sensor_noise: 5e-3\n", "write 5.0e-3 or 0.005"),
+        ("exponent.yaml", "params:\n  sensor_noise: 5e-3\n", "without a dot as text: write 0.005"),
+        ("quoted.yaml", "params:\n  sensor_noise: '0.5'\n", "a number in quotes is text: write 0.5 without"),
         ("unhashable.yaml", "params:\n  ? [a]\n  : 1\n", "line 2, column 5: found unhashable key"),
     ],
 )

@@ -26,6 +26,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -102,14 +103,15 @@ class SiteSchema:
 def _check_number(value: Any, where: str) -> float:
     if isinstance(value, str):
         try:
-            float(value)
+            number = float(value)
         except ValueError:
             pass
-        else:  # PyYAML (YAML 1.1) reads 5e-3 as text: a float needs a dot, 5.0e-3
-            raise SiteError(
-                f"{where}: expected a finite number, got the text {value!r} (YAML reads an exponent "
-                "without a dot as text: write 5.0e-3 or 0.005, not 5e-3; or drop the quotes)"
-            )
+        else:
+            if re.fullmatch(r"\s*[-+]?\d+[eE][-+]?\d+\s*", value):  # PyYAML (YAML 1.1) reads 5e-3 as text
+                hint = f"YAML reads an exponent without a dot as text: write {number!r}"
+            else:
+                hint = f"a number in quotes is text: write {number!r} without quotes"
+            raise SiteError(f"{where}: expected a finite number, got the text {value!r} ({hint})")
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise SiteError(f"{where}: expected a finite number, got {value!r}")
     try:

@@ -79,6 +79,9 @@ WHEEL_RADIUS, WHEEL_TRACK, WHEEL_TORQUE = 0.08, 0.50, 8.0
 WHEEL_WIDTH = 0.04
 #: Robot body half extents (x, y, z) [m], base mass [kg], height of the base centre above the floor [m].
 BODY_HALF = (0.30, 0.22, 0.10)
+#: The robot's footprint as a rectangle: half length (the body) and half width (the wheels' outer
+#: faces, beyond the body's sides) [m].
+FOOTPRINT_HALF = (BODY_HALF[0], max(BODY_HALF[1], 0.5 * WHEEL_TRACK + 0.5 * WHEEL_WIDTH))
 BODY_MASS = 20.0
 BODY_Z = 0.13
 #: Radius of a circle around the robot's centre that contains its footprint [m].
@@ -98,6 +101,10 @@ PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
 YIELD_DISTANCE = 1.0
 #: An agent that has paused this long for the robot turns around and goes back the way it came [s].
 TURN_AROUND_AFTER = 3.0
+#: Least gap a traffic step may leave to the robot's footprint or the cart, unless it widens the gap [m].
+CONTACT_MARGIN = 0.02
+#: Change of that gap over a traffic step below which it counts as unchanged [m].
+GAP_TOLERANCE = 1e-6
 #: Clearance between a traffic lane and the shelf face [m].
 LANE_MARGIN = 0.1
 #: Least gap along its lane between a traffic agent's start and the robot or its cart [m].
@@ -259,6 +266,77 @@ def _must_wait(
     for (rx, ry), radius in yield_to:
         along = (rx - x) * d
         if abs(ry - y) < hw + radius + 0.1 and along > 0.0 and along - hl - radius < YIELD_DISTANCE:
+            return True
+    return False
+
+
+def _gap(x: float, y: float, hl: float, hw: float, person: bool,
+         rect: tuple[float, float, float, float, float, float]) -> float:
+    """Gap [m] between a traffic agent at ``(x, y)`` and a rectangle (negative: they overlap).
+
+    A person is a disc of radius ``hw``: the exact distance to the rectangle. A traffic robot is a box
+    along x with half extents ``(hl, hw)``: the largest gap along the four separating axes of the two
+    boxes (the separating axis theorem), a lower bound on the distance, exact face to face.
+
+    Args:
+        x: Agent centre x [m].
+        y: Agent centre y [m].
+        hl: Agent half length along x [m].
+        hw: Agent half width [m] (a person's radius).
+        person: Whether the agent is a person.
+        rect: ``(x, y, cos yaw, sin yaw, half x, half y)`` of the rectangle [m]
+            (:meth:`WarehouseEnv._keep_off`).
+    """
+    cx, cy, c, s, hx, hy = rect
+    dx, dy = x - cx, y - cy
+    u = abs(c * dx + s * dy) - hx
+    v = abs(c * dy - s * dx) - hy
+    if person:
+        if u <= 0.0 and v <= 0.0:
+            return max(u, v) - hw
+        return math.hypot(max(u, 0.0), max(v, 0.0)) - hw
+    ac, as_ = abs(c), abs(s)
+    return max(
+        abs(dx) - hl - hx * ac - hy * as_,
+        abs(dy) - hw - hx * as_ - hy * ac,
+        u - hl * ac - hw * as_,
+        v - hl * as_ - hw * ac,
+    )
+
+
+def _step_touches(
+    x: float, new_x: float, end: float | None, y: float, hl: float, hw: float, person: bool,
+    keep_off: list[tuple[float, float, float, float, float, float]],
+) -> bool:
+    """Whether a traffic step would bring the agent within ``CONTACT_MARGIN`` of a keep-off rectangle.
+
+    The step goes from ``x`` to ``new_x`` (via its lane's ``end`` if it turns there); it is refused
+    only if it also makes that gap smaller than it is now (an agent already that close may walk
+    away). The gap along a straight move is a convex function of the position, so a step is refused
+    in at most one direction.
+
+    Args:
+        x: Agent centre x now [m].
+        new_x: Agent centre x after the step [m].
+        end: The lane end it turns at during the step [m], or ``None``.
+        y: Lane centre y [m].
+        hl: Agent half length along x [m].
+        hw: Agent half width [m].
+        person: Whether the agent is a person.
+        keep_off: Rectangles (:meth:`WarehouseEnv._keep_off`).
+    """
+    far = hl + hw + CONTACT_MARGIN + abs(new_x - x) + (0.0 if end is None else abs(end - x))
+    for rect in keep_off:
+        cx, cy, _, _, hx, hy = rect
+        reach = far + hx + hy
+        if abs(cx - x) > reach or abs(cy - y) > reach:
+            continue
+        after = _gap(new_x, y, hl, hw, person, rect)
+        if end is not None:
+            after = min(after, _gap(end, y, hl, hw, person, rect))
+        # a move along a side parallel to the lane keeps the gap: equal up to rounding and to the
+        # micro-radian yaw a standing robot settles to
+        if after < CONTACT_MARGIN and after < _gap(x, y, hl, hw, person, rect) - GAP_TOLERANCE:
             return True
     return False
 
@@ -541,6 +619,8 @@ class WarehouseEnv(RobotTaskEnv):
         self._agent_hi = (hi - self._agent_half_length[idx]).tolist()
         self._agent_hw = self._agent_half_width[idx].tolist()
         self._agent_hl = self._agent_half_length[idx].tolist()
+        #: Whether each agent is a person (a disc of radius ``PERSON_RADIUS``; else a box).
+        self._agent_person = (idx >= MAX_ROBOTS).tolist()
         self._clear_traffic_starts()
         self._agent_bodies = [self.agents[i] for i in idx.tolist()]
         self._agent_zs = [self._agent_z[i] for i in idx.tolist()]
@@ -603,7 +683,9 @@ class WarehouseEnv(RobotTaskEnv):
         An agent that paused for ``TURN_AROUND_AFTER`` [s] in a row (``agent_waited`` counts its
         control steps) reverses its direction there and moves from the next step on. One that steps
         past its lane's end turns and walks the rest of the step back, or stops at the end if the
-        robot is right behind it (:func:`_must_wait` for the new direction).
+        robot is right behind it there (:func:`_must_wait` at the end, for the new direction). No
+        step may bring the agent's body within ``CONTACT_MARGIN`` of the robot's footprint (or the
+        cart) and closer than it is (:func:`_step_touches`); a step held back counts as a pause.
 
         Plain float arithmetic per agent (a handful of agents), operation for operation what the
         vectorised NumPy form computes: the same float64 results.
@@ -611,30 +693,40 @@ class WarehouseEnv(RobotTaskEnv):
         if not self._n_agents:
             return
         yield_to = self._yield_to()
+        keep_off = self._keep_off()
         dt, turn_after = self.sim.control_dt, self._turn_after
         xs, dirs, waited = self.agent_x, self.agent_dir, self.agent_waited
-        for i, (x, y, d, speed, hl, hw, lo, hi) in enumerate(zip(
-            xs, self.agent_y, dirs, self.agent_speed, self._agent_hl, self._agent_hw, self._agent_lo,
-            self._agent_hi, strict=True,
+        for i, (x, y, d, speed, hl, hw, person, lo, hi) in enumerate(zip(
+            xs, self.agent_y, dirs, self.agent_speed, self._agent_hl, self._agent_hw, self._agent_person,
+            self._agent_lo, self._agent_hi, strict=True,
         )):
-            if _must_wait(x, y, d, hl, hw, yield_to):
+            new_x, new_d, end = x + d * speed * dt, d, None
+            if new_x > hi or new_x < lo:
+                # past its lane's end: it turns there and walks the rest of the step back, unless the
+                # robot is right behind it at the end (the waiting rule, from the end, for the way it
+                # then faces): then it stops at the end
+                end = hi if new_x > hi else lo
+                new_d = -d
+                new_x = end if _must_wait(end, y, new_d, hl, hw, yield_to) else 2.0 * end - new_x
+            if _must_wait(x, y, d, hl, hw, yield_to) or _step_touches(
+                x, new_x, end, y, hl, hw, person, keep_off
+            ):
                 waited[i] += 1
                 if waited[i] >= turn_after:  # gives way: back the way it came (moves from the next step)
                     dirs[i], waited[i] = -d, 0
-                xs[i] = x
                 continue
             waited[i] = 0
-            x = x + d * speed * dt
-            if x > hi or x < lo:
-                # past its lane's end: it turns there and walks the rest of the step back, unless that
-                # is towards the robot (the yield rule, checked for the way it now faces): then it
-                # stops at the end (it used to step back into a robot standing behind it)
-                end = hi if x > hi else lo
-                back = 2.0 * end - x
-                xs[i], dirs[i] = (end if _must_wait(back, y, -d, hl, hw, yield_to) else back), -d
-            else:
-                xs[i] = x
+            xs[i], dirs[i] = new_x, new_d
         self._place_agents()
+
+    def _keep_off(self) -> list[tuple[float, float, float, float, float, float]]:
+        """What no traffic step may touch: rectangles ``(x, y, cos yaw, sin yaw, half x, half y)`` [m].
+
+        The robot's footprint (``FOOTPRINT_HALF``: body and wheels) at its pose read after the last
+        physics step; tasks add what the robot pushes.
+        """
+        x, y = self.robot_xy
+        return [(x, y, math.cos(self.robot_yaw), math.sin(self.robot_yaw), *FOOTPRINT_HALF)]
 
     def _yield_to(self) -> list[tuple[tuple[float, float], float]]:
         """What the traffic waits for: ``((x, y) [m], radius [m])`` of the robot (and what it moves)."""

@@ -125,6 +125,12 @@ class WarehouseCartPushEnv(WarehouseEnv):
         (x, y, _), _ = self._cart_pose()
         return [*super()._keep_clear(), (x, y, math.hypot(CART_HALF[0], CART_HALF[1]))]
 
+    def _keep_off(self) -> list[tuple[float, float, float, float, float, float]]:
+        """The robot's footprint and the cart (``CART_HALF``) at its pose after the last physics step."""
+        x, y = self.cart_xy
+        return [*super()._keep_off(),
+                (x, y, math.cos(self.cart_yaw), math.sin(self.cart_yaw), CART_HALF[0], CART_HALF[1])]
+
     def _yield_to(self) -> list[tuple[tuple[float, float], float]]:
         """The traffic waits for the cart too (radius: its half diagonal)."""
         return [*super()._yield_to(), (self.cart_xy, math.hypot(CART_HALF[0], CART_HALF[1]))]

@@ -28,13 +28,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
 from loopsim.envs.warehouse.base import (
-    BODY_HALF,
+    FOOTPRINT_HALF,
     LIDAR_RANGE,
     MAX_ANGULAR,
     MAX_LINEAR,
     ROBOT_RADIUS,
-    WHEEL_TRACK,
-    WHEEL_WIDTH,
     Layout,
 )
 
@@ -161,9 +159,6 @@ class GridPlanner:
 
 
 _CANDIDATES = np.deg2rad(np.arange(-90, 91, 10, dtype=np.float64))
-#: The robot's footprint as a rectangle: half length (the body) and half width (the wheels' outer
-#: faces, beyond the body's sides) [m].
-FOOTPRINT_HALF = (BODY_HALF[0], max(BODY_HALF[1], 0.5 * WHEEL_TRACK + 0.5 * WHEEL_WIDTH))
 #: Clearance kept around the footprint when checking a command [m].
 FOOTPRINT_MARGIN = 0.03
 #: Speed of the straight reverse tried when neither the turn nor going straight on is safe [m/s].

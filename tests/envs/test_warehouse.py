@@ -27,11 +27,13 @@ from loopsim.envs.warehouse.base import (
     WAREHOUSE_SCHEMA,
     Layout,
 )
+from loopsim.envs.warehouse.cart_push import CART_HALF
 from loopsim.envs.warehouse.planner import FOOTPRINT_HALF, GridPlanner, drive_command, guard_command
 
 WAREHOUSE_IDS = sorted(i for i in ENV_ENTRY_POINTS if i.startswith("loopsim/Warehouse"))
 SHIFTED = ["heavy_carts", "heavy_traffic", "narrow_aisles", "noisy_lidar", "slippery_floor"]
 NAV = "loopsim/WarehouseNavigate-v0"
+CART = "loopsim/WarehouseCartPush-v0"
 
 
 @pytest.fixture(params=WAREHOUSE_IDS)
@@ -470,44 +472,84 @@ def test_traffic_does_not_walk_into_a_robot_beside_it(make_env, yaw):
     towards_centre = 1.0 if y0 < u.layout.aisle_y(0) else -1.0
     u._place_robot(x0 + d * 0.24, y0 + towards_centre * 0.56, yaw)  # front face at 0.25 m
     u._read_state()
-    assert not u.sim.bc.getClosestPoints(u.robot, u._agent_bodies[0], 0.0)
+
+    def gap():
+        return min(c[8] for c in u.sim.bc.getClosestPoints(u.robot, u._agent_bodies[0], 2.0))
+
+    assert gap() > 0.0
     for _ in range(10):
         *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
         assert not terminated, info
+        assert gap() > 0.035  # the footprint's 4 cm (its wheels; the body's side is 4 cm further)
     assert u.agent_x[0] == x0
 
 
-@pytest.mark.parametrize("end", ["hi", "lo"])
-def test_traffic_does_not_step_back_into_a_robot_at_its_lane_end(make_env, end):
-    """A person reaching its lane's end with the robot standing 2 cm behind it stops at the end.
+def _park_robot_away(u):
+    """Put the robot at rest in a cross aisle, clear of the shelving (for cases about the cart)."""
+    lay = u.layout
+    for ry in (0.0, 1.0, -1.0, 2.0, -2.0):
+        u._place_robot(lay.x_min + 1.25, ry, 0.0)
+        if min((c[8] for c in u.sim.bc.getClosestPoints(u.robot, u.structure, 1.0)), default=1.0) > 0.2:
+            return
+    raise AssertionError("no free place for the robot")
 
-    (A step past the end used to be reflected, ``2 * end - x``: the agent turned and walked the rest of
-    the step back, without the yield check, into the robot: ``collision`` at the first step; also
-    right after a turn-around at the end, so the turn bought the robot no time. Found by the break-it
-    pass: with the expert, 1 of its busy-aisle seeds.)
+
+@pytest.mark.parametrize(
+    ("env_id", "robots", "speed", "at", "dx", "dy", "yaw_deg", "body"),
+    [
+        # a person walking mid-lane, the robot beside the lane, its centre 0.1 m behind the person's,
+        # turned towards the lane: the waiting rule (robot's centre ahead) did not hold
+        (NAV, 0, 0.6, "mid", -0.1, -0.55, 20.0, "robot"),
+        (NAV, 0, 1.5, "mid", -0.001, -0.535, 25.0, "robot"),
+        # turning at a lane's end with the robot behind the end: the rule was checked where the rest of
+        # the step would have taken the agent, beyond the robot's centre
+        (NAV, 0, 0.6, "hi", -0.06, -0.58, 140.0, "robot"),
+        (NAV, 0, 1.5, "lo", 0.12, -0.54, 40.0, "robot"),
+        # the same against a parked cart (lost_cart), by a person and by a traffic robot
+        (CART, 0, 1.5, "mid", -0.02, 0.73, 150.0, "cart"),
+        (CART, 1, 1.0, "hi", -0.08, 0.63, 10.0, "cart"),
+        (CART, 1, 1.5, "hi", -0.12, 0.69, 20.0, "cart"),
+    ],
+)
+def test_traffic_never_steps_into_a_standing_robot_or_cart(make_env, env_id, robots, speed, at, dx, dy,
+                                                          yaw_deg, body):
+    """A robot or cart at rest 1-5 cm from an agent's path: the agent stops short and the episode does
+    not end (past a turn-around: the way back is towards the body's centre, so it waits there while
+    the body stands). Each case ended in ``collision`` or ``lost_cart`` at the first step; found by the
+    second break-it pass, the cases are its reproducers.
     """
-    env = make_env(NAV, site={"n_aisles": 1, "aisle_width": 2.0, "n_people": 1, "traffic_speed": 0.8})
+    site = {"n_people": 1 - robots, "n_robots": robots, "traffic_speed": speed}
+    env = make_env(env_id, site=site)
     env.reset(seed=0)
     u = env.unwrapped
-    lane_end = u._agent_hi[0] if end == "hi" else u._agent_lo[0]
-    d = 1.0 if end == "hi" else -1.0
-    u.agent_x[0], u.agent_dir[0] = lane_end - d * 0.005, d  # 5 mm short of the end, walking to it
+    if at == "mid":
+        x, d = 5.0, 1.0
+    else:
+        d = 1.0 if at == "hi" else -1.0
+        x = (u._agent_hi[0] if at == "hi" else u._agent_lo[0]) - d * 0.0005
+    y = u.agent_y[0]
+    u.agent_x[0], u.agent_dir[0] = x, d
+    q = [0.0, 0.0, math.sin(math.radians(yaw_deg) / 2), math.cos(math.radians(yaw_deg) / 2)]
+    if body == "robot":
+        u._place_robot(x + dx, y + dy, math.radians(yaw_deg))
+        target = u.robot
+    else:
+        _park_robot_away(u)
+        u._move(u.cart, [x + dx, y + dy, CART_HALF[2]], q)
+        target = u.cart
     u._place_agents()
-    u._place_robot(lane_end - d * (0.005 + 0.25 + 0.30 + 0.02), u.agent_y[0], 0.0)  # 2 cm behind it
     u._read_state()
-    assert not u.sim.bc.getClosestPoints(u.robot, u._agent_bodies[0], 0.0)
-    for k in range(70):  # 7 s: two turn-arounds at the end, each stopped there
+    agent = u._agent_bodies[0]
+
+    def gap():
+        return min(c[8] for c in u.sim.bc.getClosestPoints(target, agent, 2.0))
+
+    start = gap()
+    assert 0.0 < start < 0.06
+    for k in range(45):  # past one turn-around (30 steps)
         *_, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
         assert not terminated, (k, info)
-        assert u.agent_x[0] == lane_end, k
-    # with the way back clear, the turn at the end is reflected as before (the rest of the step back)
-    u._place_robot(lane_end - d * 3.0, u.agent_y[0] + 0.9, 0.0)  # out of the lane
-    u._read_state()
-    u.agent_x[0], u.agent_dir[0], u.agent_waited[0] = lane_end - d * 0.005, d, 0
-    env.step(np.zeros(2, dtype=np.float32))
-    step = u.agent_speed[0] * u.sim.control_dt
-    assert u.agent_dir[0] == -d
-    assert u.agent_x[0] == pytest.approx(lane_end - d * (step - 0.005), abs=1e-12)
+        assert gap() > start - 1e-3, k
 
 
 @pytest.mark.parametrize("dx", [-0.02, 0.0, 0.1])
@@ -793,7 +835,6 @@ def test_rgb_is_the_onboard_view(make_env):
 
 
 # ------------------------------------------------------------------ cart push
-CART = "loopsim/WarehouseCartPush-v0"
 
 
 def _cart_setup(env, seed=0, aisle=1, x=1.5, robot_yaw=0.0):
