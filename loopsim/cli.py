@@ -64,6 +64,18 @@ store_app = typer.Typer(
 app.add_typer(store_app)
 
 
+#: ``--site`` of ``loopsim expert`` and ``loopsim eval`` (resolved by :func:`_resolve_sites`).
+_SiteOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--site", "-s",
+        help="A bundled site's name or the path of a site file of your own (YAML with params; "
+        "description and name optional, the name by default the file's stem). Repeatable. "
+        "[default: lab]",
+    ),
+]
+
+
 def _terminated(signum: int, frame: Any) -> None:
     """SIGTERM handler: stop as Ctrl-C does (KeyboardInterrupt), so the command says how to resume."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -137,15 +149,7 @@ def sites(domain: Annotated[str, typer.Argument(help="Domain, e.g. factory.")] =
 @app.command()
 def expert(
     env_id: Annotated[str, typer.Argument(help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
-    site: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--site", "-s",
-            help="A bundled site's name or the path of a site file of your own (YAML with params; "
-            "description and name optional, the name by default the file's stem). Repeatable. "
-            "[default: lab]",
-        ),
-    ] = None,
+    site: _SiteOption = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[
         int, typer.Option(min=0, max=2**31 - 1, help="Seed of the first episode; episode i uses seed+i.")
@@ -751,15 +755,7 @@ def eval_(
         Path, typer.Argument(help="A policy checkpoint directory (e.g. runs/<run>/checkpoint).")
     ],
     env_id: Annotated[str, typer.Option("--env", help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
-    site: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--site", "-s",
-            help="A bundled site's name or the path of a site file of your own (YAML with params; "
-            "description and name optional, the name by default the file's stem). Repeatable. "
-            "[default: lab]",
-        ),
-    ] = None,
+    site: _SiteOption = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
     seed: Annotated[
         int,

@@ -107,8 +107,8 @@ def _check_number(value: Any, where: str) -> float:
         except ValueError:
             pass
         else:
-            if re.fullmatch(r"\s*[-+]?\d+[eE][-+]?\d+\s*", value):  # PyYAML (YAML 1.1) reads 5e-3 as text
-                hint = f"YAML reads an exponent without a dot as text: write {number!r}"
+            if re.search(r"\d[eE][-+]?\d", value):  # YAML 1.1 floats need a dot and a signed exponent
+                hint = f"YAML reads an exponent without a dot or a sign as text: write {number!r}"
             else:
                 hint = f"a number in quotes is text: write {number!r} without quotes"
             raise SiteError(f"{where}: expected a finite number, got the text {value!r} ({hint})")

@@ -40,8 +40,11 @@ does not wait for it. An agent that has paused for ``TURN_AROUND_AFTER`` seconds
 goes back the way it came, to the end of its lane, and then comes back: in an aisle too narrow to
 pass, robot and traffic no longer wait for each other until the time limit, but the robot only gets
 the time the agent takes to walk to its lane's end and back (none with the agent's back to that
-end). An agent turning at its lane's end with the robot right behind it (the waiting rule, for the
-way it now faces) stops at the end instead of walking the rest of its step back into the robot.
+end). An agent turning at its lane's end with the robot right behind it (the waiting rule, from the
+end, for the way it then faces) stops at the end instead of walking the rest of its step back. Under
+the waiting rule, which looks at the robot's centre, sits a geometric one: no step brings an agent
+within ``CONTACT_MARGIN`` of the robot's footprint (``FOOTPRINT_HALF``) or of the cart and closer
+than it is.
 None starts on the robot or its cart (an agent drawn there starts along its lane,
 ``START_CLEARANCE`` clear of them).
 """
@@ -101,7 +104,7 @@ PERSON_RADIUS, PERSON_HEIGHT = 0.25, 1.7
 YIELD_DISTANCE = 1.0
 #: An agent that has paused this long for the robot turns around and goes back the way it came [s].
 TURN_AROUND_AFTER = 3.0
-#: Least gap a traffic step may leave to the robot's footprint or the cart, unless it widens the gap [m].
+#: Least gap a traffic step may leave to the robot's footprint or the cart, unless it does not narrow it [m].
 CONTACT_MARGIN = 0.02
 #: Change of that gap over a traffic step below which it counts as unchanged [m].
 GAP_TOLERANCE = 1e-6
