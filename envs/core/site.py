@@ -374,17 +374,55 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
             site, names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SiteError(f"unknown {schema.domain} site {site!r}{hint}; available sites are {names}")
-    text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text()
+    text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text(encoding="utf-8")
+    doc = _parse_site_text(text, f"site file {site}.yaml", allow_name=False)
+    return Site(schema, site, doc["params"], doc["description"])
+
+
+def _parse_site_text(text: str, where: str, allow_name: bool) -> dict[str, Any]:
+    """Parse a site file's YAML text into ``{"description": str, "params": dict}`` (and ``"name"``).
+
+    One rule for bundled site files and one's own (:func:`read_site_file`): a mapping with
+    ``params`` (a mapping, ``{}`` for lab's conditions) and an optional ``description``; ``name`` only
+    where ``allow_name`` (a bundled site is named by its file).
+
+    Args:
+        text: The file's text.
+        where: How messages name the file, e.g. ``"site file 'dock3.yaml'"``.
+        allow_name: Whether a ``name`` key is allowed.
+
+    Returns:
+        The document, ``description`` defaulting to ``""``; ``name`` only if the file has one.
+
+    Raises:
+        SiteError: If the text is not valid YAML (a key given twice included), not a mapping, has
+            other keys, has no ``params`` mapping, or a ``description`` or ``name`` that is not text.
+    """
     try:
-        doc = load_unique(text) or {}
+        doc = load_unique(text)
     except yaml.YAMLError as exc:
-        raise SiteError(f"site file {site}.yaml is not valid YAML: {describe_yaml_error(exc)}") from None
+        raise SiteError(f"{where} is not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(doc, Mapping):
-        raise SiteError(f"site file {site}.yaml must hold a mapping, got {type(doc).__name__}")
-    extra = sorted(set(doc) - {"description", "params"})
+        raise SiteError(f"{where} must hold a mapping with 'params', got {type(doc).__name__}")
+    allowed = ["name", "description", "params"] if allow_name else ["description", "params"]
+    extra = sorted(str(k) for k in set(doc) - set(allowed))
     if extra:
-        raise SiteError(f"site file {site}.yaml has unknown keys {extra}; allowed: description, params")
-    return Site(schema, site, doc.get("params") or {}, str(doc.get("description", "")))
+        raise SiteError(
+            f"{where} has unknown keys {extra}; allowed: {', '.join(allowed)} (the conditions go under "
+            "params)"
+        )
+    if not isinstance(doc.get("params"), Mapping):
+        raise SiteError(
+            f"{where} needs 'params', a mapping of parameter names to distribution specs ({{}} for "
+            f"lab's conditions); got {doc.get('params')!r}"
+        )
+    for key in ("name", "description"):
+        if key in doc and not isinstance(doc[key], str):
+            raise SiteError(f"{where}: {key} must be text, got {doc[key]!r}")
+    out = {"description": doc.get("description", ""), "params": dict(doc["params"])}
+    if "name" in doc:
+        out["name"] = doc["name"]
+    return out
 
 
 def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -415,26 +453,6 @@ def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise SiteError(f"site file {path!r} cannot be read: {exc}") from None
-    try:
-        doc = load_unique(text)
-    except yaml.YAMLError as exc:
-        raise SiteError(f"site file {path!r} is not valid YAML: {describe_yaml_error(exc)}") from None
-    if not isinstance(doc, Mapping):
-        raise SiteError(f"site file {path!r} must hold a mapping with 'params', got {type(doc).__name__}")
-    extra = sorted(str(k) for k in set(doc) - {"name", "description", "params"})
-    if extra:
-        raise SiteError(
-            f"site file {path!r} has unknown keys {extra}; allowed: name, description, params (the "
-            "conditions go under params)"
-        )
-    if not isinstance(doc.get("params"), Mapping):
-        raise SiteError(
-            f"site file {path!r} needs 'params', a mapping of parameter names to distribution specs; "
-            f"got {doc.get('params')!r}"
-        )
+    doc = _parse_site_text(text, f"site file {path!r}", allow_name=True)
     stem = os.path.splitext(os.path.basename(path))[0]
-    return {
-        "name": doc.get("name", stem),
-        "description": doc.get("description", ""),
-        "params": dict(doc["params"]),
-    }
+    return {"name": doc.get("name", stem), "description": doc["description"], "params": doc["params"]}

@@ -453,3 +453,35 @@ def test_read_site_file_names_the_site_after_the_file_unless_it_has_a_name(tmp_p
         assert info["site"] == "east_dock" and 0.4 <= info["site_params"]["part_mass"] <= 0.6
     finally:
         env.close()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("description: forgot the conditions\n", r"needs 'params'.*\{\} for lab's conditions"),
+        ("params:\n", r"needs 'params'.*got None"),
+        ("params: [part_mass, 0.5]\n", r"needs 'params'.*got \['part_mass', 0.5\]"),
+        ("name: plant\nparams: {}\n", r"unknown keys \['name'\]; allowed: description, params"),
+        ("description: 5\nparams: {}\n", r"description must be text, got 5"),
+        ("", r"must hold a mapping with 'params', got NoneType"),
+    ],
+)
+def test_bundled_site_files_follow_the_site_file_rule(tmp_path, monkeypatch, text, message):
+    """A bundled site file obeys the rule of one's own site files (``read_site_file``): a file without
+    ``params`` (or an empty one) loaded as lab's conditions under the file's name, silently."""
+    import loopsim.envs.core.site as site_module
+    from loopsim.envs.factory.base import FACTORY_SCHEMA
+
+    (tmp_path / "factory").mkdir()
+    (tmp_path / "factory" / "plant.yaml").write_text(text)
+    monkeypatch.setattr(site_module, "_site_dir", lambda domain: tmp_path / domain)
+    with pytest.raises(SiteError, match=f"(?s)site file plant.yaml.*{message}"):
+        load_site(FACTORY_SCHEMA, "plant")
+
+
+def test_every_bundled_site_file_has_params():
+    """The bundled files themselves pass the rule (lab's is ``params: {}``)."""
+    for domain in ("factory", "warehouse"):
+        for name in available_sites(domain):
+            doc = _site_file(domain, name)
+            assert isinstance(doc.get("params"), dict), (domain, name)
