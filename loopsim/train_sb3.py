@@ -8,7 +8,8 @@
   as ``rollout/success_rate``); sub-env ``i`` starts from seed ``seed + i``. With
   ``policy.normalize`` a ``VecNormalize`` normalises observations (not rewards). With
   ``train.failure_penalty`` a :class:`FailurePenalty` outside the ``Monitor`` penalises failed
-  endings (training rewards only).
+  endings (training rewards only); an :class:`EpisodeLog` outermost records each episode's start
+  and actions for the resume state.
 - **Model**: ``policy.algo`` with ``policy.policy`` (``auto``: ``MultiInputPolicy`` for dict
   observations, ``CnnPolicy`` for images, else ``MlpPolicy``), ``policy.algo_kwargs``,
   ``policy.policy_kwargs`` (classes by allow-listed name, see :mod:`loopsim.policies.sb3`), a
@@ -17,31 +18,42 @@
 - **Checkpoints** every ``train.checkpoint_every`` env steps and at the end: the deployable
   :class:`~loopsim.policies.SB3Policy` in ``checkpoint/`` (JSON + safetensors, with the resolved
   config and provenance), and the private resume state in ``resume/`` (SB3's own files: ``model.zip``,
-  ``replay_buffer.pkl`` for off-policy algorithms, ``vecnormalize.pkl``, and ``state.json``).
+  ``replay_buffer.pkl`` for off-policy algorithms, ``vecnormalize.pkl``; ``state.json``; and
+  ``rollout_state.pkl``: each training env's episode in progress and the random generators).
 
 Resume state layout (written to a staging folder, then published by an atomic rename of the pointer
 file ``LATEST``, so a kill at any instant leaves the previous state loadable)::
 
     resume/
         LATEST                 # name of the current state folder, e.g. "step-000020000"
-        step-000020000/        # model.zip, replay_buffer.pkl, vecnormalize.pkl, state.json
+        step-000020000/        # model.zip, replay_buffer.pkl, vecnormalize.pkl, state.json,
+                               # rollout_state.pkl
                                # (".1", ".2"... appended when a step is saved again)
         .staging-*/            # a save in progress (or killed); removed by the next save
 
-``train_sb3(..., resume=True)`` loads the model (with fresh envs), its replay buffer and normalisation
-statistics and continues up to ``train.total_timesteps`` with ``reset_num_timesteps=False``: step
-counts, TensorBoard curves and ``evaluations.csv`` continue where the last saved state left off.
+``train_sb3(..., resume=True)`` loads the model, its replay buffer and normalisation statistics,
+replays each env's episode in progress into fresh envs (:class:`EpisodeLog`; the observation it
+reaches must equal the one SB3 saved, bit for bit), restores the random generators and continues up
+to ``train.total_timesteps`` with ``reset_num_timesteps=False``: the run ends exactly as an
+uninterrupted one would (gSDE excepted: SB3 draws its exploration noise before the checkpoint).
+Step counts, TensorBoard curves and ``evaluations.csv`` continue where the last saved state left
+off. A state saved by an older loopsim, or whose episodes do not replay (with a ``RuntimeWarning``),
+resumes with fresh episodes under generators reseeded from ``seed + num_timesteps``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
 import os
+import pickle
+import random
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +67,7 @@ if TYPE_CHECKING:
     from loopsim.training import RunDir
 
 __all__ = [
+    "EpisodeLog",
     "FailurePenalty",
     "check_sb3_config",
     "load_resume_state",
@@ -80,6 +93,7 @@ _GOAL_STRATEGIES = ("future", "final", "episode")
 _NOISE_TYPES = ("normal", "ornstein_uhlenbeck")
 _LATEST = "LATEST"
 _STATE = "state.json"
+_ROLLOUT = "rollout_state.pkl"
 
 
 # ============================================================================================ checks
@@ -366,15 +380,84 @@ class FailurePenalty(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class EpisodeLog(gym.Wrapper):
+    """Record how the current episode began and every action since, so a resumed run can rebuild it.
+
+    loopsim's envs are deterministic: an episode is fixed by the ``reset`` seed (or, for a reset
+    without one, the state of ``env.unwrapped.np_random`` just before it) and its actions, whatever
+    ran before. A resume state holds :meth:`episode_log` of every training env, and the resumed run
+    replays it (:meth:`replay_episode`) through the same wrappers, so the envs, their ``Monitor``
+    episode sums included, are where they were when the state was saved.
+
+    Args:
+        env: The training env (outermost wrapper of a sub-env of the ``VecEnv``).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self._start: dict[str, Any] | None = None
+        self._actions: list[np.ndarray] = []
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        """Reset the env, recording the seed, the options and (without a seed) the generator state."""
+        base = self.env.unwrapped
+        rng = getattr(base, "_np_random", None)  # not .np_random: that would seed a missing one
+        self._start = {
+            "seed": seed,
+            "options": copy.deepcopy(options),
+            "rng": copy.deepcopy(rng.bit_generator.state) if seed is None and rng is not None else None,
+            "rng_seed": getattr(base, "_np_random_seed", None),
+        }
+        self._actions = []
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        """Step the env, recording a copy of ``action``."""
+        self._actions.append(np.array(action, copy=True))
+        return self.env.step(action)
+
+    def episode_log(self) -> dict[str, Any] | None:
+        """The current episode's start (``seed``, ``options``, ``rng``, ``rng_seed``) and ``actions``.
+
+        Returns:
+            A new dict (``actions``: a list of the arrays given to :meth:`step`), or ``None`` before
+            the first reset.
+        """
+        if self._start is None:
+            return None
+        return {**copy.deepcopy(self._start), "actions": [a.copy() for a in self._actions]}
+
+    def replay_episode(self, log: dict[str, Any]) -> Any:
+        """Run the episode of ``log`` (from :meth:`episode_log`) again and return its latest observation.
+
+        Raises:
+            ValueError: If the episode began with a reset that had no seed and no generator to
+                record (the env's first reset without a seed draws one from the OS).
+        """
+        base = self.env.unwrapped
+        if log["seed"] is None:
+            if log["rng"] is None:
+                raise ValueError("the episode began without a seed or a seeded generator")
+            bit_generator = getattr(np.random, log["rng"]["bit_generator"])()
+            bit_generator.state = copy.deepcopy(log["rng"])
+            base._np_random = np.random.Generator(bit_generator)
+            base._np_random_seed = log["rng_seed"]
+        obs, _ = self.reset(seed=log["seed"], options=copy.deepcopy(log["options"]))
+        for action in log["actions"]:
+            obs, *_ = self.step(action)
+        return obs
+
+
 def _make_env(env_config: EnvConfig, failure_penalty: float = 0.0) -> gym.Env:
     """One monitored training env (module-level so ``SubprocVecEnv`` can pickle the factory).
 
-    ``Monitor`` sits inside :class:`FailurePenalty`, so logged returns are the env's own.
+    ``Monitor`` sits inside :class:`FailurePenalty`, so logged returns are the env's own; the
+    :class:`EpisodeLog` outermost records what a resume needs to rebuild the episode.
     """
     from stable_baselines3.common.monitor import Monitor
 
     env = Monitor(env_config.make(), info_keywords=("is_success",))
-    return FailurePenalty(env, failure_penalty) if failure_penalty else env
+    return EpisodeLog(FailurePenalty(env, failure_penalty) if failure_penalty else env)
 
 
 def _make_vec_env(config: TrainConfig) -> Any:
@@ -419,7 +502,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_resume_state(
-    resume_dir: str | os.PathLike, model: Any, vec_normalize: Any = None, state: dict[str, Any] | None = None
+    resume_dir: str | os.PathLike,
+    model: Any,
+    vec_normalize: Any = None,
+    state: dict[str, Any] | None = None,
+    rollout: dict[str, Any] | None = None,
 ) -> Path:
     """Save SB3's private resume state atomically (see the module docstring for the layout).
 
@@ -432,6 +519,8 @@ def save_resume_state(
         model: The SB3 model (its replay buffer is saved too for off-policy algorithms).
         vec_normalize: The training ``VecNormalize``, if any.
         state: Extra JSON saved in ``state.json`` (``num_timesteps`` is always added).
+        rollout: What a bit-identical resume needs besides SB3's files (:func:`_rollout_state`),
+            pickled into ``rollout_state.pkl``; ``None`` writes no such file.
 
     Returns:
         The new state folder.
@@ -449,6 +538,9 @@ def save_resume_state(
             model.save_replay_buffer(staging / "replay_buffer.pkl")
         if vec_normalize is not None:
             vec_normalize.save(str(staging / "vecnormalize.pkl"))
+        if rollout is not None:
+            with open(staging / _ROLLOUT, "wb") as fh:
+                pickle.dump(rollout, fh, protocol=pickle.HIGHEST_PROTOCOL)
         meta = {**(state or {}), "num_timesteps": int(model.num_timesteps)}
         (staging / _STATE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for f in staging.iterdir():
@@ -495,14 +587,22 @@ def _callback_class() -> type:
     class LoopsimCallback(BaseCallback):
         """Periodic evaluation and checkpoints, by env steps (crossing multiples of the period).
 
-        Checkpoints are taken at the end of a rollout (every ``train_freq`` steps for off-policy
-        algorithms, ``n_steps`` for on-policy ones), when the rollout's transitions are in the
-        replay buffer.
+        A checkpoint crossing a multiple of ``train.checkpoint_every`` is taken in two parts. The
+        deployable policy is saved at the end of the rollout (every ``train_freq`` steps for
+        off-policy algorithms, ``n_steps`` for on-policy ones), before SB3 trains on it, as it
+        always was: building the snapshot draws network initial weights from torch's generator, so
+        moving it would change every run. The resume state is saved when the next rollout starts,
+        after that training: SB3's learning loop then continues from it exactly as it went on in
+        the run that saved it. A resumed run restores the random generators when training starts
+        (SB3's ``learn`` resets the action noise before that).
         """
 
         def __init__(self, trainer: _Trainer) -> None:
             super().__init__(verbose=0)
             self.trainer = trainer
+
+        def _on_training_start(self) -> None:
+            self.trainer.restore_generators()
 
         def _on_step(self) -> bool:
             t = self.trainer
@@ -515,7 +615,13 @@ def _callback_class() -> type:
             t = self.trainer
             ckpt = t.config.train.checkpoint_every
             if self.model.num_timesteps // ckpt > t.last_checkpoint // ckpt:
-                t.checkpoint()
+                t.save_policy()
+                t.resume_due = True
+
+        def _on_rollout_start(self) -> None:
+            t = self.trainer
+            if t.resume_due:
+                t.save_resume()
 
     return LoopsimCallback
 
@@ -528,14 +634,21 @@ class _Trainer:
         config: TrainConfig,
         run: RunDir,
         model: Any,
+        venv: Any,
         vec_normalize: Any,
         start_step: int,
         wall_before: float,
+        generators: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.run = run
         self.model = model
+        self.venv = venv
         self.vec_normalize = vec_normalize
+        #: Generator states to restore when training starts (a resumed run), else ``None``.
+        self.generators = generators
+        #: A policy checkpoint was saved at a rollout's end; its resume state follows after training.
+        self.resume_due = False
         self.last_eval = start_step
         self.last_checkpoint = start_step
         self.wall_before = wall_before
@@ -563,18 +676,142 @@ class _Trainer:
         self.run.evaluate(self.policy(), n)
         self.last_eval = n
 
-    def checkpoint(self) -> SB3Policy:
-        n = int(self.model.num_timesteps)
+    def restore_generators(self) -> None:
+        """Put back the generator states of a resumed run's saved state (once)."""
+        if self.generators is not None:
+            _set_generators(self.model, self.generators)
+            self.generators = None
+
+    def save_policy(self) -> SB3Policy:
+        """Save the deployable policy in ``checkpoint/`` (and count the checkpoint as taken)."""
         policy = self.policy()
         policy.save(self.run.checkpoint_dir)
+        self.last_checkpoint = int(self.model.num_timesteps)
+        return policy
+
+    def save_resume(self) -> None:
+        """Save the resume state (SB3's files and :func:`_rollout_state`) in ``resume/``."""
         save_resume_state(
             self.run.resume_dir,
             self.model,
             self.vec_normalize,
             {"wall_time_s": self.wall_time(), "last_eval": self.last_eval},
+            _rollout_state(self.model, self.venv, self.vec_normalize),
         )
-        self.last_checkpoint = n
+        self.resume_due = False
+
+    def checkpoint(self) -> SB3Policy:
+        """Save the deployable policy and the resume state (the end of training)."""
+        policy = self.save_policy()
+        self.save_resume()
         return policy
+
+
+# ======================================================================== bit-identical resume
+def _generators(model: Any) -> dict[str, Any]:
+    """The states of every random generator SB3's learning loop draws from (copies).
+
+    Python's ``random``, NumPy's global generator (SB3's replay buffers sample with it), torch's
+    CPU generator (policy sampling, dropout, network init), the action space's generator (random
+    actions before ``learning_starts``) and the action noise (Ornstein-Uhlenbeck keeps a state).
+    """
+    import torch
+
+    space_rng = getattr(model.action_space, "_np_random", None)
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - SB3 samples its buffers from it
+        "torch": torch.get_rng_state(),
+        "action_space": None if space_rng is None else copy.deepcopy(space_rng.bit_generator.state),
+        "action_noise": copy.deepcopy(model.action_noise) if hasattr(model, "action_noise") else None,
+    }
+
+
+def _set_generators(model: Any, state: dict[str, Any]) -> None:
+    """Restore what :func:`_generators` saved."""
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 - see _generators
+    torch.set_rng_state(state["torch"])
+    if state["action_space"] is not None:
+        bit_generator = getattr(np.random, state["action_space"]["bit_generator"])()
+        bit_generator.state = copy.deepcopy(state["action_space"])
+        model.action_space._np_random = np.random.Generator(bit_generator)
+    if hasattr(model, "action_noise"):
+        model.action_noise = copy.deepcopy(state["action_noise"])
+
+
+def _rollout_state(model: Any, venv: Any, vec_normalize: Any) -> dict[str, Any]:
+    """What a resume needs besides SB3's own files to continue bit for bit (``rollout_state.pkl``).
+
+    Each training env's :meth:`EpisodeLog.episode_log`, the generator states (:func:`_generators`)
+    and ``VecNormalize``'s running returns (which its own file leaves out).
+    """
+    return {
+        "episodes": venv.env_method("episode_log"),
+        "generators": _generators(model),
+        "returns": None if vec_normalize is None else np.array(vec_normalize.returns, copy=True),
+    }
+
+
+def _obs_at(obs: Any, i: int) -> Any:
+    return {k: v[i] for k, v in obs.items()} if isinstance(obs, dict) else obs[i]
+
+
+def _same_obs(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (
+            isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+            and all(_same_obs(a[k], b[k]) for k in a)
+        )
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _rebuild_rollout(model: Any, venv: Any, vec_normalize: Any, state_dir: Path) -> dict[str, Any] | None:
+    """Replay the saved episodes into the fresh training envs of a resumed run.
+
+    Each env's episode in progress is run again from its start (:meth:`EpisodeLog.replay_episode`)
+    and the observation it ends on must equal, bit for bit, the one SB3 saved in ``model.zip``
+    (``_last_obs``, normalised with the saved statistics under ``VecNormalize``; off-policy
+    algorithms also keep the raw one, ``_last_original_obs``).
+
+    Returns:
+        The generator states to restore when training starts, or ``None`` when the state has no
+        ``rollout_state.pkl`` (saved by an older loopsim), its envs differ in number, or an episode
+        does not replay to the saved observation; the caller then starts fresh episodes (with a
+        warning in the last two cases).
+    """
+    path = state_dir / _ROLLOUT
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        saved = pickle.load(fh)  # noqa: S301 - the run's own private resume state
+    # off-policy algorithms keep the raw observation beside the normalised one; on-policy ones only
+    # the normalised one (normalising with the saved statistics gives it again, bit for bit)
+    raw = model._last_original_obs if vec_normalize is not None and _is_off_policy(type(model)) else None
+    why = None
+    if model._last_obs is None or len(saved["episodes"]) != venv.num_envs or None in saved["episodes"]:
+        why = "the saved state does not match the training envs"
+    else:
+        for i, log in enumerate(saved["episodes"]):
+            obs = venv.env_method("replay_episode", log, indices=[i])[0]
+            seen = obs if vec_normalize is None else vec_normalize.normalize_obs(obs)
+            if not _same_obs(seen, _obs_at(model._last_obs, i)) or (
+                raw is not None and not _same_obs(obs, _obs_at(raw, i))
+            ):
+                why = f"training env {i} did not replay to the saved observation"
+                break
+    if why is not None:
+        warnings.warn(
+            f"resuming with fresh episodes, not bit for bit: {why}", RuntimeWarning, stacklevel=2
+        )
+        return None
+    venv._reset_seeds()  # SB3's load seeded the new envs for a reset that now never comes
+    if vec_normalize is not None and saved["returns"] is not None:
+        vec_normalize.returns = np.array(saved["returns"], copy=True)
+    return saved["generators"]
 
 
 # ============================================================================================ train
@@ -614,12 +851,18 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
                 vec_normalize.training = True
                 vec_normalize.norm_reward = False
             env = vec_normalize if vec_normalize is not None else venv
-            model = algo_cls.load(state_dir / "model.zip", env=env, device="auto")
+            # force_reset=False keeps SB3's _last_obs: the envs are rebuilt to match it
+            model = algo_cls.load(state_dir / "model.zip", env=env, device="auto", force_reset=False)
             model.tensorboard_log = str(run.tb_dir)
+            generators = _rebuild_rollout(model, venv, vec_normalize, state_dir)
             if (state_dir / "replay_buffer.pkl").is_file():
-                model.load_replay_buffer(state_dir / "replay_buffer.pkl")
-            model._last_obs = None  # the envs are new: start fresh episodes
-            model.set_random_seed(config.seed + int(model.num_timesteps))
+                # HER keeps the episodes in progress open when the envs carry on with them
+                model.load_replay_buffer(
+                    state_dir / "replay_buffer.pkl", truncate_last_traj=generators is None
+                )
+            if generators is None:  # start fresh episodes, seeded by the step count
+                model._last_obs = None
+                model.set_random_seed(config.seed + int(model.num_timesteps))
             start, wall_before = int(model.num_timesteps), float(saved.get("wall_time_s", 0.0))
         else:
             probe = venv.observation_space
@@ -641,8 +884,8 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
                 **extra,
                 **kwargs,
             )
-            start, wall_before = 0, 0.0
-        trainer = _Trainer(config, run, model, vec_normalize, start, wall_before)
+            start, wall_before, generators = 0, 0.0, None
+        trainer = _Trainer(config, run, model, venv, vec_normalize, start, wall_before, generators)
         callbacks = [_callback_class()(trainer)]
         if progress_bar:
             callbacks.insert(0, ProgressBarCallback())

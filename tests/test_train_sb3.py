@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,7 @@ def _buffer_size(state_dir: Path) -> int:
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config(**{"train.total_timesteps": 300})
-    original = train_sb3_module._Trainer.checkpoint
+    original = train_sb3_module._Trainer.save_resume
     calls = []
 
     def checkpoint_then_die(self: Any) -> Any:
@@ -222,7 +223,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: p
         calls.append(self.model.num_timesteps)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_sb3_module._Trainer, "checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "run", progress_bar=False)
     assert calls == [100]
@@ -232,7 +233,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: p
     assert state is not None and _buffer_size(state) == 100
     assert [r["step"] for r in run.evaluations()] == [100]
 
-    monkeypatch.setattr(train_sb3_module._Trainer, "checkpoint", original)
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", original)
     loaded: list[int] = []
     real_load = train_sb3_module.load_resume_state
 
@@ -252,6 +253,134 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: p
     assert [r["step"] for r in run.evaluations()] == [100, 200, 300]
     assert load_policy(run.checkpoint_dir).provenance["timesteps"] == 300
     assert len(list((run.tb_dir).glob("sb3_*"))) == 1  # the same TensorBoard run continues
+
+
+def _run_state(run_dir: Path) -> dict[str, Any]:
+    """Everything a run's learning produced: SB3's parameters (optimizers included), the replay buffer
+    and the normalisation statistics of the final resume state, and the evaluation results."""
+    state = load_resume_state(run_dir / "resume")
+    assert state is not None
+    with open(state / "model.zip", "rb") as f:
+        import zipfile
+
+        with zipfile.ZipFile(f) as z:
+            params = {n: z.read(n) for n in z.namelist() if n.endswith(".pth")}
+    out: dict[str, Any] = {"params": params}
+    if (state / "replay_buffer.pkl").is_file():
+        with open(state / "replay_buffer.pkl", "rb") as f:
+            buf = pickle.load(f)  # noqa: S301 - our own private resume state
+        for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+            value = getattr(buf, name)
+            is_dict = isinstance(value, dict)
+            out[name] = {k: v.tobytes() for k, v in value.items()} if is_dict else value.tobytes()
+    if (state / "vecnormalize.pkl").is_file():
+        with open(state / "vecnormalize.pkl", "rb") as f:
+            vn = pickle.load(f)  # noqa: S301
+        rms = vn.obs_rms
+        out["obs_rms"] = (
+            {k: (r.mean.tobytes(), r.var.tobytes(), r.count) for k, r in rms.items()}
+            if isinstance(rms, dict) else (rms.mean.tobytes(), rms.var.tobytes(), rms.count)
+        )
+    out["evaluations"] = [
+        {k: v for k, v in r.items() if k not in ("wall_time_s", "time")}
+        for r in RunDir(run_dir, None).evaluations()  # type: ignore[arg-type]
+    ]
+    return out
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        pytest.param({"train.n_envs": 2}, id="SAC-VecNormalize-2envs"),
+        pytest.param(
+            {
+                "policy.her": True,
+                "env.kwargs": {"obs_mode": "goal"},
+                "policy.normalize": False,
+                "policy.her_kwargs": {"n_sampled_goal": 2},
+            },
+            id="SAC-HER-goal",
+        ),
+        pytest.param(
+            {
+                "policy.algo": "TD3",
+                "policy.algo_kwargs": {
+                    "learning_starts": 50, "buffer_size": 1000, "batch_size": 16,
+                    "action_noise": {"type": "ornstein_uhlenbeck", "sigma": 0.2},
+                },
+            },
+            id="TD3-OU-noise",
+        ),
+        pytest.param(
+            {
+                "policy.algo": "PPO",
+                "policy.algo_kwargs": {"n_steps": 50, "batch_size": 25},
+                "train.n_envs": 2,
+                "train.subproc": True,
+            },
+            id="PPO-subproc",
+        ),
+    ],
+)
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over: dict[str, Any]
+) -> None:
+    """Stopped right after its first checkpoint (mid-episode: PegInsert's episodes last 100 steps)
+    and resumed, a run ends with the same parameters, optimizer states, replay buffer, normalisation
+    statistics and evaluations as one that ran through. Before, the resumed run started fresh
+    episodes under reseeded generators and drifted from the first resume on."""
+    config = _config(**{"train.total_timesteps": 300, **over})
+    train(config, tmp_path / "through", progress_bar=False)
+
+    original = train_sb3_module._Trainer.save_resume
+
+    def checkpoint_then_die(self: Any) -> Any:
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress_bar=False)
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", original)
+    first = load_resume_state(tmp_path / "resumed" / "resume")
+    assert first is not None and json.loads((first / "state.json").read_text())["num_timesteps"] == 100
+    with pytest.warns() as record:  # no warning of fresh episodes
+        train(config, tmp_path / "resumed", resume=True, progress_bar=False)
+        warnings.warn("sentinel", UserWarning, stacklevel=1)
+    assert not [w for w in record if "fresh episodes" in str(w.message)]
+
+    through, resumed = _run_state(tmp_path / "through"), _run_state(tmp_path / "resumed")
+    assert resumed.keys() == through.keys()
+    for key in through:
+        assert resumed[key] == through[key], key
+    assert [r["step"] for r in through["evaluations"]] == [100, 200, 300]
+
+
+def test_a_resume_state_that_does_not_replay_starts_fresh_episodes_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If an episode does not replay to the observation SB3 saved (an env changed between the runs),
+    the run still resumes, with fresh episodes, and says it is not bit for bit."""
+    config = _config(**{"train.total_timesteps": 200, "eval.every": 0})
+    original = train_sb3_module._Trainer.save_resume
+
+    def checkpoint_then_die(self: Any) -> Any:
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", progress_bar=False)
+    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", original)
+    state = load_resume_state(tmp_path / "run" / "resume")
+    with open(state / "rollout_state.pkl", "rb") as f:
+        saved = pickle.load(f)  # noqa: S301
+    saved["episodes"][0]["actions"][-1] = -saved["episodes"][0]["actions"][-1]
+    with open(state / "rollout_state.pkl", "wb") as f:
+        pickle.dump(saved, f)
+    with pytest.warns(RuntimeWarning, match="resuming with fresh episodes, not bit for bit: training env 0"):
+        run = train(config, tmp_path / "run", resume=True, progress_bar=False)
+    assert run.finished and load_policy(run.checkpoint_dir).provenance["timesteps"] == 200
 
 
 def test_resume_without_state_starts_over(tmp_path: Path) -> None:
