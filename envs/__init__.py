@@ -18,7 +18,15 @@ from typing import Any
 
 import gymnasium as gym
 
-from loopsim.envs.core.site import Site, SiteError, available_sites, load_site, read_site_file, site_name
+from loopsim.envs.core.site import (
+    Site,
+    SiteError,
+    available_sites,
+    load_site,
+    read_site_file,
+    site_name,
+    site_name_key,
+)
 from loopsim.envs.core.wrappers import ExpertActionInfo, ExpertIntervention
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "load_site",
     "read_site_file",
     "site_name",
+    "site_name_key",
     "make_expert",
     "register_envs",
 ]

@@ -22,7 +22,6 @@ import shlex
 import signal
 import sys
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, env_class, site_name
+from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, env_class, site_name, site_name_key
 
 app = typer.Typer(
     name="loopsim",
@@ -284,7 +283,7 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
             raise AssertionError(f"{value!r} is no bundled site, yet load_site took it")  # pragma: no cover
     unique: list[str | dict[str, Any]] = []
     for r in resolved:
-        look_alike = [u for u in unique if _name_key(site_name(u)) == _name_key(site_name(r))]
+        look_alike = [u for u in unique if site_name_key(site_name(u)) == site_name_key(site_name(r))]
         if look_alike and site_name(look_alike[0]) != site_name(r):
             raise SiteError(
                 f"--site: the site names {site_name(look_alike[0])!r} and {site_name(r)!r} differ only in "
@@ -300,11 +299,6 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
                 "site's: give one of them another name"
             )
     return unique
-
-
-def _name_key(name: str) -> str:
-    """A site name as compared for look-alikes: Unicode NFC form, case-folded."""
-    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _open_expert_store(url: str, env_id: str) -> Any:

@@ -199,7 +199,11 @@ def test_expert_refuses_a_fifo_instead_of_blocking(tmp_path):
     assert result.exit_code == 2 and "not a regular file" in result.output
 
 
-@pytest.mark.parametrize(("first", "second"), [("Plant", "plant"), ("caf\u00e9", "cafe\u0301")])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Plant", "plant"), ("caf\u00e9", "cafe\u0301"), ("plant", "\uff50\uff4c\uff41\uff4e\uff54")],
+    ids=["case", "NFC", "fullwidth"],
+)
 def test_expert_refuses_site_names_that_differ_only_in_case_or_unicode_form(tmp_path, first, second):
     a = _site_file(tmp_path / "a.yaml", f"name: {first}\nparams:\n  part_mass: 0.5\n")
     b = _site_file(tmp_path / "b.yaml", f"name: {second}\nparams:\n  part_mass: 0.5\n")

@@ -37,6 +37,13 @@ OBS_MODES = ("state", "goal", "rgb")
 MAX_IMAGE_SIZE = 2048
 
 
+def _holds_bool(value: Any) -> bool:
+    """Whether ``value`` is a bool or a (nested) list or tuple holding one."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    return isinstance(value, list | tuple) and any(_holds_bool(v) for v in value)
+
+
 def _is_int(value: Any) -> bool:
     """Whether ``value`` is an integer (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
@@ -514,6 +521,9 @@ class RobotTaskEnv(gym.Env):
         a = np.asarray(action)
         if a.dtype.kind not in "fiu":
             raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
+        if not isinstance(action, np.ndarray) and _holds_bool(action):
+            # NumPy reads [True, 0, 0, 0] as integers and [True, 0.5] as floats: True became 1
+            raise ValueError(f"action must hold real numbers, got a bool in {action!r}")
         if a.shape != (self.action_dim,):
             raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
         values = a.tolist()  # plain floats: cheaper than numpy for a handful of numbers

@@ -64,7 +64,17 @@ class Expert:
 
         Returns:
             ``(action_dim,)`` float32 in ``[-1, 1]``.
+
+        Raises:
+            RuntimeError: Before the env's first ``reset()`` or after its ``close()`` (as the env's
+                ``step`` does): there is no state to act on, and an expert reading cached values
+                would label it silently.
         """
+        env = self.env
+        if env.sim.closed:
+            raise RuntimeError(f"{type(self).__name__}.act() on a closed env")
+        if not env._has_reset:
+            raise RuntimeError(f"{type(self).__name__}.act() before the env's reset()")
         a = np.asarray(self._act(), dtype=np.float64)
         if self.noise_std > 0:
             k = self.motion_dims

@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -276,6 +277,22 @@ def available_sites(domain: str) -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in d.iterdir() if f.name.endswith(".yaml"))
 
 
+def site_name_key(name: str) -> str:
+    """A site name as compared for look-alikes: Unicode compatibility form (NFKC), case-folded.
+
+    Names equal under this key read alike in tables and stores: ``Lab``, ``LAB`` and the fullwidth
+    ``ｌａｂ`` are all ``lab`` (NFC alone keeps fullwidth letters apart). NFKC is applied again after
+    case folding, as Unicode's ``NFKC_Casefold`` does (case folding can undo the normal form).
+
+    Args:
+        name: A site name.
+
+    Returns:
+        The comparison key.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
 def _check_bundled_name(schema: SiteSchema, site: Site, what: str) -> None:
     """Refuse a site that takes a bundled site's name (in any case) with other conditions or spelling.
 
@@ -286,13 +303,14 @@ def _check_bundled_name(schema: SiteSchema, site: Site, what: str) -> None:
         SiteError: Naming the bundled site and what to do instead.
     """
     bundled = available_sites(schema.domain)
-    same = [b for b in bundled if b.casefold() == site.name.casefold()]
+    same = [b for b in bundled if site_name_key(b) == site_name_key(site.name)]
     if not same:
         return
     if same[0] != site.name:
         raise SiteError(
             f"{what} named {site.name!r}: the bundled {schema.domain} site {same[0]!r} differs only in "
-            f"case; use {same[0]!r} (with its conditions) or a name of its own (bundled sites: {bundled})"
+            f"case or Unicode form; use {same[0]!r} (with its conditions) or a name of its own "
+            f"(bundled sites: {bundled})"
         )
     if _spec(site) != _spec(load_site(schema, site.name)):
         raise SiteError(
@@ -357,7 +375,12 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
                 raise SiteError(f"site document has unknown keys {extra}; allowed: name, description, params")
             # the name as given: Site refuses a non-string (a blank YAML "name:" is None, which
             # str() recorded as a site named "None")
-            built = Site(schema, doc.get("name", "custom"), doc["params"] or {}, doc.get("description", ""))
+            if not isinstance(doc["params"], Mapping):  # as in a site file: params: {} for lab's conditions
+                raise SiteError(
+                    f"site document {doc.get('name', 'custom')!r} needs 'params', a mapping of parameter "
+                    f"names to distribution specs ({{}} for lab's conditions); got {doc['params']!r}"
+                )
+            built = Site(schema, doc.get("name", "custom"), doc["params"], doc.get("description", ""))
             _check_bundled_name(schema, built, "site document")
             return built
         if {"name", "description"} & set(doc):
@@ -370,8 +393,8 @@ def load_site(schema: SiteSchema, site: str | Mapping[str, Any] | Site | None) -
         raise SiteError(f"site must be a name, a mapping or a Site, got {type(site).__name__}")
     names = available_sites(schema.domain)
     if site not in names:
-        near = [n for n in names if n.casefold() == site.strip().casefold()] or difflib.get_close_matches(
-            site, names, n=1)
+        key = site_name_key(site.strip())
+        near = [n for n in names if site_name_key(n) == key] or difflib.get_close_matches(site, names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SiteError(f"unknown {schema.domain} site {site!r}{hint}; available sites are {names}")
     text = _site_dir(schema.domain).joinpath(f"{site}.yaml").read_text(encoding="utf-8")

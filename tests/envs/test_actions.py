@@ -64,6 +64,25 @@ def test_non_numeric_action_raises(env_id, make_env):
         env.step(["a", "b", "c", "d"])
 
 
+@pytest.mark.parametrize("where", ["int list", "float list", "tuple", "nested"])
+def test_a_bool_inside_a_list_action_is_refused(env_id, make_env, helpers, where):
+    """A bool array was refused but NumPy reads ``[True, 0, 0, 0]`` as integers and ``[True, 0.5]``
+    as floats, so True stepped as 1.0; the step docstring refuses bools."""
+    dim = helpers.action_dim(env_id)
+    action = {
+        "int list": [True] + [0] * (dim - 1),
+        "float list": [0.5] * (dim - 1) + [np.True_],
+        "tuple": (0.0, False) + (0.0,) * (dim - 2),
+        "nested": [[0.0] * (dim - 1) + [True]],  # also the wrong shape; the bool is named first
+    }[where]
+    env = make_env(env_id)
+    env.reset(seed=0)
+    before = _state(env, helpers)
+    with pytest.raises(ValueError, match="got a bool in"):
+        env.step(action)
+    assert _state(env, helpers) == before
+
+
 @pytest.mark.filterwarnings("ignore:.*step\\(\\) after the episode ended")  # PegInsert ends early
 def test_out_of_range_actions_are_clipped(env_id, make_env, helpers):
     """An action outside [-1, 1] behaves exactly like its clipped value."""

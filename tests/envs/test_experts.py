@@ -116,3 +116,18 @@ def test_expert_refuses_other_task(make_env):
 
     with pytest.raises(TypeError, match="FactoryPickPlaceEnv"):
         FactoryPickPlaceExpert(make_env("loopsim/FactorySort-v0"))
+
+
+def test_expert_refuses_to_act_before_reset_and_after_close(env_id, make_env):
+    """Every expert refuses as the env's step does: the PegInsert expert acted on the placeholder
+    scene before reset and on cached state after close (the conveyor experts raised PyBullet's
+    "Not connected to physics server")."""
+    env = make_env(env_id)
+    expert = make_expert(env)
+    with pytest.raises(RuntimeError, match=r"act\(\) before the env's reset\(\)"):
+        expert.act()
+    env.reset(seed=0)
+    assert expert.act().shape == env.action_space.shape
+    env.close()
+    with pytest.raises(RuntimeError, match=r"act\(\) on a closed env"):
+        expert.act()

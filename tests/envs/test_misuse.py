@@ -56,7 +56,7 @@ def test_numpy_integers_are_accepted_for_sizes_and_params(make_env):
     [
         ({"part_mass": 10**400}, "finite number"),
         ({1: 2, "part_mass": 0.3}, "names must be strings"),
-        ({"params": [("part_mass", 0.3)]}, "must be a mapping"),
+        ({"params": [("part_mass", 0.3)]}, "needs .params., a mapping"),
         ({"params": {}, "description": 3}, "must be strings"),
         ({"part_mass": True}, "finite number"),
     ],

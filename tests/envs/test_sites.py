@@ -171,7 +171,7 @@ def test_site_document_cannot_borrow_a_bundled_name_with_other_conditions(domain
     assert load_site(schema, {"name": "lab", "params": {param: lab_value}}).name == "lab"
     assert load_site(schema, {"name": "plant7", "params": {param: 0.5}}).name == "plant7"
     # a name that differs from a bundled one only in case made a second row beside it in tables
-    for name in ("Lab", "LAB"):
+    for name in ("Lab", "LAB", "\uff4c\uff41\uff42", "\uff2c\uff21\uff22"):  # ...and fullwidth ｌａｂ, ＬＡＢ
         with pytest.raises(SiteError, match=r"the bundled \w+ site 'lab' differs only in case"):
             load_site(schema, {"name": name, "params": {param: 0.5}})
         with pytest.raises(SiteError, match="differs only in case"):
@@ -485,3 +485,13 @@ def test_every_bundled_site_file_has_params():
         for name in available_sites(domain):
             doc = _site_file(domain, name)
             assert isinstance(doc.get("params"), dict), (domain, name)
+
+
+@pytest.mark.parametrize("params", [None, [], "part_mass: 0.5"])
+def test_a_site_document_needs_a_params_mapping(params):
+    """``{"name": "x", "params": None}`` ran as lab's conditions under "x", where a site file with
+    ``params: null`` is refused."""
+    from loopsim.envs.factory.base import FACTORY_SCHEMA
+
+    with pytest.raises(SiteError, match=r"site document 'x' needs 'params', a mapping"):
+        load_site(FACTORY_SCHEMA, {"name": "x", "params": params})
