@@ -269,7 +269,7 @@ class BenchConfig(_Strict):
     )
     eval: BenchEval = Field(default_factory=BenchEval)
     policies: dict[str, BenchPolicy] = Field(min_length=1)
-    compare: list[tuple[str, str]] | None = None
+    compare: list[Annotated[tuple[str, str], Field(strict=False)]] | None = None  # YAML gives lists
     reps: int = Field(2000, ge=100, le=100_000)
 
     @model_validator(mode="after")
@@ -757,7 +757,7 @@ def _train_one(name: str, env_id: str, seed: int, t: _Trained, out: Path, log: C
             # A finished run copied from another benchmark's output: its demos are the same collect
             # config's (the store name is that config's digest), at the other output's path.
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stores": old})})
-        RunDir.start(run_dir, cfg, resume=True)  # refuses a run of another config
+        RunDir.start(run_dir, cfg, resume=True).close()  # refuses a run of another config
         return run_dir / "checkpoint"
     resume = (run_dir / "config.yaml").is_file()
     if run_dir.exists() and not resume:

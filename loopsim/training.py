@@ -10,6 +10,7 @@ A run directory::
         tb/                  # TensorBoard event files
         resume/              # private resume state (optimizer, SB3 model and replay buffer files)
         done                 # written when training finished
+        .loopsim-train.lock  # held by the process training into it (one at a time)
 
 ``--resume`` continues a run from ``resume/`` with the same resolved config (overrides given with
 ``--resume`` must leave it unchanged); without ``--resume`` an existing run directory is refused.
@@ -30,11 +31,22 @@ import yaml
 from loopsim.atomic import atomic_open, atomic_write
 from loopsim.config import ConfigError, TrainConfig, check_env_config, dump_config
 
-__all__ = ["RunDir", "RunDirError", "train"]
+__all__ = ["RunDir", "RunDirError", "TrainingDivergedError", "train"]
+
+#: The lock a training process holds in its run directory (see :meth:`RunDir.start`).
+LOCK_NAME = ".loopsim-train.lock"
 
 
 class RunDirError(Exception):
     """A run directory exists when it should not, or is not a run of this config."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced NaN or infinite losses or weights (e.g. a learning rate far too high).
+
+    Raised before a checkpoint of the diverged policy is written: the run directory keeps its last
+    good checkpoint and resume state.
+    """
 
 
 _EVAL_FIELDS = [
@@ -73,38 +85,66 @@ class RunDir:
         self.resume_dir = self.path / "resume"
         self.tb_dir = self.path / "tb"
         self._writer: Any = None
+        self._lock: Any = None
 
     # ------------------------------------------------------------------------------------ lifecycle
     @classmethod
     def start(cls, path: str | os.PathLike, config: TrainConfig, resume: bool) -> RunDir:
         """Create a new run directory, or reopen one to resume.
 
+        The process then holds the directory's lock (``.loopsim-train.lock``, released by
+        :meth:`close`): a second ``loopsim train`` into it, with or without ``--resume``, is refused
+        while the first runs (two writers renamed checkpoints and resume states under each other and
+        killed each other's runs).
+
         Raises:
             RunDirError: If ``path`` exists and ``resume`` is False, or ``resume`` is True and ``path``
-                holds no run or a run of a different config (the difference is named).
+                holds no run or a run of a different config (the difference is named), or another
+                process is training into ``path``.
         """
+        from loopsim.runlock import acquire_or_refuse
+
         run = cls(path, config)
         config_file = run.path / "config.yaml"
         text = dump_config(config)
         if resume:
             if not config_file.is_file():
                 raise RunDirError(f"--resume: {run.path} holds no run (no config.yaml)")
-            saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-            now = yaml.safe_load(text)
-            diff = sorted(_diff(saved, now))
-            if diff:
-                raise RunDirError(
-                    f"--resume: the config differs from the run's config.yaml at {diff}; "
-                    "resume with the same config and overrides"
-                )
+            run._lock = acquire_or_refuse(run.path, LOCK_NAME, "loopsim train", "--run-dir", RunDirError)
+            try:
+                try:
+                    saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+                except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                    raise RunDirError(f"--resume: {config_file} cannot be read: {exc}") from None
+                if not isinstance(saved, dict):
+                    raise RunDirError(f"--resume: {config_file} holds no config (got {type(saved).__name__})")
+                diff = sorted(_diff(saved, yaml.safe_load(text)))
+                if diff:
+                    raise RunDirError(
+                        f"--resume: the config differs from the run's config.yaml at {diff}; "
+                        "resume with the same config and overrides"
+                    )
+            except BaseException:
+                run.close()
+                raise
             return run
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and any(e.name != LOCK_NAME for e in run.path.iterdir()):
             raise RunDirError(
                 f"run directory {run.path} already exists; pass --resume to continue it, or "
                 "choose another with --run-dir / run_dir=..."
             )
         run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(config_file, text)
+        run._lock = acquire_or_refuse(run.path, LOCK_NAME, "loopsim train", "--run-dir", RunDirError)
+        try:
+            if any(e.name != LOCK_NAME for e in run.path.iterdir()):  # another run started first
+                raise RunDirError(
+                    f"run directory {run.path} already exists; pass --resume to continue it, or "
+                    "choose another with --run-dir / run_dir=..."
+                )
+            atomic_write(config_file, text)
+        except BaseException:
+            run.close()
+            raise
         return run
 
     @property
@@ -126,10 +166,13 @@ class RunDir:
         return self._writer
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
+        """Flush and close the TensorBoard writer; release the run directory's lock (if held)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(
@@ -260,6 +303,7 @@ def train(
         run = RunDir.start(run_dir, config, resume)
         try:
             train_bc(config, run, resume=resume, progress_bar=progress_bar)
+            run.mark_done()
         finally:
             run.close()
     elif config.policy.type == "sb3":
@@ -272,10 +316,10 @@ def train(
             torch.set_num_threads(config.train.num_threads)
         try:
             train_sb3(config, run, resume=resume, progress_bar=progress_bar)
+            run.mark_done()
         finally:
             torch.set_num_threads(threads)
             run.close()
     else:  # pragma: no cover - the config model allows only these
         raise ConfigError(f"policy.type {config.policy.type!r} cannot be trained")
-    run.mark_done()
     return run

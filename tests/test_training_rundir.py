@@ -24,9 +24,17 @@ def test_new_run_dir_and_refusals(tmp_path):
     assert load_config(TrainConfig, run.path / "config.yaml") == cfg()
     with pytest.raises(RunDirError, match="already exists; pass --resume"):
         RunDir.start(tmp_path / "run", cfg(), resume=False)
+    # while a process trains into it, no other may (new or resumed): two writers renamed their
+    # checkpoints and resume states under each other and killed each other's runs
+    with pytest.raises(RunDirError, match=r"in use by another `loopsim train` \(its lock .*held\)"):
+        RunDir.start(tmp_path / "run", cfg(), resume=True)
+    run.close()
     with pytest.raises(RunDirError, match=r"differs from the run's config.yaml at \['train.epochs'\]"):
         RunDir.start(tmp_path / "run", cfg("train.epochs=3"), resume=True)
-    assert RunDir.start(tmp_path / "run", cfg(), resume=True).path == run.path
+    resumed = RunDir.start(tmp_path / "run", cfg(), resume=True)  # the refusal released the lock
+    assert resumed.path == run.path
+    resumed.close()
+    resumed.close()  # idempotent
     with pytest.raises(RunDirError, match="holds no run"):
         RunDir.start(tmp_path / "nothing", cfg(), resume=True)
     assert not (tmp_path / "nothing").exists()
@@ -60,3 +68,25 @@ def test_evaluate_logs_csv_and_tensorboard(tmp_path):
     acc.Reload()
     steps = [e.step for e in acc.Scalars("eval/lab/success_rate")]
     assert 5 in steps and 10 in steps
+
+
+def test_a_new_run_dir_holding_only_a_stale_lock_file_is_new(tmp_path):
+    """A run killed before it wrote config.yaml leaves only its (released) lock file behind."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".loopsim-train.lock").write_text("")
+    run = RunDir.start(tmp_path / "run", cfg(), resume=False)
+    run.close()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("text", ["", "[1, 2]\n", "env: {id: [\n", b"\xff\xfe"])
+def test_resume_refuses_a_damaged_config_yaml_with_one_line(tmp_path, text):
+    """A damaged config.yaml was a YAML ParserError traceback (or "differs at ['']" when empty)."""
+    run = RunDir.start(tmp_path / "run", cfg(), resume=False)
+    run.close()
+    path = tmp_path / "run" / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RunDirError, match=r"--resume: .*config.yaml (cannot be read|holds no config)"):
+        RunDir.start(tmp_path / "run", cfg(), resume=True)
+    again = RunDir.start(tmp_path / "run2", cfg(), resume=False)  # nothing left locked
+    again.close()
