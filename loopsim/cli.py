@@ -36,6 +36,9 @@ from rich.table import Table
 
 from loopsim.envs import ENV_ENTRY_POINTS, SiteError, available_sites, env_class, site_name, site_name_key
 
+#: loopsim.config.MAX_EPISODES (config is imported lazily: pydantic slows start-up); tested equal.
+_MAX_EPISODES = 100_000
+
 app = typer.Typer(
     name="loopsim",
     help="loopsim: simulate the data flywheel of deployed robots.",
@@ -149,7 +152,9 @@ def sites(domain: Annotated[str, typer.Argument(help="Domain, e.g. factory.")] =
 def expert(
     env_id: Annotated[str, typer.Argument(help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
     site: _SiteOption = None,
-    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
+    episodes: Annotated[
+        int, typer.Option("--episodes", "-n", min=1, max=_MAX_EPISODES, help="Episodes per site.")
+    ] = 20,
     seed: Annotated[
         int, typer.Option(min=0, max=2**31 - 1, help="Seed of the first episode; episode i uses seed+i.")
     ] = 0,
@@ -613,11 +618,11 @@ def _run_errors() -> Iterator[None]:
     from loopsim.config import ConfigError
     from loopsim.datasets import StoreError
     from loopsim.policies import CheckpointError
-    from loopsim.training import RunDirError
+    from loopsim.training import RunDirError, TrainingDivergedError
 
     try:
         yield
-    except (ConfigError, StoreError, CheckpointError, RunDirError) as exc:
+    except (ConfigError, StoreError, CheckpointError, RunDirError, TrainingDivergedError) as exc:
         raise _error(str(exc)) from None
 
 
@@ -667,9 +672,17 @@ def collect(
             task = progress.add_task(f"{cfg.env.id} @ {cfg.env.site} -> {cfg.store}", total=cfg.episodes)
             result = run_collect(cfg, on_episode=tick)
     except KeyboardInterrupt:
+        left = cfg.episodes - done[0]
+        if left <= 0:
+            console.print(f"interrupted after the last episode: all {done[0]} are committed to {cfg.store}",
+                          style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        # the same overrides (the store, the site...), with where to go on in place of the job's own
+        kept = [o for o in overrides or [] if o.split("=", 1)[0].strip() not in ("mode", "seed", "episodes")]
+        again = " ".join(["loopsim collect", shlex.quote(str(config)), *map(shlex.quote, kept),
+                          "mode=append", f"seed={cfg.seed + done[0]}", f"episodes={left}"])
         console.print(f"interrupted: the {done[0]} episodes finished so far are committed to {cfg.store}; "
-                      f"continue with: loopsim collect {config} mode=append seed={cfg.seed + done[0]} "
-                      f"episodes={cfg.episodes - done[0]}", style="yellow", markup=False, soft_wrap=True)
+                      f"continue with: {again}", style="yellow", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     console.print(
         _result_table(
@@ -716,8 +729,8 @@ def train(
     except KeyboardInterrupt:
         again = " ".join(["loopsim train", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                           "--run-dir", shlex.quote(str(directory)), "--resume"])
-        console.print(f"interrupted: {directory} keeps its last periodic checkpoint "
-                      "(train.checkpoint_every); "
+        every = "train.checkpoint_every" if cfg.policy.type == "sb3" else "one per finished epoch"
+        console.print(f"interrupted: {directory} keeps its last periodic checkpoint ({every}); "
                       f"continue from it with: {again}", style="yellow", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     evals = run.evaluations()
@@ -739,7 +752,9 @@ def train(
     console.print(table)
     console.print(
         f"run directory: {run.path}\ncheckpoint: {run.checkpoint_dir}\n"
-        f"deploy it: loopsim eval {run.checkpoint_dir} --env {cfg.env.id} --site lab"
+        f"deploy it: loopsim eval {shlex.quote(str(run.checkpoint_dir))} --env {shlex.quote(cfg.env.id)} "
+        f"--site {shlex.quote(cfg.env.site if isinstance(cfg.env.site, str) else 'lab')}",
+        markup=False,
     )
 
 
@@ -750,7 +765,9 @@ def eval_(
     ],
     env_id: Annotated[str, typer.Option("--env", help="Env id, e.g. loopsim/FactoryPickPlace-v0.")],
     site: _SiteOption = None,
-    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes per site.")] = 20,
+    episodes: Annotated[
+        int, typer.Option("--episodes", "-n", min=1, max=_MAX_EPISODES, help="Episodes per site.")
+    ] = 20,
     seed: Annotated[
         int,
         typer.Option(min=0, max=2**31 - 1, help="Seed of the first episode; episode i uses seed+i. The "

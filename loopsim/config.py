@@ -43,6 +43,7 @@ __all__ = [
     "CollectConfig",
     "ConfigError",
     "EnvConfig",
+    "MAX_EPISODES",
     "EvalConfig",
     "ExpertPolicyConfig",
     "RandomPolicyConfig",
@@ -57,6 +58,10 @@ __all__ = [
 
 #: Largest seed accepted anywhere in a config (seeds are passed to NumPy, torch and PyBullet).
 MAX_SEED = 2**31 - 1
+#: Most episodes one collect or evaluation job runs (per site). Its episodes are scheduled up front
+#: (a worker pool's queue): 2e9 of them ran out of memory after the store was created. Collect more
+#: in several jobs (``mode=append seed=<next>``).
+MAX_EPISODES = 100_000
 
 
 class ConfigError(ValueError):
@@ -64,7 +69,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
 
 
 # ================================================================================================ env
@@ -211,11 +216,17 @@ class EvalConfig(_Strict):
     """
 
     sites: list[str] = Field(default_factory=lambda: ["lab"], min_length=1)
-    episodes: int = Field(20, ge=1)
+    episodes: int = Field(20, ge=1, le=MAX_EPISODES)
     seed: int = Field(1_000_000, ge=0, le=MAX_SEED)
     every: int = Field(0, ge=0)
     workers: int = Field(1, ge=1, le=64)
     deterministic: bool = True
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> EvalConfig:
+        if self.seed + self.episodes - 1 > MAX_SEED:  # loopsim eval and collect refuse it too
+            raise ValueError(f"seed + episodes - 1 = {self.seed + self.episodes - 1} exceeds {MAX_SEED}")
+        return self
 
 
 # ============================================================================================== train
@@ -349,7 +360,7 @@ class CollectConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     env: EnvConfig
     policy: RolloutPolicyConfig = Field(default_factory=ExpertPolicyConfig)
-    episodes: int = Field(ge=1)
+    episodes: int = Field(ge=1, le=MAX_EPISODES)
     workers: int = Field(1, ge=1, le=64)
     store: str = Field(min_length=1)
     mode: Literal["create", "append", "overwrite"] = "create"

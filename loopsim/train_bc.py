@@ -145,6 +145,19 @@ def _digest(stores: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _content_digest(dataset: Any) -> str:
+    """sha256 of every array the training reads (observations and actions, with shapes and dtypes).
+
+    A store rewritten with other episodes under the same episode numbers has another digest.
+    """
+    h = hashlib.sha256()
+    for key in sorted(dataset.arrays):
+        a = np.ascontiguousarray(dataset.arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
     with atomic_open(path, "wb", fsync=True) as f:
@@ -201,6 +214,7 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
         stores_used = _episodes_by_store(union, chosen, urls)
         obs_space, act_space = union.observation_space, union.action_space
     digest = _digest(stores_used)
+    content = _content_digest(dataset)
 
     policy = BCPolicy(obs_space, act_space, hidden_sizes=pcfg.hidden_sizes, activation=pcfg.activation,
                       cnn_channels=pcfg.cnn_channels)
@@ -213,7 +227,9 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
     train_seconds, last_loss = 0.0, float("nan")
     if resume and state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=True)
-        if state.get("data_digest") != digest:
+        # data_digest names the episodes; content_digest their data (absent from older runs' states):
+        # a store rewritten (mode=overwrite) with as many other episodes kept the numbers
+        if state.get("data_digest") != digest or state.get("content_digest", content) != content:
             raise RunDirError(f"--resume: the stores {urls} no longer hold the episodes this run was trained "
                               "on (they changed since); start a new run")
         trainer.load_state_dict(state)
@@ -222,7 +238,8 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
 
     def provenance() -> dict[str, Any]:
         return {"trainer": "bc", "stores": stores_used, "n_episodes": int(len(chosen)),
-                "n_transitions": int(len(dataset)), "episodes_sha256": digest, "action_key": train.action_key,
+                "n_transitions": int(len(dataset)), "episodes_sha256": digest, "data_sha256": content,
+                "action_key": train.action_key,
                 "epochs": trainer.epoch, "train_seconds": round(train_seconds, 3),
                 "final_loss": None if np.isnan(last_loss) else last_loss, "device": str(device)}
 
@@ -241,6 +258,14 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
     try:
         while trainer.epoch < train.epochs:
             stats = trainer.train_epoch()
+            if not np.isfinite(stats.loss):
+                from loopsim.training import TrainingDivergedError
+
+                raise TrainingDivergedError(
+                    f"training diverged at epoch {stats.epoch}: the loss is {stats.loss} (train.lr = "
+                    f"{train.lr}); {run.path} keeps its checkpoint of the last finished epoch, if any: "
+                    "lower train.lr and start a new run"
+                )
             train_seconds += stats.seconds
             last_loss = stats.loss
             run.writer.add_scalar("train/loss", stats.loss, stats.epoch)
@@ -252,7 +277,7 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
             policy.provenance = provenance()
             policy.save(run.checkpoint_dir)
             _save_state(state_file, {**trainer.state_dict(), "train_seconds": train_seconds,
-                                     "loss": stats.loss, "data_digest": digest})
+                                     "loss": stats.loss, "data_digest": digest, "content_digest": content})
         run.writer.flush()
         if not (run.checkpoint_dir / "policy.json").exists():  # resumed a finished run: keep it complete
             policy.provenance = provenance()

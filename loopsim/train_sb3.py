@@ -179,7 +179,10 @@ def check_sb3_config(config: TrainConfig) -> None:
     used only with an off-policy algorithm and ``obs_mode: goal`` (and ``her_kwargs`` only with
     ``her``); that every ``algo_kwargs`` key is accepted by the algorithm and not one loopsim sets
     itself; that ``policy_kwargs`` classes are allow-listed and its keys accepted by the policy
-    class; that ``normalize`` is not used with image observations. Then the model is built once on
+    class; that ``normalize`` is not used with image observations; that no number is NaN or
+    infinite, well-known settings are in range (``gamma`` and ``tau`` in [0, 1], sizes >= 1...),
+    ``batch_size`` fits the buffer (or rollout) and the replay buffer fits this machine's memory. Then
+    the model is built once on
     stub envs with the env's spaces (no simulation, a tiny replay buffer), so that SB3 itself checks
     the values; a refusal is reported as a :class:`ConfigError`.
 
@@ -243,6 +246,7 @@ def check_sb3_config(config: TrainConfig) -> None:
                 f"{pol.algo}; allowed: {allowed}"
             )
     _check_value_types(pol.algo, algo_cls, pol.algo_kwargs)
+    _check_value_ranges(pol, config.train.n_envs, off_policy)
     try:
         policy_kwargs = policy_kwargs_from_json(pol.policy_kwargs)
     except ValueError as exc:
@@ -250,6 +254,123 @@ def check_sb3_config(config: TrainConfig) -> None:
     if "action_noise" in pol.algo_kwargs:
         _action_noise(pol.algo_kwargs["action_noise"], gym.spaces.Box(-1.0, 1.0, (1,), np.float32))
     _dry_build(config, algo_cls, policy_kwargs)
+
+
+#: Allowed ranges of well-known SB3 settings (any algorithm that has the key): ``(low, low
+#: inclusive, high, high inclusive)``. SB3 checks few of them itself, and some only when training
+#: starts: gamma 7 and buffer_size -5 "trained", a buffer of 10**11 failed at the first allocation.
+_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "learning_rate": (0.0, False, float("inf"), False),
+    "buffer_size": (1, True, float("inf"), False),
+    "learning_starts": (0, True, float("inf"), False),
+    "batch_size": (1, True, float("inf"), False),
+    "tau": (0.0, True, 1.0, True),
+    "gamma": (0.0, True, 1.0, True),
+    "gae_lambda": (0.0, True, 1.0, True),
+    "gradient_steps": (-1, True, float("inf"), False),
+    "n_steps": (1, True, float("inf"), False),
+    "n_epochs": (1, True, float("inf"), False),
+    "target_update_interval": (1, True, float("inf"), False),
+    "policy_delay": (1, True, float("inf"), False),
+    "sde_sample_freq": (-1, True, float("inf"), False),
+    "stats_window_size": (1, True, float("inf"), False),
+    "clip_range": (0.0, False, float("inf"), False),
+    "ent_coef": (0.0, True, float("inf"), False),
+    "vf_coef": (0.0, True, float("inf"), False),
+    "max_grad_norm": (0.0, False, float("inf"), False),
+    "target_kl": (0.0, False, float("inf"), False),
+    "target_policy_noise": (0.0, True, float("inf"), False),
+    "target_noise_clip": (0.0, True, float("inf"), False),
+    "exploration_fraction": (0.0, True, 1.0, True),
+    "exploration_initial_eps": (0.0, True, 1.0, True),
+    "exploration_final_eps": (0.0, True, 1.0, True),
+    "rms_prop_eps": (0.0, False, float("inf"), False),
+}
+
+
+def _range_text(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == float("inf"):
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The key path of the first NaN or infinite number inside ``value`` (lists and mappings too)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _non_finite(v, f"{where}.{k}"))), None)
+    if isinstance(value, list | tuple):
+        return next((w for i, v in enumerate(value) if (w := _non_finite(v, f"{where}[{i}]"))), None)
+    return None
+
+
+def _check_value_ranges(pol: SB3PolicyConfig, n_envs: int, off_policy: bool) -> None:
+    """Refuse NaN or infinite numbers anywhere in the SB3 settings, and values outside :data:`_RANGES`.
+
+    A NaN ``gamma`` trained until the first checkpoint, whose metadata refused it, and the run could
+    never resume (NaN differs from itself, so the config "differed").
+    """
+    for name in ("algo_kwargs", "her_kwargs", "policy_kwargs"):
+        where = _non_finite(getattr(pol, name), f"policy.{name}")
+        if where is not None:
+            raise ConfigError(f"{where} is not a finite number; allowed: finite numbers")
+    for key, value in pol.algo_kwargs.items():
+        if key not in _RANGES or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # the wrong kind is _check_value_types' to refuse; "auto" ent_coef passes
+        low, low_in, high, high_in = _RANGES[key]
+        ok = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+        if not ok:
+            raise ConfigError(
+                f"policy.algo_kwargs.{key}={value!r} is out of range; allowed: "
+                f"{_range_text(low, low_in, high, high_in)}"
+            )
+    batch = pol.algo_kwargs.get("batch_size")
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        if off_policy and isinstance(pol.algo_kwargs.get("buffer_size"), int):
+            limit, what = pol.algo_kwargs["buffer_size"], "policy.algo_kwargs.buffer_size"
+        elif not off_policy and isinstance(pol.algo_kwargs.get("n_steps"), int):
+            limit = pol.algo_kwargs["n_steps"] * n_envs
+            what = "policy.algo_kwargs.n_steps x train.n_envs (one rollout)"
+        else:
+            limit = None
+        if limit is not None and batch > limit:
+            raise ConfigError(f"policy.algo_kwargs.batch_size={batch} is larger than {what} ({limit}); "
+                              f"allowed: <= {limit}")
+    n_goal = pol.her_kwargs.get("n_sampled_goal")
+    if n_goal is not None and (isinstance(n_goal, bool) or not isinstance(n_goal, int) or n_goal < 0):
+        raise ConfigError(f"policy.her_kwargs.n_sampled_goal={n_goal!r}; allowed: an integer >= 0")
+
+
+def _space_bytes(space: gym.Space) -> int:
+    """Bytes of one sample of ``space`` as SB3's buffers store it."""
+    if isinstance(space, gym.spaces.Dict):
+        return sum(_space_bytes(s) for s in space.spaces.values())
+    shape = space.shape or (1,)
+    return int(np.prod(shape)) * np.dtype(space.dtype or np.float32).itemsize
+
+
+def _check_buffer_memory(pol: SB3PolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+    """Refuse a replay buffer larger than this machine's memory (SB3 allocates it whole, up front).
+
+    Per transition SB3 stores the observation, the next observation (unless
+    ``optimize_memory_usage``), the action (float32 for Box spaces) and three float32 scalars.
+    """
+    size = pol.algo_kwargs.get("buffer_size", 1_000_000)
+    if isinstance(size, bool) or not isinstance(size, int):
+        return
+    obs = _space_bytes(obs_space)
+    per = obs * (1 if pol.algo_kwargs.get("optimize_memory_usage") else 2) + _space_bytes(act_space) + 12
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return
+    if size * per > memory:
+        raise ConfigError(
+            f"policy.algo_kwargs.buffer_size={size} needs about {size * per / 2**30:.3g} GiB for this "
+            f"env's transitions ({per} bytes each) and this machine has {memory / 2**30:.3g} GiB; "
+            f"allowed: <= {memory // per}"
+        )
 
 
 def _check_value_types(algo: str, algo_cls: type, algo_kwargs: dict[str, Any]) -> None:
@@ -320,6 +441,8 @@ def _dry_build(config: TrainConfig, algo_cls: type, policy_kwargs: dict[str, Any
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
+    if _is_off_policy(algo_cls):
+        _check_buffer_memory(pol, obs_space, act_space)
     name = resolve_policy_name(pol.policy, obs_space)
     goal = isinstance(obs_space, gym.spaces.Dict)
     venv = DummyVecEnv([functools.partial(_StubEnv, obs_space, act_space, goal)] * config.train.n_envs)
@@ -707,6 +830,21 @@ class _Trainer:
         return policy
 
 
+def _raise_if_diverged(model: Any, config: TrainConfig, cause: BaseException | None) -> None:
+    """Raise :class:`~loopsim.training.TrainingDivergedError` if the policy's weights are not finite."""
+    import torch
+
+    bad = [n for n, p in model.policy.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        from loopsim.training import TrainingDivergedError
+
+        raise TrainingDivergedError(
+            f"training diverged by step {int(model.num_timesteps)}: the policy's weights {bad[:3]} hold "
+            f"NaN or infinite values (policy.algo_kwargs = {config.policy.algo_kwargs}); the run keeps its "
+            "last good checkpoint: lower the learning rate and start a new run"
+        ) from cause
+
+
 # ======================================================================== bit-identical resume
 def _generators(model: Any) -> dict[str, Any]:
     """The states of every random generator SB3's learning loop draws from (copies).
@@ -891,13 +1029,18 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
             callbacks.insert(0, ProgressBarCallback())
         remaining = config.train.total_timesteps - start
         if remaining > 0:
-            model.learn(
-                remaining,
-                callback=CallbackList(callbacks),
-                tb_log_name="sb3",
-                reset_num_timesteps=state_dir is None,
-                progress_bar=False,
-            )
+            try:
+                model.learn(
+                    remaining,
+                    callback=CallbackList(callbacks),
+                    tb_log_name="sb3",
+                    reset_num_timesteps=state_dir is None,
+                    progress_bar=False,
+                )
+            except ValueError as exc:  # torch refuses NaN parameters of an action distribution
+                _raise_if_diverged(model, config, exc)
+                raise
+        _raise_if_diverged(model, config, None)
         n = int(model.num_timesteps)
         if trainer.last_eval != n or not run.evaluations():
             trainer.evaluate()

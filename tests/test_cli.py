@@ -222,3 +222,32 @@ def test_a_bundled_name_wins_over_a_file_of_that_name_with_a_note(tmp_path, monk
     result = runner.invoke(app, ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "--site", "./lab"],
                            terminal_width=300)
     assert result.exit_code == 2 and "a bundled factory site has that name" in result.output
+
+
+@pytest.mark.parametrize("finished", [15, 20])
+def test_an_interrupted_collect_says_how_to_continue_with_its_overrides(tmp_path, monkeypatch, finished):
+    """The hint dropped the overrides: followed, it appended to the config's own store, at its site."""
+    import loopsim.rollout as rollout_mod
+
+    def interrupted(config, on_episode=None):
+        for _ in range(finished):
+            on_episode(None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout_mod, "collect", interrupted)
+    store = tmp_path / "my store.zarr"
+    result = runner.invoke(
+        app,
+        ["collect", "configs/collect/factory_pick_lab.yaml", f"store={store}", "env.site=noisy_sensors",
+         "episodes=20", "seed=3", "mode=create"],
+        terminal_width=400,
+    )
+    assert result.exit_code == 130, result.output
+    text = " ".join(result.output.split())
+    if finished == 20:  # "episodes=0" was suggested, which collect refuses
+        assert "interrupted after the last episode: all 20 are committed" in text
+        return
+    quoted = "'" + f"store={store}" + "'"
+    again = (f"continue with: loopsim collect configs/collect/factory_pick_lab.yaml {quoted} "
+             "env.site=noisy_sensors mode=append seed=18 episodes=5")
+    assert again in text

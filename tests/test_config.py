@@ -58,6 +58,17 @@ def test_train_config_from_file_with_overrides(tmp_path):
         (SB3, ["train.total_timesteps=0"], ["train.total_timesteps = 0"]),
         (SB3, ["eval.sites=[]"], ["eval.sites = []"]),
         ({"env": ENV}, [], ["policy: required key is missing", "train: required key is missing"]),
+        # from the train break-it pass: bools were read as numbers and numbers or text as bools
+        # (train.epochs=true trained 1 epoch), quoted numbers as numbers
+        (BC, ["train.epochs=true"], ["train.epochs = True", "valid integer"]),
+        (BC, ["seed=false"], ["seed = False", "valid integer"]),
+        (BC, ["eval.episodes=true"], ["eval.episodes = True", "valid integer"]),
+        (BC, ["eval.deterministic=1"], ["eval.deterministic = 1", "valid boolean"]),
+        (BC, ["train.epochs='3'"], ["train.epochs = '3'", "valid integer"]),
+        (BC, ["train.lr=true"], ["train.lr = True", "valid number"]),
+        # evaluation seeds past the largest seed (loopsim eval and collect refused them)
+        (BC, ["eval.seed=2147483647", "eval.episodes=2"], ["seed + episodes - 1 = 2147483648 exceeds"]),
+        (BC, ["eval.episodes=2000000000"], ["eval.episodes = 2000000000", "less than or equal to 100000"]),
     ],
 )
 def test_bad_keys_and_values_are_named(base, overrides, expected):
@@ -122,3 +133,20 @@ def test_check_env_config_names_site_and_kwargs():
         check_env_config(EnvConfig(id=ENV["id"], kwargs={"no_such_kwarg": 1}))
     with pytest.raises(ValueError, match="env.site, not inside env.kwargs"):
         EnvConfig(id=ENV["id"], kwargs={"site": "lab"})
+
+
+def test_a_huge_collect_is_refused_before_its_store_exists(tmp_path):
+    """2e9 episodes were accepted, the store created, then the job's episode list ran out of memory."""
+    with pytest.raises(ConfigError, match=r"episodes = 2000000000.*less than or equal to 100000"):
+        load_config(CollectConfig, {"env": ENV, "episodes": 2_000_000_000, "store": str(tmp_path / "s.zarr")})
+    assert not (tmp_path / "s.zarr").exists()
+    cfg = load_config(CollectConfig, {"env": ENV, "episodes": 100_000, "store": "s.zarr", "seed": 5})
+    assert cfg.episodes == 100_000  # floats for float fields still take integers: train.lr=1 is 1.0
+    assert load_config(TrainConfig, BC, ["train.lr=1"]).train.lr == 1.0
+
+
+def test_the_cli_episode_limit_is_the_config_one():
+    from loopsim.cli import _MAX_EPISODES
+    from loopsim.config import MAX_EPISODES
+
+    assert _MAX_EPISODES == MAX_EPISODES

@@ -165,6 +165,18 @@ def test_resume_refuses_changed_data(tmp_path: Path) -> None:
         train(config, tmp_path / "run", resume=True, progress_bar=False)
 
 
+def test_resume_refuses_a_store_rewritten_with_as_many_other_episodes(tmp_path: Path) -> None:
+    """Only the store's address and episode numbers were hashed: the same store rewritten
+    (mode=overwrite) with as many episodes of other seeds resumed without a word."""
+    store = _collect(tmp_path / "rewritten.zarr", episodes=2)
+    config = _config([store], train__epochs=1)
+    first = train(config, tmp_path / "run", progress_bar=False)
+    assert len(load_policy(first.checkpoint_dir).provenance["data_sha256"]) == 64
+    collect(CollectConfig(seed=500, env={"id": PICK}, episodes=2, store=store, mode="overwrite"))
+    with pytest.raises(RunDirError, match="no longer hold the episodes"):
+        train(config, tmp_path / "run", resume=True, progress_bar=False)
+
+
 def test_cli_train_with_overrides(tmp_path: Path, demo_store: str) -> None:
     from typer.testing import CliRunner
 
@@ -225,3 +237,38 @@ def _tb_scalars(tb_dir: Path, tag: str) -> list[float]:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)]
+
+
+def test_a_diverged_run_stops_with_one_line_and_writes_no_nan_checkpoint(
+    tmp_path: Path, demo_store: str
+) -> None:
+    """train.lr=1e30: a checkpoint of NaN weights was written, then the final evaluation died with
+    "action must be finite, got [nan, nan, nan, nan]" (and so did loopsim eval on it)."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from loopsim.cli import app
+    from loopsim.policies import CheckpointError, write_checkpoint
+    from loopsim.training import TrainingDivergedError
+
+    config = _config([demo_store], train__epochs=3, train__lr=1e30)
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch \d: the loss is nan"):
+        train(config, tmp_path / "run", progress_bar=False)
+    if (tmp_path / "run" / "checkpoint").exists():  # an epoch before the NaN one: finite, loadable
+        load_policy(tmp_path / "run" / "checkpoint")
+    path = tmp_path / "bc.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", str(path), "--run-dir", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "training diverged at epoch" in result.output, result.output
+    with pytest.raises(ValueError, match=r"weights \['w'\] hold NaN or infinite values"):
+        write_checkpoint(tmp_path / "nan", {"kind": "bc"}, {"w": torch.tensor([1.0, float("nan")])})
+    assert not (tmp_path / "nan").exists()
+    # a NaN checkpoint (an older loopsim, a damaged file) is refused by name when loaded
+    good = train(_config([demo_store], train__epochs=1), tmp_path / "good", progress_bar=False)
+    checkpoint = good.checkpoint_dir
+    tensors = load_file(str(checkpoint / "weights.safetensors"))
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(checkpoint / "weights.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"holds NaN or infinite values in \['{name}'\]"):
+        load_policy(checkpoint)

@@ -107,6 +107,45 @@ def _config(**over: Any) -> TrainConfig:
         ({"policy.algo_kwargs": {"batch_size": 2.5}}, "policy.algo_kwargs.batch_size=2.5 must be an integer"),
         ({"policy.algo_kwargs": {"train_freq": [1, "epoch"]}}, "policy.algo_kwargs.train_freq=[1, 'epoch']"),
         ({"policy.algo_kwargs": {"ent_coef": "sometimes"}}, "SAC refused"),
+        # from the train break-it pass: NaN/inf settings trained until the first checkpoint refused
+        # them, and the run could never resume (NaN differs from itself); out-of-range values
+        # trained (gamma 7, buffer_size -5, batch_size 0) or failed after the run directory existed
+        ({"policy.algo_kwargs": {"gamma": float("nan")}}, "policy.algo_kwargs.gamma is not a finite number"),
+        ({"policy.algo_kwargs": {"tau": float("inf")}}, "policy.algo_kwargs.tau is not a finite number"),
+        ({"policy.algo_kwargs": {"target_entropy": float("nan")}}, "target_entropy is not a finite"),
+        (
+            {"policy.algo_kwargs": {"train_freq": [1, "step"], "action_noise": {"type": "normal",
+                                                                                  "sigma": float("inf")}}},
+            "policy.algo_kwargs.action_noise.sigma is not a finite number",
+        ),
+        (
+            {"policy.her": True, "env.kwargs": {"obs_mode": "goal"},
+             "policy.her_kwargs": {"n_sampled_goal": float("nan")}},
+            "policy.her_kwargs.n_sampled_goal is not a finite number",
+        ),
+        (
+            {"policy.her": True, "env.kwargs": {"obs_mode": "goal"},
+             "policy.her_kwargs": {"n_sampled_goal": -1}},
+            "policy.her_kwargs.n_sampled_goal=-1; allowed: an integer >= 0",
+        ),
+        ({"policy.algo_kwargs": {"gamma": 7}}, "policy.algo_kwargs.gamma=7 is out of range; allowed: [0, 1]"),
+        ({"policy.algo_kwargs": {"buffer_size": -5}}, "buffer_size=-5 is out of range; allowed: >= 1"),
+        ({"policy.algo_kwargs": {"buffer_size": 0}}, "buffer_size=0 is out of range; allowed: >= 1"),
+        ({"policy.algo_kwargs": {"batch_size": 0}}, "batch_size=0 is out of range; allowed: >= 1"),
+        ({"policy.algo_kwargs": {"learning_rate": 0}}, "learning_rate=0 is out of range; allowed: > 0"),
+        (
+            {"policy.algo_kwargs": {"buffer_size": 1000, "batch_size": 10**20}},
+            "batch_size=100000000000000000000 is larger than policy.algo_kwargs.buffer_size (1000)",
+        ),
+        (
+            {"policy.algo_kwargs": {"buffer_size": 10**11}},
+            "policy.algo_kwargs.buffer_size=100000000000 needs about",
+        ),
+        (
+            {"policy.algo": "PPO", "policy.algo_kwargs": {"n_steps": 16, "batch_size": 64},
+             "train.n_envs": 2},
+            "batch_size=64 is larger than policy.algo_kwargs.n_steps x train.n_envs (one rollout) (32)",
+        ),
     ],
 )
 def test_check_refuses_before_any_work(tmp_path: Path, over: dict[str, Any], message: str) -> None:
