@@ -97,7 +97,8 @@ def write_checkpoint(
         The checkpoint path.
 
     Raises:
-        ValueError: If ``metadata`` lacks ``kind`` or holds non-finite numbers.
+        ValueError: If ``metadata`` lacks ``kind`` or holds non-finite numbers, or a floating-point
+            tensor holds NaN or infinite values (a diverged policy); nothing is written.
         TypeError: If ``metadata`` is not JSON-able.
         FileExistsError: If ``path`` exists and is neither a checkpoint nor an empty directory
             (nothing is changed).
@@ -114,6 +115,12 @@ def write_checkpoint(
         **_finite_json(dict(metadata)),
     }
     text = json.dumps(meta, indent=2, sort_keys=False)
+    bad = _non_finite_tensors(dict(tensors or {}))
+    if bad:  # a diverged policy: its first action would be NaN, refused by every env
+        raise ValueError(
+            f"the policy's weights {bad} hold NaN or infinite values (training diverged: e.g. lower the "
+            f"learning rate); no checkpoint was written to {path}"
+        )
     if path.exists() and not (is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))):
         raise FileExistsError(f"{path} exists and is not a loopsim policy checkpoint; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +133,7 @@ def write_checkpoint(
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _share_as_umask_allows(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             old.rmdir()
@@ -138,6 +146,34 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _process_umask() -> int:
+    """This process's umask (Linux: read from ``/proc``; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def _share_as_umask_allows(folder: Path) -> None:
+    """Give a checkpoint folder and its files the modes ``mkdir`` and ``open`` would have given them.
+
+    ``tempfile.mkdtemp`` makes the folder 0700 and safetensors writes the weights 0600, whatever the
+    umask: a checkpoint written under umask 022 could not be read by anyone else, so a "portable"
+    checkpoint could not be deployed by another user or a service account.
+    """
+    mask = _process_umask()
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
 
 
 def _leftovers(path: Path, kind: str) -> list[Path]:
@@ -163,7 +199,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         ``(metadata, tensors)``; ``tensors`` is empty when the checkpoint has no weights.
 
     Raises:
-        CheckpointError: If ``path`` is missing, not a checkpoint, damaged, or of a newer format.
+        CheckpointError: If ``path`` is missing, not a checkpoint, damaged (weights holding NaN or
+            infinite values included), or of a newer format.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -200,4 +237,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights} is damaged: {exc}") from None
+    bad = _non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{weights} holds NaN or infinite values in {bad}: the policy's training diverged (or the "
+            "file was damaged); it cannot act"
+        )
     return meta, tensors
+
+
+def _non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]

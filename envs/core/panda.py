@@ -26,7 +26,7 @@ import numpy as np
 import pybullet as p
 import pybullet_data
 
-from loopsim.atomic import atomic_write
+from loopsim.atomic import atomic_open
 from loopsim.envs.core.sim import Simulation
 
 __all__ = ["Panda", "panda_urdf_path"]
@@ -157,6 +157,28 @@ def _own_folder(folder: str) -> bool:
     return _UID is None or (st.st_uid == _UID and not st.st_mode & 0o022)
 
 
+def _own_file(path: str) -> bool:
+    """Whether ``path`` is a regular file (not a symlink) of this user that no one else can write.
+
+    The folder check alone let another user rewrite a model file in place when the files had been
+    written group- or world-writable (umask 002 or 000), manifest included.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    return _UID is None or (st.st_uid == _UID and not st.st_mode & 0o022)
+
+
+def _write_model_file(path: str, text: str) -> None:
+    """Write one model file atomically with mode 0644, whatever the umask (see :func:`_own_file`)."""
+    with atomic_open(path, "w", mkdir=False) as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(text)
+
+
 def _present(folder: str, sizes: tuple[tuple[str, int], ...]) -> bool:
     """Whether ``folder`` holds every file of ``sizes`` with its size and is still the user's own.
 
@@ -178,11 +200,13 @@ def _verified_sizes(folder: str, manifest: str) -> tuple[tuple[str, int], ...]:
     collision shape or refuse the URDF. Returns ``()`` for a missing, unreadable or unverified manifest.
     """
     try:
+        if not _own_file(manifest):
+            return ()
         with open(manifest) as f:
             entries = json.load(f)
         sizes = []
         for name, (size, sha) in entries.items():
-            if os.path.basename(name) != name:
+            if os.path.basename(name) != name or not _own_file(os.path.join(folder, name)):
                 return ()
             with open(os.path.join(folder, name), "rb") as f:
                 data = f.read()
@@ -207,7 +231,9 @@ def panda_urdf_path() -> str:
     scene) checks that the folder is still the user's own and each file there with its size (a temp
     cleaner may delete some), and generates them again when one is not. The folder is used only if it
     is a directory of this user that no one else can write (its name is predictable: another user could
-    create it first or plant a symlink); otherwise the model is generated into a private folder for
+    create it first or plant a symlink), and its files only if they are this user's and no one
+    else can write them (they are written 0644 whatever the umask; others are written again);
+    otherwise the model is generated into a private folder for
     this process (removed at exit), with a ``RuntimeWarning``.
 
     Returns:
@@ -252,14 +278,14 @@ def panda_urdf_path() -> str:
         for name, text in files:
             path = Path(folder) / name
             try:
-                if path.read_text() == text:
+                if _own_file(str(path)) and path.read_text() == text:
                     continue
             except (OSError, UnicodeDecodeError):
-                pass  # missing, unreadable or damaged: (re)write it
-            atomic_write(path, text, mkdir=False)
+                pass  # missing, unreadable, damaged or writable by others: (re)write it
+            _write_model_file(str(path), text)
         entries = {n: [len(t.encode()), hashlib.sha256(t.encode()).hexdigest()] for n, t in files}
         sizes = tuple((n, size) for n, (size, _) in entries.items())
-        atomic_write(manifest, json.dumps(entries, indent=1), mkdir=False)
+        _write_model_file(manifest, json.dumps(entries, indent=1))
     _MODEL = (folder, os.path.join(folder, "panda.urdf"), sizes)
     return _MODEL[1]
 

@@ -158,6 +158,45 @@ def test_model_folder_planted_by_someone_else_is_not_trusted(fresh_tmp, how):
     assert panda.panda_urdf_path() == path  # the process keeps its private model (no new warning)
 
 
+@pytest.mark.parametrize("umask", [0o000, 0o002])
+def test_model_files_others_could_write_are_written_again(fresh_tmp, umask):
+    """Only the folder's mode was checked: with files written under umask 000 (or 002, for the group)
+    another user rewrote panda.urdf in place, manifest to match, and the next process loaded it."""
+    import os
+    import stat
+
+    from loopsim.envs.core import panda
+
+    old = os.umask(umask)
+    try:
+        path = panda.panda_urdf_path()  # generated under this umask
+    finally:
+        os.umask(old)
+    folder = os.path.dirname(path)
+    assert {stat.S_IMODE(os.stat(os.path.join(folder, f)).st_mode) for f in os.listdir(folder)} == {0o644}
+    # the files of an earlier loopsim, or chmod'ed since, writable by others and tampered with
+    tampered_folder, files = _planted_folder(fresh_tmp)
+    assert str(tampered_folder) == folder
+    for name, text in files:
+        target = os.path.join(folder, name)
+        os.unlink(target)
+        with open(target, "w") as f:
+            f.write(text)
+        os.chmod(target, 0o666)
+    import hashlib
+    import json
+
+    entries = {n: [len(t.encode()), hashlib.sha256(t.encode()).hexdigest()] for n, t in files}
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        f.write(json.dumps(entries))
+    os.chmod(os.path.join(folder, "manifest.json"), 0o666)
+    panda._MODEL = None  # as a new process
+    assert panda.panda_urdf_path() == path  # the folder is the user's own: its files are made again
+    text = open(path).read()
+    assert '<mass value="99.9"/>' not in text and '<mass value="2.9"/>' in text
+    assert {stat.S_IMODE(os.stat(os.path.join(folder, f)).st_mode) for f in os.listdir(folder)} == {0o644}
+
+
 @pytest.mark.parametrize("name", ["hull_link6.obj", "panda.urdf"])
 def test_model_file_of_the_right_size_but_other_bytes_is_rewritten(fresh_tmp, name):
     """Zeros left by a crash after the rename keep the size the per-reset check looks at: a new process

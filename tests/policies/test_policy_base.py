@@ -234,3 +234,22 @@ def test_damaged_metadata_values_give_checkpoint_errors(env, tmp_path, settings)
     (path / "policy.json").write_text(json.dumps({**meta, **settings}))
     with pytest.raises(CheckpointError):
         load_policy(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_checkpoint_gets_the_modes_the_umask_allows(tmp_path, umask):
+    """The folder was 0700 (mkdtemp) and the weights 0600 (safetensors) whatever the umask: under
+    umask 022 no other user could deploy the checkpoint."""
+    import os
+    import stat
+
+    import torch
+
+    old = os.umask(umask)
+    try:
+        path = write_checkpoint(tmp_path / "ckpt", {"kind": "test"}, {"w": torch.zeros(3)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert modes == {"policy.json": 0o666 & ~umask, "weights.safetensors": 0o666 & ~umask}
