@@ -40,7 +40,9 @@ class FactoryPickPlaceEnv(ConveyorTaskEnv):
     opening ``0.04 * (g + 1)`` m.
 
     **Rewards.** ``dense``: minus the largest part-to-target distance [m]; ``sparse``: 0 when every
-    part is within 0.06 m of its target, else -1.
+    part lies inside its bin's box around its target (``goal_box``: within 0.08 m in x and in y, the
+    bin's inner half width, and 0.06 m in z, a resting part's height up to the rim; per axis, not a
+    distance), else -1. Every successful state has sparse reward 0.
 
     **Version history.** v0: initial version.
     """
