@@ -609,7 +609,12 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 # ------------------------------------------------------------------------------ policies and runs
-_OVERRIDES_HELP = "Config overrides key.sub=value (value parsed as YAML), e.g. train.epochs=50 seed=3."
+def _overrides_help(example: str) -> str:
+    """The help of a command's ``key=value`` overrides, with an example of its own config's keys."""
+    return f"Config overrides key.sub=value (value parsed as YAML), e.g. {example}."
+
+
+_OVERRIDES_HELP = _overrides_help("train.epochs=50 seed=3")
 
 
 @contextmanager
@@ -649,7 +654,10 @@ def collect(
     config: Annotated[
         Path, typer.Argument(help="Collect config (YAML), e.g. configs/collect/factory_pick_lab.yaml.")
     ],
-    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help=_overrides_help("episodes=50 env.site=fast_conveyor"), show_default=False),
+    ] = None,
 ) -> None:
     """Run a policy (by default the task's expert) at a site for N episodes into an episode store.
 
@@ -886,7 +894,9 @@ def eval_(
 @app.command()
 def loop(
     config: Annotated[Path, typer.Argument(help="Loop config (YAML), e.g. configs/loop/quickstart.yaml.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help=_overrides_help("loop.iterations=2 seed=1"), show_default=False)
+    ] = None,
     run_dir: Annotated[
         Path | None,
         typer.Option(help="Run directory. [default: run_dir from the config, else runs/<config stem>]"),
@@ -1229,7 +1239,9 @@ def bench(
         typer.Argument(help="Benchmark config (YAML), or a bundled suite name: factory-v0, shift-v0, "
                        "warehouse-v0."),
     ],
-    overrides: Annotated[list[str] | None, typer.Argument(help=_OVERRIDES_HELP, show_default=False)] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help=_overrides_help("eval.episodes=10 seed=1"), show_default=False)
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output directory. [default: runs/bench/<name>]")
     ] = None,

@@ -158,7 +158,8 @@ class SB3PolicyConfig(_Strict):
         algo_kwargs: Keyword arguments of the algorithm (``learning_rate``, ``buffer_size``,
             ``batch_size``, ``gamma``, ``learning_starts``...), JSON values only.
         policy_kwargs: ``policy_kwargs`` of the algorithm: ``net_arch`` and ``activation_fn`` by name
-            (``relu``, ``tanh``, ``elu``, ``gelu``, ``leaky_relu``), JSON values only.
+            (one of :data:`loopsim.policies.sb3.ACTIVATIONS`: ``relu``, ``tanh``, ``elu``...), JSON
+            values only.
     """
 
     type: Literal["sb3"] = "sb3"
@@ -285,6 +286,15 @@ class BCTrainConfig(_Strict):
     type: Literal["bc"] = "bc"
     stores: list[str] = Field(min_length=1)
     success_only: bool = False
+
+    @field_validator("stores")
+    @classmethod
+    def _stores_once(cls, value: list[str]) -> list[str]:
+        """A store listed twice trained on its episodes twice over, silently."""
+        seen = [s for i, s in enumerate(value) if s in value[:i]]
+        if seen:
+            raise ValueError(f"{seen[0]!r} is listed more than once; list each store once")
+        return value
     max_episodes: int | None = Field(None, ge=1)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)

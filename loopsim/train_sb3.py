@@ -247,6 +247,14 @@ def check_sb3_config(config: TrainConfig) -> None:
             )
     _check_value_types(pol.algo, algo_cls, pol.algo_kwargs)
     _check_value_ranges(pol, config.train.n_envs, off_policy)
+    device = pol.algo_kwargs.get("device", "auto")
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # SB3 trained on the CPU without a word (BC refuses it too)
+            raise ConfigError(
+                f"policy.algo_kwargs.device={device!r}: this machine has no CUDA device; allowed: cpu, auto"
+            )
     try:
         policy_kwargs = policy_kwargs_from_json(pol.policy_kwargs)
     except ValueError as exc:

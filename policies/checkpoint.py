@@ -20,6 +20,7 @@ until the next write puts a new checkpoint in place. Each write also removes the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -89,8 +90,9 @@ def write_checkpoint(
 
     Args:
         path: The checkpoint directory. If it exists it must be a loopsim checkpoint (or empty).
-        metadata: JSON-able mapping; must contain ``"kind"``. ``format``, ``format_version`` and
-            ``loopsim_version`` are added.
+        metadata: JSON-able mapping; must contain ``"kind"``. ``format``, ``format_version``,
+            ``loopsim_version`` and (with tensors) ``weights_sha256``, checked by
+            :func:`read_checkpoint`, are added.
         tensors: Named tensors to store in ``weights.safetensors`` (moved to CPU, made contiguous).
 
     Returns:
@@ -114,7 +116,6 @@ def write_checkpoint(
         "loopsim_version": _loopsim_version(),
         **_finite_json(dict(metadata)),
     }
-    text = json.dumps(meta, indent=2, sort_keys=False)
     bad = _non_finite_tensors(dict(tensors or {}))
     if bad:  # a diverged policy: its first action would be NaN, refused by every env
         raise ValueError(
@@ -129,6 +130,9 @@ def write_checkpoint(
     try:
         if tensors:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / _WEIGHTS))
+            # safetensors checks the header, not the numbers: a flipped bit in a weight went unseen
+            meta["weights_sha256"] = hashlib.sha256((tmp / _WEIGHTS).read_bytes()).hexdigest()
+        text = json.dumps(meta, indent=2, sort_keys=False)
         with open(tmp / _META, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -233,7 +237,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     tensors: dict[str, torch.Tensor] = {}
     weights = path / _WEIGHTS
     if weights.exists():
+        recorded = meta.get("weights_sha256")  # absent from checkpoints of older loopsim versions
         try:
+            if recorded is not None and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+                raise CheckpointError(
+                    f"{weights} is damaged: its sha256 differs from the one {meta_file.name} records"
+                )
             tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights} is damaged: {exc}") from None

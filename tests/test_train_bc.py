@@ -55,7 +55,10 @@ def _config(stores: list[str], **overrides: Any) -> TrainConfig:
 # ------------------------------------------------------------------------------------------ checks
 def test_check_accepts_a_good_store(demo_store: str) -> None:
     check_bc_config(_config([demo_store]))
-    check_bc_config(_config([demo_store, demo_store], train__action_key="expert_action"))
+    check_bc_config(_config([demo_store], train__action_key="expert_action"))
+    # the same store twice trained on its episodes twice over, silently (train break-it pass)
+    with pytest.raises(ValueError, match="is listed more than once; list each store once"):
+        _config([demo_store, demo_store])
 
 
 def test_check_refuses_missing_and_non_stores(tmp_path: Path) -> None:
@@ -270,5 +273,10 @@ def test_a_diverged_run_stops_with_one_line_and_writes_no_nan_checkpoint(
     name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(checkpoint / "weights.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weights.safetensors is damaged: its sha256 differs"):
+        load_policy(checkpoint)
+    meta = json.loads((checkpoint / "policy.json").read_text())
+    del meta["weights_sha256"]  # as an older loopsim wrote it
+    (checkpoint / "policy.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=rf"holds NaN or infinite values in \['{name}'\]"):
         load_policy(checkpoint)

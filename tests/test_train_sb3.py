@@ -137,6 +137,11 @@ def _config(**over: Any) -> TrainConfig:
             {"policy.algo_kwargs": {"buffer_size": 1000, "batch_size": 10**20}},
             "batch_size=100000000000000000000 is larger than policy.algo_kwargs.buffer_size (1000)",
         ),
+        pytest.param(
+            {"policy.algo_kwargs": {"device": "cuda"}},
+            "policy.algo_kwargs.device='cuda': this machine has no CUDA device; allowed: cpu, auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there"),
+        ),
         (
             {"policy.algo_kwargs": {"buffer_size": 10**11}},
             "policy.algo_kwargs.buffer_size=100000000000 needs about",

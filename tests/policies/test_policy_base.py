@@ -253,3 +253,19 @@ def test_a_checkpoint_gets_the_modes_the_umask_allows(tmp_path, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
     assert modes == {"policy.json": 0o666 & ~umask, "weights.safetensors": 0o666 & ~umask}
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
+    """safetensors checks its header, not the numbers: a flipped byte inside a tensor loaded silently."""
+    import torch
+
+    from loopsim.policies import CheckpointError, read_checkpoint
+
+    path = write_checkpoint(tmp_path / "ckpt", {"kind": "test"}, {"w": torch.arange(8, dtype=torch.float32)})
+    meta, tensors = read_checkpoint(path)
+    assert len(meta["weights_sha256"]) == 64 and torch.equal(tensors["w"], torch.arange(8.0))
+    data = bytearray((path / "weights.safetensors").read_bytes())
+    data[-3] ^= 0x01  # inside the last float
+    (path / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged: its sha256 differs from the one policy.json records"):
+        read_checkpoint(path)
