@@ -299,6 +299,22 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: p
     assert len(list((run.tb_dir).glob("sb3_*"))) == 1  # the same TensorBoard run continues
 
 
+def _stop_after_first_resume_state(
+    config: TrainConfig, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train into ``run_dir`` and stop (as Ctrl-C would) right after the first resume state is saved."""
+    original = train_sb3_module._Trainer.save_resume
+
+    def save_then_stop(self: Any) -> None:
+        original(self)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_sb3_module._Trainer, "save_resume", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run_dir, progress_bar=False)
+
+
 def _run_state(run_dir: Path) -> dict[str, Any]:
     """Everything a run's learning produced: SB3's parameters (optimizers included), the replay buffer
     and the normalisation statistics of the final resume state, and the evaluation results."""
@@ -376,16 +392,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(
     config = _config(**{"train.total_timesteps": 300, **over})
     train(config, tmp_path / "through", progress_bar=False)
 
-    original = train_sb3_module._Trainer.save_resume
-
-    def checkpoint_then_die(self: Any) -> Any:
-        original(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "resumed", progress_bar=False)
-    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", original)
+    _stop_after_first_resume_state(config, tmp_path / "resumed", monkeypatch)
     first = load_resume_state(tmp_path / "resumed" / "resume")
     assert first is not None and json.loads((first / "state.json").read_text())["num_timesteps"] == 100
     with pytest.warns() as record:  # no warning of fresh episodes
@@ -406,16 +413,7 @@ def test_a_resume_state_that_does_not_replay_starts_fresh_episodes_with_a_warnin
     """If an episode does not replay to the observation SB3 saved (an env changed between the runs),
     the run still resumes, with fresh episodes, and says it is not bit for bit."""
     config = _config(**{"train.total_timesteps": 200, "eval.every": 0})
-    original = train_sb3_module._Trainer.save_resume
-
-    def checkpoint_then_die(self: Any) -> Any:
-        original(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "run", progress_bar=False)
-    monkeypatch.setattr(train_sb3_module._Trainer, "save_resume", original)
+    _stop_after_first_resume_state(config, tmp_path / "run", monkeypatch)
     state = load_resume_state(tmp_path / "run" / "resume")
     with open(state / "rollout_state.pkl", "rb") as f:
         saved = pickle.load(f)  # noqa: S301

@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,13 +148,7 @@ def _own_folder(folder: str) -> bool:
     The folder's name in the temp directory is predictable: another user could create it first (with
     a model of their own) or plant a symlink there. Only a folder this check accepts is read or written.
     """
-    try:
-        st = os.lstat(folder)
-    except OSError:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return False
-    return _UID is None or (st.st_uid == _UID and not st.st_mode & 0o022)
+    return _owned(folder, stat.S_ISDIR)
 
 
 def _own_file(path: str) -> bool:
@@ -163,11 +157,16 @@ def _own_file(path: str) -> bool:
     The folder check alone let another user rewrite a model file in place when the files had been
     written group- or world-writable (umask 002 or 000), manifest included.
     """
+    return _owned(path, stat.S_ISREG)
+
+
+def _owned(path: str, is_kind: Callable[[int], bool]) -> bool:
+    """Whether ``path`` (not followed) is of the kind ``is_kind`` tests and only the user can write it."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    if not stat.S_ISREG(st.st_mode):
+    if not is_kind(st.st_mode):
         return False
     return _UID is None or (st.st_uid == _UID and not st.st_mode & 0o022)
 
