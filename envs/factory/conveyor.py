@@ -3,8 +3,14 @@
 Scene (world frame, metres): a belt conveyor runs along +y at ``x = BELT_X``, its top surface at
 ``z = BELT_TOP``; the stretch within the robot's reach is ``|y| <= BELT_END``. The belt is a real
 body: a long slab on a prismatic joint driven by a velocity motor, so parts ride on it by friction
-(heavy or slippery parts lag and slide, a jittery belt shakes them). Open bins stand on the floor on
-the robot's side of the belt.
+(heavy or slippery parts lag and slide, a jittery belt shakes them). The belt never runs out: the slab
+starts centred at each reset (joint position 0) and, whenever it has travelled more than
+``BELT_SHIFT_AT`` downstream, it is moved back by ``BELT_SHIFT`` (``resetJointState``, keeping its
+velocity and motor target). Its surface is uniform, so the shift is seen only in Bullet refreshing the
+contact points of whatever lies on it (a riding part's velocity moves by a few 1e-4 m/s, then carries
+on); an episode whose belt travels less than ``BELT_SHIFT_AT`` never shifts (every one at the bundled
+sites with the default ``max_steps``: at most ~1.8 m). Open bins stand on the floor on the robot's
+side of the belt.
 
 Parts: ``cube`` (kind 0, red, 40 mm) and ``cylinder`` (kind 1, blue, 40 mm diameter, 40 mm tall).
 """
@@ -31,8 +37,13 @@ __all__ = ["ConveyorTaskEnv", "ConveyorExpert", "Bin"]
 BELT_X, BELT_TOP = 0.55, 0.10
 #: Belt half width [m] and the end of the reachable stretch [m] (a part past it is missed).
 BELT_HALF_WIDTH, BELT_END = 0.12, 0.55
-#: Half length of the moving slab [m]: covers the reachable stretch for > 2.5 m of belt travel.
+#: Half length of the moving slab [m]. It covers y in [travel - 3.2, travel + 3.2] [m] for a belt
+#: travel (joint position) ``travel``; the shift below keeps travel in [0, ~2.0] m, so the slab always
+#: covers y in [-1.2, 3.2] m: the reachable stretch and every part's start (y >= -1.05 m).
 BELT_HALF_LENGTH = 3.2
+#: Belt travel [m] past which the slab is shifted back (checked before each control step's physics)
+#: and the distance it is shifted back by [m], for any episode length.
+BELT_SHIFT_AT, BELT_SHIFT = 2.0, 2.0
 #: Part half height [m] (cube half side; cylinder half height) and cube half side / cylinder radius [m].
 PART_HALF = 0.02
 KIND_NAMES = ("cube", "cylinder")
@@ -89,6 +100,7 @@ class ConveyorTaskEnv(FactoryEnv):
 
     bins: ClassVar[tuple[Bin, ...]] = (Bin(0.30, 0.38),)
     n_parts_default: ClassVar[int] = 1
+    #: Unused by the conveyor tasks' sparse reward (``goal_box`` is set); kept for the base class's API.
     goal_distance_threshold: ClassVar[float] = 0.06
     #: Sparse-reward tolerance: the bin's inside (half widths, and rim height above a resting part) [m],
     #: plus 0.1 mm for float32 goals, so every successful state has sparse reward 0.
@@ -175,6 +187,10 @@ class ConveyorTaskEnv(FactoryEnv):
         self._lifted = [False] * self.n_parts
         self._placed = [False] * self.n_parts
         self._belt_speed = 0.0
+        # Running estimate of the belt travel from the commanded speeds, in [m/s x control steps]
+        # (cheap per step); the true joint position is read only once it passes the shift point.
+        self._belt_travel = 0.0
+        self._belt_shift_at = BELT_SHIFT_AT / self.sim.control_dt
         self._bin_targets = [float(v) for b in self.bins for v in b.target]
         cid = self.sim.id
         self._get_pose = functools.partial(p.getBasePositionAndOrientation, physicsClientId=cid)
@@ -214,6 +230,7 @@ class ConveyorTaskEnv(FactoryEnv):
             used[k] += 1
         speed = float(self.site_params["conveyor_speed"])
         self._belt_speed = speed
+        self._belt_travel = 0.0
         bc.resetJointState(self.conveyor, 0, 0.0, targetVelocity=speed)
         self._belt_motor(targetVelocity=speed)
         y = rng.uniform(-0.25, -0.15)
@@ -237,6 +254,22 @@ class ConveyorTaskEnv(FactoryEnv):
         if speed != self._belt_speed:  # the motor keeps its target until told otherwise
             self._belt_speed = speed
             self._belt_motor(targetVelocity=speed)
+        if self._belt_travel > self._belt_shift_at:
+            self._shift_belt()
+        self._belt_travel += speed
+
+    def _shift_belt(self) -> None:
+        """Move the slab back by ``BELT_SHIFT`` if it has travelled past ``BELT_SHIFT_AT``.
+
+        The joint keeps its velocity, and its motor its target (``resetJointState`` leaves the motor
+        alone); the travel estimate is re-synchronised with the true joint position either way.
+        """
+        bc = self.sim.bc
+        travel, velocity = bc.getJointState(self.conveyor, 0)[:2]
+        if travel > BELT_SHIFT_AT:
+            travel -= BELT_SHIFT
+            bc.resetJointState(self.conveyor, 0, travel, targetVelocity=velocity)
+        self._belt_travel = travel / self.sim.control_dt
 
     def _read_task_state(self) -> None:
         get_pose, get_vel = self._get_pose, self._get_vel
