@@ -328,6 +328,17 @@ class FactoryPegInsertExpert(Expert):
     3. A peg tilted by more than ``TILT_FIX`` in the grip (from rim contact) is straightened before
        it goes deeper than ``STRAIGHTEN_DEPTH``: its tip is put ``PIVOT_DEPTH`` into the hole, where
        the walls hold it, and the hand moves over the tip, pivoting the peg upright in the fingers.
+    4. A peg that does not turn in the fingers (wedged between them, or leaning along the direction
+       they close in, where it would have to turn against the finger pads) is not straightened by
+       the pivot, which then either pushes its tip into a corner of the square hole (inside the
+       hole, within the clearance of both walls, but farther from the axis than the round test of
+       rules 1 and 3 accepts) or presses it against a wall with the hand stopped (tip at least
+       ``PINNED_OFFSET`` off the axis, hand slower than ``STALL_SPEED`` sideways). In either state,
+       deeper than half ``PIVOT_DEPTH``, a peg tilted by no more than ``TILT_OK`` (what success
+       tolerates) is pushed straight in where it is, the walls guiding it, instead of being lifted
+       out to pivot again from the same place (a cycle until the time limit) or pushed sideways
+       without end. A more tilted peg is straightened as before. Like the others, the rule reads
+       only the current state.
     """
 
     env_type = FactoryPegInsertEnv
@@ -354,6 +365,15 @@ class FactoryPegInsertExpert(Expert):
     TILT_FIX = math.radians(2.5)
     #: Depth of the tip in the hole while straightening [m].
     PIVOT_DEPTH = 0.006
+    #: Largest tilt that is pushed in as it is once the pivot has failed to straighten the peg [rad]:
+    #: the task's success tolerance (5 degrees), so a peg this upright needs no straightening.
+    TILT_OK = MAX_TILT
+    #: Offset of the tip from the hole axis, in x or in y, from which it counts as pressed against a
+    #: wall while straightening [m] (the clearance is 2 mm).
+    PINNED_OFFSET = 0.0015
+    #: Horizontal hand speed below which a pivot pressing the tip against a wall has stalled [m/s]
+    #: (a pivoting hand moves at 15 to 40 mm/s).
+    STALL_SPEED = 0.002
     #: Largest hand speed while straightening [action units].
     PIVOT_SPEED = 0.3
     #: Straighten only while the tip is less deep than this [m] (deeper, the walls keep it upright).
@@ -375,9 +395,22 @@ class FactoryPegInsertExpert(Expert):
         planar = math.hypot(err_xy[0], err_xy[1])
         height = tip[2] - FIXTURE_TOP  # of the tip above the fixture top [m]
         k = self.GAIN / MAX_DISPLACEMENT
-        if env.peg_tilt() > self.TILT_FIX and height > -self.STRAIGHTEN_DEPTH:
+        tilt = env.peg_tilt()
+        pinned = False  # straightening has failed and the tilt is acceptable: push straight in
+        if tilt > self.TILT_FIX and height > -self.STRAIGHTEN_DEPTH:
             pivot_z = FIXTURE_TOP - self.PIVOT_DEPTH
-            if height < -0.5 * self.PIVOT_DEPTH and planar <= CLEARANCE + 0.001:  # held by the walls
+            in_hole = height < -0.5 * self.PIVOT_DEPTH
+            off = max(abs(err_xy[0]), abs(err_xy[1]))  # the hole is square: the walls bound x and y
+            if in_hole and off <= CLEARANCE + 0.001 and tilt <= self.TILT_OK:
+                # The pivot has not turned the peg upright (it is wedged in the fingers): its tip is
+                # in a corner of the hole, beyond the round test below (rising from there, then
+                # realigning, repeats the same pivot), or pressed against a wall with the hand
+                # stopped (the pivot pushes on and nothing moves).
+                vx, vy, _ = env.robot.ee_vel_t
+                pinned = planar > CLEARANCE + 0.001 or (
+                    off >= self.PINNED_OFFSET and math.hypot(vx, vy) < self.STALL_SPEED
+                )
+            if in_hole and planar <= CLEARANCE + 0.001 and not pinned:  # held by the walls
                 # Move the hand by the tip-to-grasp lever times the lean, back over the tip.
                 ax, ay, _ = env.peg_axis()
                 lever = float(np.linalg.norm(env.robot.ee_pos - env.peg_tip()))
@@ -390,11 +423,13 @@ class FactoryPegInsertExpert(Expert):
                         -1.0,
                     ]
                 )
-            target_z = pivot_z
+            target_z = FIXTURE_TOP - TARGET_DEPTH - self.OVERSHOOT if pinned else pivot_z
         else:
             target_z = FIXTURE_TOP - TARGET_DEPTH - self.OVERSHOOT
         inside = height < -self.MOUTH and planar <= CLEARANCE + 0.001  # the walls hold the tip
-        if inside or (height < self.MOUTH and planar <= self.ENTER_TOL):  # centre and push in, slowly
+        if pinned:  # straight down where it is, the walls holding the tip
+            goal, vz = (tip[0], tip[1], target_z), self.INSERT_SPEED
+        elif inside or (height < self.MOUTH and planar <= self.ENTER_TOL):  # centre and push in, slowly
             goal, vz = (hole[0], hole[1], target_z), self.INSERT_SPEED
         elif height < self.MOUTH:  # at the mouth but off the axis: rise (straight up if on the rim)
             xy = tip if height < self.RIM else hole
