@@ -178,6 +178,8 @@ def expert(
         raise _error(f"unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}")
     if not math.isfinite(noise):
         raise _error(f"--noise {noise} must be a finite number >= 0")
+    if seed + episodes - 1 > 2**31 - 1:  # as eval and collect refuse it (loopsim.config.MAX_SEED)
+        raise _error(f"--seed {seed} + --episodes {episodes} - 1 exceeds the largest seed {2**31 - 1}")
     try:
         sites_to_run = _resolve_sites(env_id, site or ["lab"])
     except SiteError as exc:
@@ -738,8 +740,10 @@ def train(
         again = " ".join(["loopsim train", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                           "--run-dir", shlex.quote(str(directory)), "--resume"])
         every = "train.checkpoint_every" if cfg.policy.type == "sb3" else "one per finished epoch"
-        console.print(f"interrupted: {directory} keeps its last periodic checkpoint ({every}); "
-                      f"continue from it with: {again}", style="yellow", markup=False, soft_wrap=True)
+        kept = (f"keeps its last periodic checkpoint ({every})" if (Path(directory) / "checkpoint").is_dir()
+                else "has no checkpoint yet (the run starts over)")
+        console.print(f"interrupted: {directory} {kept}; continue with: {again}",
+                      style="yellow", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     evals = run.evaluations()
     last = [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []

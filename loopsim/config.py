@@ -62,6 +62,9 @@ MAX_SEED = 2**31 - 1
 #: (a worker pool's queue): 2e9 of them ran out of memory after the store was created. Collect more
 #: in several jobs (``mode=append seed=<next>``).
 MAX_EPISODES = 100_000
+#: Largest learning rate accepted: just under float32's largest value (3.4028e38), which torch keeps
+#: learning rates in (above it training failed with an overflow).
+MAX_LEARNING_RATE = 3.4e38
 
 
 class ConfigError(ValueError):
@@ -290,15 +293,27 @@ class BCTrainConfig(_Strict):
     @field_validator("stores")
     @classmethod
     def _stores_once(cls, value: list[str]) -> list[str]:
-        """A store listed twice trained on its episodes twice over, silently."""
-        seen = [s for i, s in enumerate(value) if s in value[:i]]
-        if seen:
-            raise ValueError(f"{seen[0]!r} is listed more than once; list each store once")
+        """Refuse a store listed twice: it trained on its episodes twice over, silently.
+
+        Also as ``dir/./s.zarr``, ``s.zarr/`` or a ``file://`` URL of the same folder: local paths are
+        compared resolved.
+        """
+        from loopsim.datasets.store import _local_path
+
+        keys = []
+        for s in value:
+            remote = "://" in s and not s.startswith("file://")
+            keys.append(s.rstrip("/") if remote else os.path.realpath(_local_path(s)))
+        for i, k in enumerate(keys):
+            if k in keys[:i]:
+                first = value[keys.index(k)]
+                same = "" if first == value[i] else f" (as {first!r} and {value[i]!r})"
+                raise ValueError(f"{value[i]!r} is listed more than once{same}; list each store once")
         return value
     max_episodes: int | None = Field(None, ge=1)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    lr: float = Field(1e-3, gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     action_key: Literal["action", "expert_action"] = "action"

@@ -50,6 +50,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -60,7 +61,14 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
-from loopsim.config import ConfigError, EnvConfig, SB3PolicyConfig, SB3TrainConfig, TrainConfig
+from loopsim.config import (
+    MAX_LEARNING_RATE,
+    ConfigError,
+    EnvConfig,
+    SB3PolicyConfig,
+    SB3TrainConfig,
+    TrainConfig,
+)
 
 if TYPE_CHECKING:
     from loopsim.policies.sb3 import SB3Policy
@@ -248,6 +256,9 @@ def check_sb3_config(config: TrainConfig) -> None:
     _check_value_types(pol.algo, algo_cls, pol.algo_kwargs)
     _check_value_ranges(pol, config.train.n_envs, off_policy)
     device = pol.algo_kwargs.get("device", "auto")
+    cuda = isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device) is not None
+    if device not in ("cpu", "auto") and not cuda:
+        raise ConfigError(f"policy.algo_kwargs.device={device!r}; allowed: cpu, auto, cuda, cuda:<index>")
     if isinstance(device, str) and device.startswith("cuda"):
         import torch
 
@@ -255,6 +266,12 @@ def check_sb3_config(config: TrainConfig) -> None:
             raise ConfigError(
                 f"policy.algo_kwargs.device={device!r}: this machine has no CUDA device; allowed: cpu, auto"
             )
+    freq = pol.algo_kwargs.get("train_freq")
+    if isinstance(freq, list) and freq[1:] == ["episode"] and config.train.n_envs > 1:
+        raise ConfigError(  # SB3 asserts it when training starts, after the run directory exists
+            f"policy.algo_kwargs.train_freq={freq!r} trains per episode, which SB3 allows with one env "
+            f"only (train.n_envs is {config.train.n_envs}); allowed: train.n_envs: 1, or train_freq in steps"
+        )
     try:
         policy_kwargs = policy_kwargs_from_json(pol.policy_kwargs)
     except ValueError as exc:
@@ -268,7 +285,7 @@ def check_sb3_config(config: TrainConfig) -> None:
 #: inclusive, high, high inclusive)``. SB3 checks few of them itself, and some only when training
 #: starts: gamma 7 and buffer_size -5 "trained", a buffer of 10**11 failed at the first allocation.
 _RANGES: dict[str, tuple[float, bool, float, bool]] = {
-    "learning_rate": (0.0, False, float("inf"), False),
+    "learning_rate": (0.0, False, MAX_LEARNING_RATE, True),  # float32, as torch keeps it
     "buffer_size": (1, True, float("inf"), False),
     "learning_starts": (0, True, float("inf"), False),
     "batch_size": (1, True, float("inf"), False),
@@ -416,8 +433,12 @@ def _check_value_types(algo: str, algo_cls: type, algo_kwargs: dict[str, Any]) -
                     f"policy.algo_kwargs.{key}={value!r} must be a number (for {algo}; default {default!r})"
                 )
             if isinstance(default, int) and not isinstance(value, int) and key != "learning_starts":
-                if not float(value).is_integer():
-                    raise ConfigError(f"policy.algo_kwargs.{key}={value!r} must be an integer (for {algo})")
+                # 32.0 too: SB3 crashed on it mid-run ("expected a sequence of integers"), as the
+                # strict config refuses 3.0 for train.epochs
+                raise ConfigError(
+                    f"policy.algo_kwargs.{key}={value!r} must be an integer, written without a decimal "
+                    f"point (for {algo}; default {default!r})"
+                )
 
 
 class _StubEnv(gym.Env):
@@ -447,10 +468,20 @@ def _dry_build(config: TrainConfig, algo_cls: type, policy_kwargs: dict[str, Any
     env = config.env.make()
     try:
         obs_space, act_space = env.observation_space, env.action_space
+        max_steps = getattr(env.unwrapped, "max_steps", None)
     finally:
         env.close()
     if _is_off_policy(algo_cls):
         _check_buffer_memory(pol, obs_space, act_space)
+    starts = pol.algo_kwargs.get("learning_starts", 100)
+    if pol.her and isinstance(max_steps, int) and isinstance(starts, int | float):
+        needed = max_steps * config.train.n_envs
+        if starts < needed:  # SB3 raised "Unable to sample before the end of the first episode" mid-run
+            raise ConfigError(
+                f"policy.algo_kwargs.learning_starts={starts!r}: HER samples from finished episodes, and an "
+                f"episode of {config.env.id} may last {max_steps} steps in each of the {config.train.n_envs} "
+                f"env(s); allowed: >= {needed}"
+            )
     name = resolve_policy_name(pol.policy, obs_space)
     goal = isinstance(obs_space, gym.spaces.Dict)
     venv = DummyVecEnv([functools.partial(_StubEnv, obs_space, act_space, goal)] * config.train.n_envs)
@@ -699,7 +730,8 @@ def load_resume_state(resume_dir: str | os.PathLike) -> Path | None:
     """The current resume state folder named by ``resume_dir/LATEST`` (``None`` if there is none).
 
     Raises:
-        RuntimeError: If ``LATEST`` names a folder that does not exist or lacks ``model.zip``.
+        loopsim.training.RunDirError: If ``LATEST`` names a folder that does not exist or lacks
+            ``model.zip`` or ``state.json``.
     """
     resume_dir = Path(resume_dir)
     latest = resume_dir / _LATEST
@@ -707,7 +739,12 @@ def load_resume_state(resume_dir: str | os.PathLike) -> Path | None:
         return None
     path = resume_dir / latest.read_text(encoding="utf-8").strip()
     if not (path / "model.zip").is_file() or not (path / _STATE).is_file():
-        raise RuntimeError(f"the resume state {path} named by {latest} is incomplete")
+        from loopsim.training import RunDirError
+
+        raise RunDirError(
+            f"--resume: the resume state {path} named by {latest} is incomplete (no model.zip or "
+            f"{_STATE}); start a new run"
+        )
     return path
 
 
@@ -932,8 +969,15 @@ def _rebuild_rollout(model: Any, venv: Any, vec_normalize: Any, state_dir: Path)
     path = state_dir / _ROLLOUT
     if not path.is_file():
         return None
-    with open(path, "rb") as fh:
-        saved = pickle.load(fh)  # noqa: S301 - the run's own private resume state
+    try:
+        with open(path, "rb") as fh:
+            saved = pickle.load(fh)  # noqa: S301 - the run's own private resume state
+        if not isinstance(saved, dict) or not {"episodes", "generators", "returns"} <= saved.keys():
+            raise ValueError("it is not a rollout state")
+    except Exception as exc:  # noqa: BLE001 - damaged: any unpickling error; the run resumes without it
+        warnings.warn(f"resuming with fresh episodes, not bit for bit: {path} cannot be read ({exc!r})",
+                      RuntimeWarning, stacklevel=2)
+        return None
     # off-policy algorithms keep the raw observation beside the normalised one; on-policy ones only
     # the normalised one (normalising with the saved statistics gives it again, bit for bit)
     raw = model._last_original_obs if vec_normalize is not None and _is_off_policy(type(model)) else None
@@ -942,13 +986,22 @@ def _rebuild_rollout(model: Any, venv: Any, vec_normalize: Any, state_dir: Path)
         why = "the saved state does not match the training envs"
     else:
         for i, log in enumerate(saved["episodes"]):
-            obs = venv.env_method("replay_episode", log, indices=[i])[0]
+            try:
+                obs = venv.env_method("replay_episode", log, indices=[i])[0]
+            except Exception as exc:  # noqa: BLE001 - a damaged log (refused action, missing key...)
+                why = f"training env {i} could not replay its episode ({exc!r})"
+                break
             seen = obs if vec_normalize is None else vec_normalize.normalize_obs(obs)
             if not _same_obs(seen, _obs_at(model._last_obs, i)) or (
                 raw is not None and not _same_obs(obs, _obs_at(raw, i))
             ):
                 why = f"training env {i} did not replay to the saved observation"
                 break
+        if why is None:
+            try:  # restoring them now finds a damaged state before training starts
+                _set_generators(model, saved["generators"])
+            except Exception as exc:  # noqa: BLE001
+                why = f"the saved random generators cannot be restored ({exc!r})"
     if why is not None:
         warnings.warn(
             f"resuming with fresh episodes, not bit for bit: {why}", RuntimeWarning, stacklevel=2
@@ -975,7 +1028,7 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
 
     Raises:
         ConfigError: If the config is not an ``sb3`` config.
-        RuntimeError: If the resume state is incomplete.
+        loopsim.training.RunDirError: If the resume state is incomplete.
     """
     from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
     from stable_baselines3.common.vec_env import VecNormalize

@@ -129,6 +129,8 @@ class RunDir:
                 raise
             return run
         if run.path.exists() and any(e.name != LOCK_NAME for e in run.path.iterdir()):
+            if (run.path / LOCK_NAME).exists():  # in use: "pass --resume" would be refused as well
+                acquire_or_refuse(run.path, LOCK_NAME, "loopsim train", "--run-dir", RunDirError).release()
             raise RunDirError(
                 f"run directory {run.path} already exists; pass --resume to continue it, or "
                 "choose another with --run-dir / run_dir=..."

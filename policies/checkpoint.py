@@ -236,6 +236,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         )
     tensors: dict[str, torch.Tensor] = {}
     weights = path / _WEIGHTS
+    if "weights_sha256" in meta and not weights.exists():
+        raise CheckpointError(f"{weights} is missing ({meta_file.name} records its sha256)")
     if weights.exists():
         recorded = meta.get("weights_sha256")  # absent from checkpoints of older loopsim versions
         try:

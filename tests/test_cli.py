@@ -251,3 +251,10 @@ def test_an_interrupted_collect_says_how_to_continue_with_its_overrides(tmp_path
     again = (f"continue with: loopsim collect configs/collect/factory_pick_lab.yaml {quoted} "
              "env.site=noisy_sensors mode=append seed=18 episodes=5")
     assert again in text
+
+
+def test_expert_refuses_seeds_past_the_largest_seed():
+    """eval and collect refused them; expert ran seeds 2147483647..2147483648 into a store."""
+    result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "-n", "2", "--seed", "2147483647"],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "exceeds the largest seed 2147483647" in result.output

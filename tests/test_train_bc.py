@@ -59,6 +59,10 @@ def test_check_accepts_a_good_store(demo_store: str) -> None:
     # the same store twice trained on its episodes twice over, silently (train break-it pass)
     with pytest.raises(ValueError, match="is listed more than once; list each store once"):
         _config([demo_store, demo_store])
+    folder, name = demo_store.rsplit("/", 1)
+    for alias in (f"{folder}/./{name}", demo_store + "/", Path(demo_store).as_uri()):
+        with pytest.raises(ValueError, match=r"is listed more than once \(as .* and .*\); list each"):
+            _config([demo_store, alias])
 
 
 def test_check_refuses_missing_and_non_stores(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def _config(**over: Any) -> TrainConfig:
             "type": "sb3",
             "algo": "SAC",
             "normalize": True,
-            "algo_kwargs": {"learning_starts": 50, "buffer_size": 1000, "batch_size": 16},
+            "algo_kwargs": {"learning_starts": 100, "buffer_size": 1000, "batch_size": 16},
             "policy_kwargs": {"net_arch": [16, 16]},
         },
         "train": {"total_timesteps": 200, "checkpoint_every": 100},
@@ -132,11 +132,27 @@ def _config(**over: Any) -> TrainConfig:
         ({"policy.algo_kwargs": {"buffer_size": -5}}, "buffer_size=-5 is out of range; allowed: >= 1"),
         ({"policy.algo_kwargs": {"buffer_size": 0}}, "buffer_size=0 is out of range; allowed: >= 1"),
         ({"policy.algo_kwargs": {"batch_size": 0}}, "batch_size=0 is out of range; allowed: >= 1"),
-        ({"policy.algo_kwargs": {"learning_rate": 0}}, "learning_rate=0 is out of range; allowed: > 0"),
+        ({"policy.algo_kwargs": {"learning_rate": 0}}, "learning_rate=0 is out of range; allowed: (0, 3.4e"),
         (
             {"policy.algo_kwargs": {"buffer_size": 1000, "batch_size": 10**20}},
             "batch_size=100000000000000000000 is larger than policy.algo_kwargs.buffer_size (1000)",
         ),
+        # from the second train break-it pass: each crashed mid-run, after the run directory existed
+        ({"policy.algo_kwargs": {"batch_size": 32.0}}, "batch_size=32.0 must be an integer, written"),
+        ({"policy.algo_kwargs": {"gradient_steps": 2.0}}, "gradient_steps=2.0 must be an integer"),
+        ({"policy.algo_kwargs": {"buffer_size": 100000.0}}, "buffer_size=100000.0 must be an integer"),
+        (
+            {"policy.algo_kwargs": {"train_freq": [1, "episode"]}, "train.n_envs": 2},
+            "train_freq=[1, 'episode'] trains per episode, which SB3 allows with one env only",
+        ),
+        (
+            {"policy.her": True, "env.kwargs": {"obs_mode": "goal"},
+             "policy.algo_kwargs": {"learning_starts": 50}},
+            "learning_starts=50: HER samples from finished episodes, and an episode of "
+            "loopsim/FactoryPegInsert-v0 may last 100 steps in each of the 1 env(s); allowed: >= 100",
+        ),
+        ({"policy.algo_kwargs": {"learning_rate": 1e39}}, "learning_rate=1e+39 is out of range; allowed"),
+        ({"policy.algo_kwargs": {"device": "meta"}}, "device='meta'; allowed: cpu, auto, cuda, cuda:<index>"),
         pytest.param(
             {"policy.algo_kwargs": {"device": "cuda"}},
             "policy.algo_kwargs.device='cuda': this machine has no CUDA device; allowed: cpu, auto",
@@ -222,7 +238,9 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
             "env.kwargs": {"obs_mode": "goal"},
             "policy.her": True,
             "policy.her_kwargs": {"n_sampled_goal": 2},
+            "policy.algo_kwargs": {"learning_starts": 200, "buffer_size": 1000, "batch_size": 16},
             "train.n_envs": 2,
+            "train.total_timesteps": 300,
             "train.failure_penalty": 1.0,
         }
     )
@@ -230,13 +248,13 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert run.finished
     assert yaml.safe_load((run.path / "config.yaml").read_text())["policy"]["her"] is True
     assert (run.path / "done").exists() and (run.path / "evaluations.csv").exists()
-    assert [r["step"] for r in run.evaluations()] == [100, 200]
+    assert [r["step"] for r in run.evaluations()] == [100, 200, 300]
     assert list((run.tb_dir / "sb3_1").glob("events.out.tfevents.*"))  # SB3's own curves
     assert list(run.tb_dir.glob("events.out.tfevents.*"))  # evaluation curves
     policy = load_policy(run.checkpoint_dir)
     assert isinstance(policy, SB3Policy)
     assert policy.config["policy"]["algo"] == "SAC" and policy.config["seed"] == 0
-    assert policy.provenance["timesteps"] == 200 and policy.provenance["algo"] == "SAC"
+    assert policy.provenance["timesteps"] == 300 and policy.provenance["algo"] == "SAC"
     assert policy.normalizer is not None and policy.policy_name == "MultiInputPolicy"
     env = config.env.make()
     obs, _ = env.reset(seed=0)
@@ -244,7 +262,7 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert env.action_space.contains(action)
     env.close()
     state = load_resume_state(run.resume_dir)
-    assert state is not None and json.loads((state / "state.json").read_text())["num_timesteps"] == 200
+    assert state is not None and json.loads((state / "state.json").read_text())["num_timesteps"] == 300
 
 
 class _Interrupt(Exception):
@@ -365,7 +383,7 @@ def _run_state(run_dir: Path) -> dict[str, Any]:
             {
                 "policy.algo": "TD3",
                 "policy.algo_kwargs": {
-                    "learning_starts": 50, "buffer_size": 1000, "batch_size": 16,
+                    "learning_starts": 100, "buffer_size": 1000, "batch_size": 16,
                     "action_noise": {"type": "ornstein_uhlenbeck", "sigma": 0.2},
                 },
             },
@@ -407,22 +425,80 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(
     assert [r["step"] for r in through["evaluations"]] == [100, 200, 300]
 
 
+def _flip_last_action(saved: Any) -> Any:
+    saved["episodes"][0]["actions"][-1] = -saved["episodes"][0]["actions"][-1]
+    return saved
+
+
+def _drop(key: str) -> Any:
+    def damage(saved: Any) -> Any:
+        del saved[key]
+        return saved
+
+    return damage
+
+
+def _numpy_state_none(saved: Any) -> Any:
+    saved["generators"]["numpy"] = None
+    return saved
+
+
+def _action_of_text(saved: Any) -> Any:
+    saved["episodes"][0]["actions"][0] = "x"
+    return saved
+
+
+@pytest.mark.parametrize(
+    ("damage", "raw", "why"),
+    [
+        (_flip_last_action, None, "training env 0 did not replay to the saved observation"),
+        (None, b"\x80\x05not a pickle at all", "rollout_state.pkl cannot be read"),
+        (None, "half", "rollout_state.pkl cannot be read"),
+        (lambda saved: [saved], None, "rollout_state.pkl cannot be read"),
+        (_drop("generators"), None, "rollout_state.pkl cannot be read"),
+        (_numpy_state_none, None, "the saved random generators cannot be restored"),
+        (_action_of_text, None, "training env 0 could not replay its episode"),
+    ],
+    ids=["changed-action", "garbage", "truncated", "a-list", "no-generators", "bad-generator", "bad-action"],
+)
 def test_a_resume_state_that_does_not_replay_starts_fresh_episodes_with_a_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Any, raw: Any, why: str
 ) -> None:
     """If an episode does not replay to the observation SB3 saved (an env changed between the runs),
-    the run still resumes, with fresh episodes, and says it is not bit for bit."""
+    or rollout_state.pkl is damaged, the run still resumes, with fresh episodes, and says it is not bit
+    for bit. A damaged file was a traceback at every --resume (second break-it pass)."""
     config = _config(**{"train.total_timesteps": 200, "eval.every": 0})
     _stop_after_first_resume_state(config, tmp_path / "run", monkeypatch)
     state = load_resume_state(tmp_path / "run" / "resume")
-    with open(state / "rollout_state.pkl", "rb") as f:
-        saved = pickle.load(f)  # noqa: S301
-    saved["episodes"][0]["actions"][-1] = -saved["episodes"][0]["actions"][-1]
-    with open(state / "rollout_state.pkl", "wb") as f:
-        pickle.dump(saved, f)
-    with pytest.warns(RuntimeWarning, match="resuming with fresh episodes, not bit for bit: training env 0"):
+    path = state / "rollout_state.pkl"
+    if damage is not None:
+        with open(path, "rb") as f:
+            saved = pickle.load(f)  # noqa: S301
+        with open(path, "wb") as f:
+            pickle.dump(damage(saved), f)
+    elif raw == "half":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(raw)
+    with pytest.warns(RuntimeWarning, match=f"resuming with fresh episodes, not bit for bit: .*{why}"):
         run = train(config, tmp_path / "run", resume=True, progress_bar=False)
     assert run.finished and load_policy(run.checkpoint_dir).provenance["timesteps"] == 200
+
+
+def test_an_incomplete_resume_state_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state folder without model.zip was a 51-line RuntimeError traceback."""
+    from typer.testing import CliRunner
+
+    from loopsim.cli import app
+
+    config = _config(**{"train.total_timesteps": 200, "eval.every": 0})
+    _stop_after_first_resume_state(config, tmp_path / "run", monkeypatch)
+    (load_resume_state(tmp_path / "run" / "resume") / "model.zip").unlink()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", str(path), "--run-dir", str(tmp_path / "run"), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "is incomplete (no model.zip or state.json); start a new run" in " ".join(result.output.split())
 
 
 def test_resume_without_state_starts_over(tmp_path: Path) -> None:

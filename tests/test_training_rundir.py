@@ -22,13 +22,16 @@ def test_new_run_dir_and_refusals(tmp_path):
     run = RunDir.start(tmp_path / "run", cfg(), resume=False)
     assert (run.path / "config.yaml").is_file()
     assert load_config(TrainConfig, run.path / "config.yaml") == cfg()
-    with pytest.raises(RunDirError, match="already exists; pass --resume"):
-        RunDir.start(tmp_path / "run", cfg(), resume=False)
     # while a process trains into it, no other may (new or resumed): two writers renamed their
     # checkpoints and resume states under each other and killed each other's runs
     with pytest.raises(RunDirError, match=r"in use by another `loopsim train` \(its lock .*held\)"):
         RunDir.start(tmp_path / "run", cfg(), resume=True)
+    # a new run into it said "already exists; pass --resume", which would be refused as well
+    with pytest.raises(RunDirError, match=r"in use by another `loopsim train`"):
+        RunDir.start(tmp_path / "run", cfg(), resume=False)
     run.close()
+    with pytest.raises(RunDirError, match="already exists; pass --resume"):
+        RunDir.start(tmp_path / "run", cfg(), resume=False)
     with pytest.raises(RunDirError, match=r"differs from the run's config.yaml at \['train.epochs'\]"):
         RunDir.start(tmp_path / "run", cfg("train.epochs=3"), resume=True)
     resumed = RunDir.start(tmp_path / "run", cfg(), resume=True)  # the refusal released the lock

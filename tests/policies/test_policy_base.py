@@ -269,3 +269,15 @@ def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
     (path / "weights.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="damaged: its sha256 differs from the one policy.json records"):
         read_checkpoint(path)
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    """It was a 40-key "Missing key(s) in state_dict" dump, though policy.json records the weights."""
+    import torch
+
+    from loopsim.policies import CheckpointError, read_checkpoint
+
+    path = write_checkpoint(tmp_path / "ckpt", {"kind": "test"}, {"w": torch.zeros(2)})
+    (path / "weights.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"weights.safetensors is missing \(policy.json records"):
+        read_checkpoint(path)
