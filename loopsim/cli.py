@@ -764,8 +764,9 @@ def train(
     console.print(table)
     console.print(
         f"run directory: {run.path}\ncheckpoint: {run.checkpoint_dir}\n"
-        f"deploy it: loopsim eval {shlex.quote(str(run.checkpoint_dir))} --env {shlex.quote(cfg.env.id)} "
-        f"--site {shlex.quote(cfg.env.site if isinstance(cfg.env.site, str) else 'lab')}",
+        f"deploy it: loopsim eval {shlex.quote(str(run.checkpoint_dir))} --env {shlex.quote(cfg.env.id)}"
+        + (f" --site {shlex.quote(cfg.env.site)}" if isinstance(cfg.env.site, str) else "  (--site: a site "
+           "file with the inline site's params, or a bundled site)"),
         markup=False,
     )
 

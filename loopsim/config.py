@@ -19,6 +19,7 @@ Example (``configs/train/factory_pick_bc.yaml``)::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -572,8 +573,25 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) ->
             got = (err.get("ctx") or {}).get("tag", "(missing)")
             lines.append(f"  {key}.type = {got!r}: not allowed; allowed: {sorted(members)}")
         else:
-            lines.append(f"  {key} = {value!r}: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key} = {value!r}: {msg}{_text_hint(value)}")
     return "\n".join(lines)
+
+
+def _text_hint(value: Any) -> str:
+    """A hint for a number YAML read as text, else ``""``.
+
+    ``1e-3`` is text in YAML 1.1 (its floats need a dot and a signed exponent), as is a quoted number.
+    """
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if re.search(r"\d[eE][-+]?\d", value):
+        return f" (YAML reads an exponent without a dot or a sign as text: write {number!r})"
+    return f" (a number in quotes is text: write {value.strip()} without quotes)"
 
 
 def load_config(

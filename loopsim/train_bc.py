@@ -264,7 +264,7 @@ def _train_bc(config: TrainConfig, run: Any, resume: bool, progress_bar: bool) -
                 raise TrainingDivergedError(
                     f"training diverged at epoch {stats.epoch}: the loss is {stats.loss} (train.lr = "
                     f"{train.lr}); {run.path} keeps its checkpoint of the last finished epoch, if any: "
-                    "lower train.lr and start a new run"
+                    "lower train.lr and start a new run (another --run-dir, or delete this one)"
                 )
             train_seconds += stats.seconds
             last_loss = stats.loss

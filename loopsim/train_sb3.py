@@ -429,8 +429,11 @@ def _check_value_types(algo: str, algo_cls: type, algo_kwargs: dict[str, Any]) -
                 raise ConfigError(f"policy.algo_kwargs.{key}={value!r} must be true or false (for {algo})")
         elif isinstance(default, int | float):
             if isinstance(value, bool) or not isinstance(value, int | float):
+                from loopsim.config import _text_hint
+
                 raise ConfigError(
-                    f"policy.algo_kwargs.{key}={value!r} must be a number (for {algo}; default {default!r})"
+                    f"policy.algo_kwargs.{key}={value!r} must be a number (for {algo}; default "
+                    f"{default!r}){_text_hint(value)}"
                 )
             if isinstance(default, int) and not isinstance(value, int) and key != "learning_starts":
                 # 32.0 too: SB3 crashed on it mid-run ("expected a sequence of integers"), as the
@@ -743,7 +746,7 @@ def load_resume_state(resume_dir: str | os.PathLike) -> Path | None:
 
         raise RunDirError(
             f"--resume: the resume state {path} named by {latest} is incomplete (no model.zip or "
-            f"{_STATE}); start a new run"
+            f"{_STATE}); start a new run (another --run-dir, or delete this one)"
         )
     return path
 
@@ -886,7 +889,8 @@ def _raise_if_diverged(model: Any, config: TrainConfig, cause: BaseException | N
         raise TrainingDivergedError(
             f"training diverged by step {int(model.num_timesteps)}: the policy's weights {bad[:3]} hold "
             f"NaN or infinite values (policy.algo_kwargs = {config.policy.algo_kwargs}); the run keeps its "
-            "last good checkpoint: lower the learning rate and start a new run"
+            "last good checkpoint, if any: lower the learning rate and start a new run (another "
+            "--run-dir, or delete this one)"
         ) from cause
 
 
@@ -1059,6 +1063,9 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
                 model.load_replay_buffer(
                     state_dir / "replay_buffer.pkl", truncate_last_traj=generators is None
                 )
+            if generators is not None and getattr(model, "use_sde", False):
+                warnings.warn("resuming a gSDE run (use_sde): it continues, but not bit for bit (SB3 draws "
+                              "its exploration noise before the checkpoint)", RuntimeWarning, stacklevel=2)
             if generators is None:  # start fresh episodes, seeded by the step count
                 model._last_obs = None
                 model.set_random_seed(config.seed + int(model.num_timesteps))

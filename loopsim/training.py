@@ -131,6 +131,11 @@ class RunDir:
         if run.path.exists() and any(e.name != LOCK_NAME for e in run.path.iterdir()):
             if (run.path / LOCK_NAME).exists():  # in use: "pass --resume" would be refused as well
                 acquire_or_refuse(run.path, LOCK_NAME, "loopsim train", "--run-dir", RunDirError).release()
+            if not config_file.is_file():  # "pass --resume" would say "holds no run"
+                raise RunDirError(
+                    f"{run.path} exists and is not a loopsim run (no config.yaml); choose another with "
+                    "--run-dir / run_dir=..."
+                )
             raise RunDirError(
                 f"run directory {run.path} already exists; pass --resume to continue it, or "
                 "choose another with --run-dir / run_dir=..."

@@ -66,6 +66,9 @@ def test_train_config_from_file_with_overrides(tmp_path):
         (BC, ["eval.deterministic=1"], ["eval.deterministic = 1", "valid boolean"]),
         (BC, ["train.epochs='3'"], ["train.epochs = '3'", "valid integer"]),
         (BC, ["train.lr=true"], ["train.lr = True", "valid number"]),
+        # YAML 1.1 reads 1e-3 as text: the message said only "Input should be a valid number"
+        (BC, ["train.lr=1e-3"], ["train.lr = '1e-3'", "without a dot or a sign as text: write 0.001"]),
+        (BC, ["train.epochs='3'"], ["a number in quotes is text: write 3 without quotes"]),
         (BC, ["train.lr=1.0e+39"], ["train.lr = 1e+39", "less than or equal to 3400000000"]),  # > float32
         # evaluation seeds past the largest seed (loopsim eval and collect refused them)
         (BC, ["eval.seed=2147483647", "eval.episodes=2"], ["seed + episodes - 1 = 2147483648 exceeds"]),

@@ -139,6 +139,7 @@ def _config(**over: Any) -> TrainConfig:
         ),
         # from the second train break-it pass: each crashed mid-run, after the run directory existed
         ({"policy.algo_kwargs": {"batch_size": 32.0}}, "batch_size=32.0 must be an integer, written"),
+        ({"policy.algo_kwargs": {"learning_rate": "3e-4"}}, "as text: write 0.0003"),
         ({"policy.algo_kwargs": {"gradient_steps": 2.0}}, "gradient_steps=2.0 must be an integer"),
         ({"policy.algo_kwargs": {"buffer_size": 100000.0}}, "buffer_size=100000.0 must be an integer"),
         (

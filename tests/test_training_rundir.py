@@ -93,3 +93,11 @@ def test_resume_refuses_a_damaged_config_yaml_with_one_line(tmp_path, text):
         RunDir.start(tmp_path / "run", cfg(), resume=True)
     again = RunDir.start(tmp_path / "run2", cfg(), resume=False)  # nothing left locked
     again.close()
+
+
+def test_a_folder_that_is_not_a_run_is_not_offered_resume(tmp_path):
+    """It said "pass --resume to continue it", which then said "holds no run"."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("x")
+    with pytest.raises(RunDirError, match=r"exists and is not a loopsim run \(no config.yaml\); choose"):
+        RunDir.start(tmp_path / "notes", cfg(), resume=False)
