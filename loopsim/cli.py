@@ -178,8 +178,10 @@ def expert(
         raise _error(f"unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}")
     if not math.isfinite(noise):
         raise _error(f"--noise {noise} must be a finite number >= 0")
-    if seed + episodes - 1 > 2**31 - 1:  # as eval and collect refuse it (loopsim.config.MAX_SEED)
-        raise _error(f"--seed {seed} + --episodes {episodes} - 1 exceeds the largest seed {2**31 - 1}")
+    from loopsim.config import MAX_SEED
+
+    if seed + episodes - 1 > MAX_SEED:  # as eval and collect refuse it
+        raise _error(f"--seed {seed} + --episodes {episodes} - 1 exceeds the largest seed {MAX_SEED}")
     try:
         sites_to_run = _resolve_sites(env_id, site or ["lab"])
     except SiteError as exc:

@@ -19,7 +19,6 @@ Example (``configs/train/factory_pick_bc.yaml``)::
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -35,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from loopsim.yaml_io import describe_yaml_error, load_unique
+from loopsim.yaml_io import describe_yaml_error, load_unique, number_text_hint
 
 __all__ = [
     "BCPolicyConfig",
@@ -579,19 +578,9 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) ->
 
 
 def _text_hint(value: Any) -> str:
-    """A hint for a number YAML read as text, else ``""``.
-
-    ``1e-3`` is text in YAML 1.1 (its floats need a dot and a signed exponent), as is a quoted number.
-    """
-    if not isinstance(value, str):
-        return ""
-    try:
-        number = float(value)
-    except ValueError:
-        return ""
-    if re.search(r"\d[eE][-+]?\d", value):
-        return f" (YAML reads an exponent without a dot or a sign as text: write {number!r})"
-    return f" (a number in quotes is text: write {value.strip()} without quotes)"
+    """`` (hint)`` for a number YAML read as text (:func:`~loopsim.yaml_io.number_text_hint`), else ``""``."""
+    hint = number_text_hint(value)
+    return f" ({hint})" if hint else ""
 
 
 def load_config(

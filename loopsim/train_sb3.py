@@ -429,11 +429,12 @@ def _check_value_types(algo: str, algo_cls: type, algo_kwargs: dict[str, Any]) -
                 raise ConfigError(f"policy.algo_kwargs.{key}={value!r} must be true or false (for {algo})")
         elif isinstance(default, int | float):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                from loopsim.config import _text_hint
+                from loopsim.yaml_io import number_text_hint
 
+                hint = number_text_hint(value)
                 raise ConfigError(
                     f"policy.algo_kwargs.{key}={value!r} must be a number (for {algo}; default "
-                    f"{default!r}){_text_hint(value)}"
+                    f"{default!r})" + (f" ({hint})" if hint else "")
                 )
             if isinstance(default, int) and not isinstance(value, int) and key != "learning_starts":
                 # 32.0 too: SB3 crashed on it mid-run ("expected a sequence of integers"), as the
@@ -603,9 +604,7 @@ class EpisodeLog(gym.Wrapper):
         if log["seed"] is None:
             if log["rng"] is None:
                 raise ValueError("the episode began without a seed or a seeded generator")
-            bit_generator = getattr(np.random, log["rng"]["bit_generator"])()
-            bit_generator.state = copy.deepcopy(log["rng"])
-            base._np_random = np.random.Generator(bit_generator)
+            base._np_random = _generator_from_state(log["rng"])
             base._np_random_seed = log["rng_seed"]
         obs, _ = self.reset(seed=log["seed"], options=copy.deepcopy(log["options"]))
         for action in log["actions"]:
@@ -914,6 +913,13 @@ def _generators(model: Any) -> dict[str, Any]:
     }
 
 
+def _generator_from_state(state: dict[str, Any]) -> np.random.Generator:
+    """A NumPy ``Generator`` in the state ``bit_generator.state`` gave (a copy is taken)."""
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = copy.deepcopy(state)
+    return np.random.Generator(bit_generator)
+
+
 def _set_generators(model: Any, state: dict[str, Any]) -> None:
     """Restore what :func:`_generators` saved."""
     import torch
@@ -922,9 +928,7 @@ def _set_generators(model: Any, state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])  # noqa: NPY002 - see _generators
     torch.set_rng_state(state["torch"])
     if state["action_space"] is not None:
-        bit_generator = getattr(np.random, state["action_space"]["bit_generator"])()
-        bit_generator.state = copy.deepcopy(state["action_space"])
-        model.action_space._np_random = np.random.Generator(bit_generator)
+        model.action_space._np_random = _generator_from_state(state["action_space"])
     if hasattr(model, "action_noise"):
         model.action_noise = copy.deepcopy(state["action_noise"])
 

@@ -136,18 +136,12 @@ class RunDir:
                     f"{run.path} exists and is not a loopsim run (no config.yaml); choose another with "
                     "--run-dir / run_dir=..."
                 )
-            raise RunDirError(
-                f"run directory {run.path} already exists; pass --resume to continue it, or "
-                "choose another with --run-dir / run_dir=..."
-            )
+            raise _exists(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         run._lock = acquire_or_refuse(run.path, LOCK_NAME, "loopsim train", "--run-dir", RunDirError)
         try:
             if any(e.name != LOCK_NAME for e in run.path.iterdir()):  # another run started first
-                raise RunDirError(
-                    f"run directory {run.path} already exists; pass --resume to continue it, or "
-                    "choose another with --run-dir / run_dir=..."
-                )
+                raise _exists(run.path)
             atomic_write(config_file, text)
         except BaseException:
             run.close()
@@ -262,6 +256,14 @@ class RunDir:
     def clear_resume_state(self) -> None:
         """Delete the private resume state (after a finished run, to save space)."""
         shutil.rmtree(self.resume_dir, ignore_errors=True)
+
+
+def _exists(path: Path) -> RunDirError:
+    """The refusal of a new run into the run directory ``path`` that another run already holds."""
+    return RunDirError(
+        f"run directory {path} already exists; pass --resume to continue it, or choose another with "
+        "--run-dir / run_dir=..."
+    )
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Hashable
 from typing import Any
 
 import yaml
 
-__all__ = ["UniqueKeyLoader", "describe_yaml_error", "load_unique"]
+__all__ = ["UniqueKeyLoader", "describe_yaml_error", "load_unique", "number_text_hint"]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -78,3 +79,26 @@ def describe_yaml_error(exc: BaseException) -> str:
         context = f" ({exc.context})" if exc.context else ""
         return " ".join(f"{where}{exc.problem}{context}".split())
     return " ".join(str(exc).split())
+
+
+def number_text_hint(value: Any) -> str | None:
+    """What to write instead, when YAML read a number as text; ``None`` for anything else.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` as text (its floats need a dot and a signed exponent:
+    ``1.0e-3``), and a quoted number is text too. Used by every config and site-file message.
+
+    Args:
+        value: A value that was expected to be a number.
+
+    Returns:
+        A hint such as ``"YAML reads an exponent without a dot or a sign as text: write 0.001"``.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if re.search(r"\d[eE][-+]?\d", value):
+        return f"YAML reads an exponent without a dot or a sign as text: write {number!r}"
+    return f"a number in quotes is text: write {value.strip()} without quotes"

@@ -26,7 +26,6 @@ import difflib
 import math
 import numbers
 import os
-import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from loopsim.yaml_io import describe_yaml_error, load_unique
+from loopsim.yaml_io import describe_yaml_error, load_unique, number_text_hint
 
 __all__ = [
     "ParamDef",
@@ -102,17 +101,9 @@ class SiteSchema:
 
 
 def _check_number(value: Any, where: str) -> float:
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            if re.search(r"\d[eE][-+]?\d", value):  # YAML 1.1 floats need a dot and a signed exponent
-                hint = f"YAML reads an exponent without a dot or a sign as text: write {number!r}"
-            else:
-                hint = f"a number in quotes is text: write {number!r} without quotes"
-            raise SiteError(f"{where}: expected a finite number, got the text {value!r} ({hint})")
+    hint = number_text_hint(value)
+    if hint is not None:
+        raise SiteError(f"{where}: expected a finite number, got the text {value!r} ({hint})")
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise SiteError(f"{where}: expected a finite number, got {value!r}")
     try:
