@@ -405,7 +405,11 @@ def replay_store(
     with ProcessPoolExecutor(max_workers=min(workers, len(indices)), mp_context=ctx,
                              initializer=_init_worker, initargs=(str(url), args)) as pool:
         try:
-            for r in pool.map(_worker_replay, indices):
+            from loopsim.rollout import _sigint_held
+
+            with _sigint_held():  # the workers start here, with Ctrl-C held back from them
+                results = pool.map(_worker_replay, indices)
+            for r in results:
                 if on_episode is not None:
                     on_episode(r)
                 yield r

@@ -416,6 +416,62 @@ def _init_worker(job: _Job) -> None:
     _RUNNER = _Runner(job)
 
 
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back while worker processes start inside the block; deliver it after.
+
+    A terminal's Ctrl-C goes to the whole process group, workers included. A worker only ignores
+    SIGINT once its own code runs, after it has imported loopsim, torch and its pickled job (1-2 s);
+    a Ctrl-C before that printed one ``KeyboardInterrupt`` traceback per worker over the parent's
+    "interrupted: ... continue with ..." line (and an SB3 ``SubprocVecEnv`` worker killed by it made
+    the parent's next ``recv`` an ``EOFError``: "Aborted!", no hint). Two things happen here:
+
+    - SIGINT is blocked in this thread's signal mask. A child inherits the mask of the thread that
+      starts it (``fork`` and ``execve`` keep it, POSIX; so does a forkserver started here and every
+      process it forks), so workers started in the block keep a Ctrl-C pending until they ignore it
+      (``signal.signal(SIGINT, SIG_IGN)`` discards it) or forever. multiprocessing's resource
+      tracker is started first: starting it unblocks SIGINT in the calling thread. A forkserver that
+      was already running keeps the mask it started with.
+    - In the main thread, Python's SIGINT handler is replaced by one that notes the signal (another
+      thread may receive it: the mask is per thread). When the block ends the previous handler is put
+      back and a noted Ctrl-C is raised again (:func:`signal.raise_signal`): held, not lost; with the
+      default handler that is a ``KeyboardInterrupt`` at the end of the block, so whatever the block
+      made (a pool, a vector env) exists and can be shut down.
+
+    ``ProcessPoolExecutor`` with ``spawn`` starts its processes in ``submit`` (up to ``max_workers``),
+    in the calling thread: submit every task inside the block (``pool.map`` does).
+
+    Yields:
+        Nothing. Without ``signal.pthread_sigmask`` (not POSIX) the block changes nothing.
+    """
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # started here, before the block: starting it (multiprocessing does so on the first spawn or
+    # forkserver start) UNBLOCKS SIGINT in the calling thread afterwards (resource_tracker.py)
+    resource_tracker.ensure_running()
+    noted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    hold = main and previous not in (signal.SIG_IGN, None)
+    if hold:
+        signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending SIGINT is delivered here
+        if hold:
+            signal.signal(signal.SIGINT, previous)
+            if noted:
+                signal.raise_signal(signal.SIGINT)
+
+
 def _exit_with_parent() -> None:
     """End this worker when its parent process dies (SIGKILL leaves no chance to stop the pool)."""
     import threading
@@ -511,7 +567,9 @@ def run_episodes(
             max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(job,)
         ) as pool:
             try:
-                yield from pool.map(_worker_episode, tasks)
+                with _sigint_held():  # the workers start here (see _sigint_held)
+                    results = pool.map(_worker_episode, tasks)
+                yield from results
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
@@ -622,6 +680,7 @@ def collect(
     """
     from loopsim.config import ConfigError, check_env_config
     from loopsim.datasets import EpisodeStore
+    from loopsim.envs import env_kwargs_with_defaults
     from loopsim.envs.core.site import site_name
 
     check_env_config(config.env)
@@ -648,7 +707,9 @@ def collect(
                 f"{_space_str(store.action_space)}; the env gives {_space_str(obs_space)} and "
                 f"{_space_str(act_space)}"
             )
-        elif dict(store.env_kwargs) != dict(config.env.kwargs):
+        elif env_kwargs_with_defaults(config.env.id, store.env_kwargs) != env_kwargs_with_defaults(
+            config.env.id, config.env.kwargs
+        ):  # the same env either way: {} and {"obs_mode": "state"} alike
             problem = f"was recorded with env kwargs {store.env_kwargs}, this job uses {config.env.kwargs}"
         else:
             meta = store.metadata()

@@ -630,8 +630,46 @@ def _make_vec_env(config: TrainConfig) -> Any:
 
     factories = [functools.partial(_make_env, config.env, config.train.failure_penalty)] * config.train.n_envs
     if config.train.subproc and config.train.n_envs > 1:
-        return SubprocVecEnv(factories)
+        from loopsim.rollout import _sigint_held
+
+        # the workers (and the forkserver they fork from) start with Ctrl-C held back from them, and
+        # a Ctrl-C while they build their envs stops the run once they are up, so they are closed
+        venv = None
+        try:
+            with _sigint_held():
+                venv = SubprocVecEnv(factories)
+        except BaseException:
+            if venv is not None:
+                venv.close()
+            raise
+        return venv
     return DummyVecEnv(factories)
+
+
+def _stop_workers(venv: Any) -> None:
+    """Terminate the worker processes of a ``SubprocVecEnv`` after an exception, without a word to them.
+
+    An exception (Ctrl-C above all) can stop this process between two workers' replies to one step,
+    or in the middle of reading one. SB3's ``close()`` then first reads the replies it thinks are
+    pending, and waits for ever for one it had already read (a hung ``loopsim train`` after Ctrl-C,
+    seen in testing). The workers hold nothing to keep (the run's state is saved by the trainer), so
+    they are sent SIGTERM and joined, and the vector env is marked closed (its ``close()`` then does
+    nothing). A ``DummyVecEnv`` is left to ``close()``.
+
+    Args:
+        venv: The training vector env (not its ``VecNormalize`` wrapper).
+    """
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    if not isinstance(venv, SubprocVecEnv) or venv.closed:
+        return
+    for process in venv.processes:
+        process.terminate()
+    for process in venv.processes:
+        process.join(30)
+    for remote in venv.remotes:
+        remote.close()
+    venv.closed = True
 
 
 def _wrap_normalize(venv: Any, gamma: float) -> Any:
@@ -1117,5 +1155,8 @@ def train_sb3(config: TrainConfig, run: RunDir, resume: bool = False, progress_b
         if trainer.last_eval != n or not run.evaluations():
             trainer.evaluate()
         return trainer.checkpoint()
+    except BaseException:
+        _stop_workers(venv)  # before close(), which would talk to them
+        raise
     finally:
         (vec_normalize or venv).close()

@@ -2,6 +2,7 @@
 
 import json
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,6 +259,13 @@ def test_append_refuses_duplicate_seeds_and_other_env_kwargs(tmp_path):
         collect(cfg.model_copy(update={"mode": "append", "seed": 2, "env": sparse}))
     with EpisodeStore.open(store) as s:
         assert len(s) == 2
+    # the same env spelled out (its defaults given explicitly) is the same env: appended, not refused
+    # (a store made by `loopsim expert --store`, kwargs {}, could not be continued by a bundled collect
+    # config, kwargs {obs_mode: state})
+    spelled = EnvConfig(id=ENV.id, kwargs={"obs_mode": "state", "reward_type": "dense", "fresh_world": True})
+    collect(cfg.model_copy(update={"mode": "append", "seed": 2, "episodes": 1, "env": spelled}))
+    with EpisodeStore.open(store) as s:
+        assert len(s) == 3 and s.env_kwargs == {}  # the store's own record is unchanged
 
 
 def test_a_named_site_document_is_labelled_and_deduplicated_by_its_name(tmp_path):
@@ -315,3 +323,145 @@ def test_eval_command_checks_arguments_before_running(tmp_path):
         direct.as_dict()["per_episode"][1]["return"], abs=0)
     with EpisodeStore.open(tmp_path / "f.zarr") as s:
         assert list(s.metadata()["site"]) == ["dock3", "dock3"]
+
+
+_MASK_PROBE = """
+import multiprocessing, signal, sys
+from loopsim.rollout import _sigint_held
+
+def report(queue):
+    queue.put(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+if __name__ == "__main__":
+    seen = []
+    for method in ("spawn", "forkserver", "spawn"):  # a fresh process: resource tracker not started yet
+        ctx = multiprocessing.get_context(method)
+        queue = ctx.Queue()
+        with _sigint_held():
+            inside = ctx.Process(target=report, args=(queue,))
+            inside.start()
+        seen.append(queue.get(timeout=120))
+        inside.join(60)
+    outside = multiprocessing.get_context("spawn").Process(target=report, args=(queue,))
+    outside.start()
+    seen.append(queue.get(timeout=120))
+    outside.join(60)
+    seen.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    print(seen)
+"""
+
+
+def test_sigint_held_starts_children_with_ctrl_c_blocked_and_delivers_it_here_afterwards(tmp_path):
+    """Workers started in the block have SIGINT blocked; starting multiprocessing's resource tracker
+    (the first spawn or forkserver start) unblocked it in the parent, so later children had it not."""
+    import os
+    import subprocess
+    import sys
+
+    from loopsim.rollout import _sigint_held
+
+    script = tmp_path / "probe.py"
+    script.write_text(_MASK_PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # spawn, forkserver, spawn inside the block: blocked; outside: not, and not in the parent after it
+    assert out.stdout.strip().splitlines()[-1] == "[True, True, True, False, False]"
+    with pytest.raises(KeyboardInterrupt), _sigint_held():  # held inside, raised when it ends: not lost
+        os.kill(os.getpid(), signal.SIGINT)
+        held = True
+    assert held
+
+
+def _children(pid):
+    """Process ids whose parent is ``pid`` (Linux ``/proc``)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_collect_workers_start_prints_the_hint_and_no_traceback(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group; the workers are still importing torch.
+
+    Before: one ``KeyboardInterrupt`` traceback per worker (``import torch`` in the initializer, or the
+    spawn bootstrap) around the parent's "interrupted: ... continue with ..." line.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 20, "workers": 2,
+                                   "store": str(tmp_path / "k.zarr")}))
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        command = [sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)]
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            # the pool's two workers (the resource tracker is a child too, started earlier)
+            workers = [k for k in _children(proc.pid) if b"spawn_main" in _cmdline(k)]
+            time.sleep(0.01)
+        assert len(workers) == 2, "the collect workers did not start"
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: parent and workers alike
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "continue with: loopsim collect" in " ".join(text.split())
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_training_in_sb3_subprocess_envs_prints_the_hint_and_no_traceback(tmp_path):
+    """``loopsim train`` with ``train.subproc`` (SB3's ``SubprocVecEnv``, forkserver), Ctrl-C while training.
+
+    Before: the parent's ``recv`` from a worker killed by the Ctrl-C raised ``EOFError``, which the
+    command line printed as "Aborted!" (exit 1), without the resume line; or worker tracebacks.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out.txt"
+    config = Path(__file__).parents[1] / "configs" / "train" / "factory_pick_sac.yaml"
+    command = [sys.executable, "-c", "from loopsim.cli import app; app()", "train", str(config),
+               "train.n_envs=2", "train.subproc=true", "--run-dir", str(tmp_path / "run")]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            servers = [k for k in _children(proc.pid) if b"forkserver" in _cmdline(k)]
+            workers = [w for s in servers for w in _children(s)]  # forked by the forkserver
+            time.sleep(0.01)
+        assert len(workers) == 2, "the SubprocVecEnv workers did not start"
+        time.sleep(10)  # they build their envs (~3-5 s), then SAC steps them: Ctrl-C while training
+        assert proc.poll() is None, out.read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "Aborted" not in text, text
+    assert "continue with: loopsim train" in " ".join(text.split())
