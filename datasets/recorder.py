@@ -153,6 +153,12 @@ class _Buffer:
         self.label: Any = None  # expert's action for the state of observations[-1]
         info_seed = info.get("seed")
         self.seed = int(info_seed) if info_seed is not None else (None if seed is None else int(seed))
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            # refused here, at the reset: the store's check (int64 seeds) came at the episode's last step
+            raise ValueError(
+                f"seed {self.seed}: a store keeps episode seeds in [0, 2**63) (int64), so this episode "
+                "could not be stored; reset with a smaller seed"
+            )
         self.site = str(info.get("site", "") or "")
         self.site_params = to_plain(dict(info.get("site_params", {}) or {}), strict=False)
         self.policy_id = recorder.policy_id
@@ -218,7 +224,8 @@ class EpisodeRecorder:
             seed: The seed passed to ``reset``, used when the info has no ``"seed"``.
 
         Raises:
-            ValueError: If the store declares ``expert_action`` and the info lacks it.
+            ValueError: If the store declares ``expert_action`` and the info lacks it, or the episode's
+                seed is outside ``[0, 2**63)`` (a store's seeds are int64; the env takes larger ones).
         """
         env_index = int(env_index)
         self._buffers.pop(env_index, None)

@@ -280,6 +280,25 @@ def test_unfinished_episodes_are_discarded(tmp_path: Any) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("seed", [2**63, 2**64 + 7, np.uint64(2**64 - 1)])
+def test_a_seed_the_store_cannot_keep_is_refused_at_reset(tmp_path: Any, seed: Any) -> None:
+    """The env takes any non-negative seed; the store's seeds are int64. The episode ran to its end
+    and was lost there (``EpisodeMetadata`` refused the seed) before."""
+    env = make_env(max_steps=3)
+    store = new_store(tmp_path / "s", env)
+    rec = RecordEpisodes(env, store)
+    with pytest.raises(ValueError, match=r"seed \d+: a store keeps episode seeds in \[0, 2\*\*63\)"):
+        rec.reset(seed=seed)
+    assert not rec.recorder.is_recording(0)
+    rec.reset(seed=2**63 - 1)  # the largest it keeps
+    terminated = truncated = False
+    while not (terminated or truncated):
+        _, _, terminated, truncated, _ = rec.step(np.zeros(4, dtype=np.float32))
+    rec.close()
+    assert len(store) == 1 and store[0].metadata.seed == 2**63 - 1
+    store.close()
+
+
 def test_missing_extra_is_a_clear_error(tmp_path: Any) -> None:
     env = gym.make(ENV_ID, max_steps=4)  # no labelling wrapper
     store = new_store(tmp_path / "a", env, extras=("expert_action",))
