@@ -14,6 +14,8 @@ A new task is one file in ``factory/`` (or another domain folder) plus one line 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -37,6 +39,7 @@ __all__ = [
     "SiteError",
     "available_sites",
     "env_class",
+    "env_kwargs_with_defaults",
     "load_site",
     "read_site_file",
     "site_name",
@@ -83,6 +86,38 @@ def env_class(env_id: str) -> type:
     if env_id not in ENV_ENTRY_POINTS:
         raise KeyError(f"unknown env id {env_id!r}; loopsim envs are {sorted(ENV_ENTRY_POINTS)}")
     return _load(ENV_ENTRY_POINTS[env_id])
+
+
+def env_kwargs_with_defaults(env_id: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every keyword the env's constructor has a default for, and did not get, filled in.
+
+    Two kwargs mappings that make the same env compare equal this way: ``{}`` and
+    ``{"obs_mode": "state"}`` are both ``obs_mode="state"``. The defaults are those of ``__init__`` of
+    the env class and its bases (the most derived one wins), under the registered spec's kwargs.
+    ``site`` is left out (episodes record their site). A default that depends on other kwargs (``None``
+    meaning "the task's own", e.g. ``max_steps``) stays ``None``, so ``None`` and the value it stands
+    for do not compare equal: kept apart, never merged.
+
+    Args:
+        env_id: A key of :data:`ENV_ENTRY_POINTS`.
+        kwargs: The kwargs the env is (or was) made with.
+
+    Returns:
+        A new dict: the defaults, then the spec's kwargs, then ``kwargs``.
+
+    Raises:
+        KeyError: If ``env_id`` is not a loopsim env.
+    """
+    defaults: dict[str, Any] = {}
+    for klass in env_class(env_id).__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if param.default is not inspect.Parameter.empty and name != "site":
+                defaults.setdefault(name, param.default)
+    spec = gym.registry.get(env_id)
+    return {**defaults, **(dict(spec.kwargs) if spec is not None else {}), **dict(kwargs)}
 
 
 def make_expert(env: gym.Env, noise_std: float = 0.0, seed: int | None = None) -> Any:

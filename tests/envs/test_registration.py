@@ -138,3 +138,19 @@ def test_registration_kwargs_are_json_serializable(env_id):
     """Stores record env kwargs; the registered spec must round-trip through JSON."""
     spec = gym.spec(env_id)
     assert json.loads(json.dumps(spec.kwargs)) == spec.kwargs
+
+
+def test_env_kwargs_with_defaults_makes_the_same_env_compare_equal():
+    from loopsim.envs import env_kwargs_with_defaults
+
+    peg = "loopsim/FactoryPegInsert-v0"
+    full = env_kwargs_with_defaults(peg, {})
+    # the subclass's own keyword and the base class's, with their defaults; not the site
+    assert full["block_gripper"] is False and full["obs_mode"] == "state" and full["image_size"] == 84
+    assert "site" not in full
+    assert env_kwargs_with_defaults(peg, {"obs_mode": "state", "block_gripper": False}) == full
+    assert env_kwargs_with_defaults(peg, {"block_gripper": True}) != full
+    # a default that stands for "the task's own" is not resolved: None and 150 stay apart
+    assert env_kwargs_with_defaults(peg, {"max_steps": 150}) != full
+    with pytest.raises(KeyError, match="unknown env id"):
+        env_kwargs_with_defaults("loopsim/Nope-v0", {})
