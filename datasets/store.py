@@ -159,6 +159,20 @@ competes with the writer for the interpreter: on 2 busy cores, writing 1000 epis
 Committed episodes wait in the append-only pending log, so merging less often costs no safety (a
 writer holds its unmerged episodes in memory: 16 MiB at most, 32 MiB while a merge is running)."""
 META_CHUNK_ROWS = 1024
+#: Every chunk is zstd-compressed with zstd's content checksum (xxhash64 of the chunk, verified by
+#: every read): a flipped bit or a chunk cut short reads as an error (``StoreDamagedError``), not as
+#: other numbers. Stores created before 2026-12-01 have no checksums and read as before.
+_ZSTD = ZstdCodec(level=3, checksum=True)
+_ZSTD_STR = ZstdCodec(level=0, checksum=True)  # level 0: zarr's default for strings
+#: Root attribute (True) of stores whose writers write every chunk, also one that is all zeros (zarr
+#: skips those by default and reads a missing chunk as zeros): a chunk missing from such a store's
+#: committed rows is damage, which :meth:`EpisodeStore.check` reports.
+_ALL_CHUNKS = "all_chunks_written"
+
+
+def _writing(array: zarr.Array) -> zarr.Array:
+    """``array`` writing every chunk, also one of fill values only (see :data:`_ALL_CHUNKS`)."""
+    return array.with_config({"write_empty_chunks": True})
 PENDING_SUFFIX = ".episode"
 _PENDING_RE = re.compile(r"^pending/(\d{12})\.episode$")
 PENDING_MAGIC = b"LOOPSIM-EPISODE-1\n"
@@ -265,8 +279,8 @@ def _array_metadata(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     """The Zarr v3 metadata document zarr 3.1 writes for an array spec of ``_create_arrays``.
 
     Covers the store's arrays: zstd-compressed little-endian bool / int / uint / float arrays with a
-    zero fill value, and strings (``vlen-utf8``, zarr's default zstd level 0). ``None`` for anything
-    else (zarr then creates the array). ``tests/datasets/test_store.py`` checks the documents against
+    zero fill value, and zstd-compressed strings (``vlen-utf8``). ``None`` for anything else (zarr then
+    creates the array). ``tests/datasets/test_store.py`` checks the documents against
     zarr's own for every dtype the store creates.
     """
     chunks = [int(c) for c in spec["chunks"]]
@@ -274,22 +288,21 @@ def _array_metadata(spec: Mapping[str, Any]) -> dict[str, Any] | None:
               "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
               "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
               "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+    compressors = spec.get("compressors")
+    if not isinstance(compressors, ZstdCodec):
+        return None
+    zstd = {"name": "zstd", "configuration": {"level": compressors.level, "checksum": compressors.checksum}}
     if spec["dtype"] is str:
         return {**common, "data_type": "string", "fill_value": "",
-                "codecs": [{"name": "vlen-utf8", "configuration": {}},
-                           {"name": "zstd", "configuration": {"level": 0, "checksum": False}}]}
+                "codecs": [{"name": "vlen-utf8", "configuration": {}}, zstd]}
     dtype = np.dtype(spec["dtype"])
-    compressors = spec.get("compressors")
     if (dtype.kind not in "biuf" or dtype.itemsize not in (1, 2, 4, 8) or not dtype.isnative
-            or spec.get("fill_value") != 0 or not isinstance(compressors, ZstdCodec)
-            or compressors.checksum):
+            or spec.get("fill_value") != 0):
         return None
     fill: Any = False if dtype.kind == "b" else 0.0 if dtype.kind == "f" else 0
     raw: dict[str, Any] = ({"name": "bytes"} if dtype.itemsize == 1
                            else {"name": "bytes", "configuration": {"endian": sys.byteorder}})
-    return {**common, "data_type": dtype.name, "fill_value": fill,
-            "codecs": [raw, {"name": "zstd", "configuration": {"level": compressors.level,
-                                                               "checksum": False}}]}
+    return {**common, "data_type": dtype.name, "fill_value": fill, "codecs": [raw, zstd]}
 
 
 def _data_keys(observation_space: gym.Space, step_extras: Sequence[str]) -> list[str]:
@@ -493,6 +506,7 @@ class EpisodeStore:
                 "step_extras": step_extras,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "user": dict(attrs or {}),
+                _ALL_CHUNKS: True,
             }
             # Creation commits like an episode does: the group and array documents first, the root
             # zarr.json (with the loopsim attributes, what makes the directory a store) last, in one
@@ -510,7 +524,7 @@ class EpisodeStore:
             self.data_keys = _data_keys(observation_space, step_extras)
             self._group = group
             self._arrays = {name: zarr.Array(zarr.AsyncArray(metadata=doc, store_path=StorePath(
-                self._zstore, name))) for name, doc in docs.items()}
+                self._zstore, name), config={"write_empty_chunks": True})) for name, doc in docs.items()}
             self._ends = np.zeros(0, dtype=np.int64)
             self._n_merged = 0
             self._n_pending = 0
@@ -809,15 +823,16 @@ class EpisodeStore:
             # bitshuffle and compressed twice as well (tests/benchmarks/store_throughput.py), and it is
             # built into zarr, so any process that has zarr decodes it.
             arrays[f"data/{key}"] = {"shape": (0, *shape), "chunks": (rows, *shape), "dtype": dtype,
-                                     "compressors": ZstdCodec(level=3), "fill_value": 0}
+                                     "compressors": _ZSTD, "fill_value": 0}
         for key, dtype in META_COLUMNS.items():
             if dtype == "str":
-                arrays[f"meta/{key}"] = {"shape": (0,), "chunks": (META_CHUNK_ROWS,), "dtype": str}
+                arrays[f"meta/{key}"] = {"shape": (0,), "chunks": (META_CHUNK_ROWS,), "dtype": str,
+                                         "compressors": _ZSTD_STR}
             else:
                 arrays[f"meta/{key}"] = {"shape": (0,), "chunks": (META_CHUNK_ROWS,), "dtype": dtype,
-                                         "compressors": ZstdCodec(level=3), "fill_value": 0}
+                                         "compressors": _ZSTD, "fill_value": 0}
         arrays["meta/episode_ends"] = {"shape": (0,), "chunks": (META_CHUNK_ROWS,), "dtype": "int64",
-                                       "compressors": ZstdCodec(level=3), "fill_value": 0}
+                                       "compressors": _ZSTD, "fill_value": 0}
         docs = {name: _array_metadata(spec) for name, spec in arrays.items()}
         # The documents are built directly: zarr's create_array cost ~2 ms of checks per array, most
         # of a new store's creation (a recorder creates one per job). zarr builds any other one.
@@ -862,7 +877,7 @@ class EpisodeStore:
                 raise StoreDamagedError(f"{self.url}: cannot open array {key}: {exc}") from None
             if not isinstance(node, zarr.Array):
                 raise StoreDamagedError(f"{self.url}: {key} is not an array")
-            self._arrays[key] = node
+            self._arrays[key] = node if self.mode == "r" else _writing(node)
         self._scan_committed()
 
     def _scan_committed(self) -> None:
@@ -880,6 +895,8 @@ class EpisodeStore:
             mode = "r" if self.mode == "r" else "r+"
             fresh = {f"{d}/{k}": zarr.open_array(self._zstore, path=f"{d}/{k}", mode=mode)
                      for d, keys in (("data", self.data_keys), ("meta", META_COLUMNS)) for k in keys}
+            if mode != "r":
+                fresh = {k: _writing(a) for k, a in fresh.items()}
             lengths = {k: fresh[f"data/{k}"].shape[0] for k in self.data_keys}
             meta_len = {k: fresh[f"meta/{k}"].shape[0] for k in META_COLUMNS}
             steps = int(ends[n_merged - 1]) if n_merged else 0
@@ -1637,6 +1654,9 @@ class EpisodeStore:
         partial = self._temporary_files()
         if partial:
             uncommitted.append(f"{len(partial)} temporary files of interrupted writes: {partial[:3]}")
+        chunk_problems = self._check_chunks()
+        if chunk_problems:  # the checks below would read the damaged chunks again
+            return StoreCheck(len(self), [*problems, *chunk_problems], uncommitted)
         if len(self):
             try:
                 cols = self.metadata()
@@ -1668,6 +1688,59 @@ class EpisodeStore:
                 if not np.array_equal(counts, cols["interventions"]):
                     problems.append("meta/interventions disagrees with data/intervention")
         return StoreCheck(len(self), problems, uncommitted)
+
+    def _committed_rows(self) -> dict[str, int]:
+        """Array key -> the number of its rows the merged episodes commit."""
+        n = self._n_merged
+        steps = int(self._ends[-1]) if n else 0
+        rows = {f"data/{k}": steps + (n if _is_obs(k) else 0) for k in self.data_keys}
+        return {**rows, **{f"meta/{k}": n for k in META_COLUMNS}, "meta/episode_ends": n}
+
+    def _chunk_keys(self, key: str) -> set[str]:
+        """The chunk keys stored under array ``key`` (``c/<i>/0/...``), relative to the array."""
+        prefix = f"{key}/c/"
+        if _is_local(self.url):
+            folder = _local_path(self.url) / key / "c"
+            return {"c/" + p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                    if p.is_file() and not p.name.endswith(".partial")} if folder.is_dir() else set()
+
+        async def _list() -> set[str]:
+            return {k[len(key) + 1:] async for k in self._zstore.list_prefix(prefix)}
+        return sync(_list())
+
+    def _check_chunks(self) -> list[str]:
+        """Read every chunk of the committed rows; in a store that writes every chunk, find missing ones.
+
+        A read decompresses the chunk and verifies its zstd checksum (stores created from 2026-12-01
+        on; earlier ones have none, so only a chunk that no longer decompresses is found there). A
+        missing chunk reads as zeros: in a store with :data:`_ALL_CHUNKS` it is reported, in an older
+        one it may be a chunk of zeros that zarr did not write. One chunk at a time, so memory stays
+        one chunk per array.
+
+        Returns:
+            One problem per damaged or missing chunk (at most 5 per array, then a count).
+        """
+        problems: list[str] = []
+        complete = self.info.get(_ALL_CHUNKS) is True
+        for key, rows in self._committed_rows().items():
+            arr = self._arrays[key]
+            step = int(arr.chunks[0])
+            found: list[str] = []
+            if complete and rows:
+                have = self._chunk_keys(key)
+                rest = "/0" * (arr.ndim - 1)
+                found += [f"{key}: chunk c/{i}{rest} (rows {i * step}-{min(rows, (i + 1) * step) - 1}) is "
+                          "missing (it would read as zeros)"
+                          for i in range(-(-rows // step)) if f"c/{i}{rest}" not in have]
+            for start in range(0, rows, step):
+                try:
+                    arr[start:min(rows, start + step)]
+                except Exception as exc:  # noqa: BLE001 - zstd, checksum, shape errors alike
+                    found.append(f"{key}: rows {start}-{min(rows, start + step) - 1} cannot be read (a "
+                                 f"damaged chunk): {type(exc).__name__}: {exc}")
+            problems += found[:5] + ([f"{key}: {len(found) - 5} more damaged or missing chunks"]
+                                     if len(found) > 5 else [])
+        return problems
 
     def _temporary_files(self) -> list[str]:
         if not _is_local(self.url):

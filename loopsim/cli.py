@@ -508,10 +508,11 @@ def store_check(
         typer.Option("--repair", help="Drop a killed writer's uncommitted tail (takes the writer lock)."),
     ] = False,
 ) -> None:
-    """Verify a store (index, lengths, flags, metadata vs data); exit 1 if anything is wrong.
+    """Verify a store (index, every chunk, lengths, flags, metadata vs data); exit 1 if anything is wrong.
 
     With --repair, the uncommitted leftovers of a killed writer are removed; committed episodes are
-    never changed. Damage (data and metadata disagreeing) is reported, not repaired.
+    never changed. Damage (damaged or missing chunks, data and metadata disagreeing) is reported, not
+    repaired.
     """
     from loopsim.datasets import EpisodeStore, StoreDamagedError
 
@@ -553,8 +554,9 @@ def store_check(
         console.print("run `loopsim store check STORE --repair` to drop the uncommitted leftovers",
                       markup=False, soft_wrap=True)
     if result.problems:
-        console.print(f"{len(result.problems)} problem(s): the store's data and metadata disagree; "
-                      "--repair does not change committed episodes", style="red", soft_wrap=True)
+        console.print(f"{len(result.problems)} problem(s): committed episodes are damaged (chunks that "
+                      "cannot be read or are missing, or data and metadata that disagree); --repair "
+                      "does not change committed episodes", style="red", soft_wrap=True)
     raise typer.Exit(1)
 
 

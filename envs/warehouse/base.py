@@ -46,7 +46,8 @@ the waiting rule, which looks at the robot's centre, sits a geometric one: no st
 within ``CONTACT_MARGIN`` of the robot's footprint (``FOOTPRINT_HALF``) or of the cart and closer
 than it is.
 None starts on the robot or its cart (an agent drawn there starts along its lane,
-``START_CLEARANCE`` clear of them).
+``START_CLEARANCE`` clear of them). Agents do not see each other: two in one lane may start
+overlapping and pass through each other (static bodies: PyBullet reports no contact between them).
 """
 
 from __future__ import annotations

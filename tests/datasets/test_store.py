@@ -778,18 +778,22 @@ def test_writer_reads_back_while_merging(tmp_path: Path, flush_every: int) -> No
     ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
      "float64", "str"],
 )
-def test_array_metadata_written_directly_is_what_zarr_writes(dtype: str) -> None:
+@pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "no_checksum"])
+def test_array_metadata_written_directly_is_what_zarr_writes(dtype: str, checksum: bool) -> None:
     """A local store's arrays are created by writing their metadata documents directly (fast):
-    those documents must be the ones zarr's own create_array writes."""
+    those documents must be the ones zarr's own create_array writes (the store's codecs: zstd with
+    its checksum; and without, as before 2026-12-01)."""
     from zarr.codecs import ZstdCodec
 
-    from loopsim.datasets.store import _array_metadata
+    from loopsim.datasets.store import _ZSTD, _ZSTD_STR, _array_metadata
 
+    assert _ZSTD.checksum and _ZSTD_STR.checksum
     if dtype == "str":
-        spec: dict[str, Any] = {"shape": (0,), "chunks": (1024,), "dtype": str}
+        spec: dict[str, Any] = {"shape": (0,), "chunks": (1024,), "dtype": str,
+                                "compressors": ZstdCodec(level=0, checksum=checksum)}
     else:
         spec = {"shape": (0, 3, 2), "chunks": (4096, 3, 2), "dtype": np.dtype(dtype),
-                "compressors": ZstdCodec(level=3), "fill_value": 0}
+                "compressors": ZstdCodec(level=3, checksum=checksum), "fill_value": 0}
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
     expected = group.create_array("x", **spec).metadata.to_dict()
     doc = _array_metadata(spec)

@@ -742,6 +742,65 @@ def test_damaged_data_chunk_gives_a_clear_error_on_read(tmp_path: Path) -> None:
     assert snapshot(path) == before
 
 
+def _flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped_bit", "truncated", "deleted"])
+def test_check_reads_every_chunk_and_finds_damage_after_the_fact(tmp_path: Path, damage: str) -> None:
+    """A flipped bit in a merged chunk read back as other numbers and a deleted chunk as zeros, and
+    check() said ok (from the store break-it pass). Now every chunk has zstd's checksum, check() reads
+    every committed chunk, and a store that writes every chunk reports a missing one."""
+    path = _healthy(tmp_path / "store")
+    action = path / "data/action/c/0/0"
+    seed = path / "meta/seed/c/0"
+    if damage == "flipped_bit":
+        _flip_bit(action)
+    elif damage == "truncated":
+        os.truncate(action, action.stat().st_size // 2)
+    else:
+        action.unlink()
+        seed.unlink()
+    before = snapshot(path)
+    with EpisodeStore.open(path) as store:
+        report = store.check()
+        assert not report.ok
+        assert any(p.startswith("data/action: ") for p in report.problems), report.problems
+        if damage == "deleted":
+            assert any("meta/seed: chunk c/0 (rows 0-7) is missing" in p for p in report.problems)
+        else:
+            assert any("cannot be read (a damaged chunk)" in p for p in report.problems)
+            if damage == "flipped_bit":
+                assert any("checksum" in p for p in report.problems), report.problems
+            with pytest.raises(StoreDamagedError, match="data/action"):  # never other numbers
+                store.episode(0)
+    assert snapshot(path) == before
+
+
+def test_chunks_of_zeros_are_written_so_none_is_missing_in_a_whole_store(tmp_path: Path) -> None:
+    """zarr skips a chunk of fill values by default (and reads it back as zeros): a store whose
+    intervention flags are all False would look damaged. Its writers write every chunk."""
+    path = _healthy(tmp_path / "store")
+    with EpisodeStore.open(path) as store:
+        meta = store.metadata()
+        assert not meta["iteration"].any() and not meta["success"].any()  # chunks of zeros / False
+        assert store.check().ok
+        assert store.info["all_chunks_written"] is True
+    assert (path / "meta/iteration/c/0").is_file() and (path / "meta/success/c/0").is_file()
+
+
+def test_an_older_store_without_the_mark_is_not_called_damaged_for_a_chunk_of_zeros(tmp_path: Path) -> None:
+    path = _healthy(tmp_path / "store")
+    meta = json.loads((path / "zarr.json").read_text())
+    del meta["attributes"]["loopsim"]["all_chunks_written"]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    (path / "meta/iteration/c/0").unlink()  # as zarr's default writer left it: zeros not written
+    with EpisodeStore.open(path) as store:
+        assert store.check().ok
+
+
 def test_missing_path_is_not_created(tmp_path: Path) -> None:
     path = tmp_path / "absent" / "store"
     for mode in ("r", "a"):
