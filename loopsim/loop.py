@@ -55,7 +55,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loopsim.atomic import atomic_open, atomic_write
 from loopsim.config import (
@@ -202,9 +202,10 @@ class RLFinetuneStrategy(_Strict):
     ent_coef: float | str = 0.01
     explore: bool = False
 
-    @model_validator(mode="after")
-    def _ent_coef(self) -> RLFinetuneStrategy:
-        value = self.ent_coef
+    @field_validator("ent_coef")
+    @classmethod
+    def _ent_coef(cls, value: float | str) -> float | str:
+        # a field validator, so the error names strategy.ent_coef (a model one named the strategy)
         if isinstance(value, str):
             ok = value.startswith("auto_")
             if ok:
@@ -213,10 +214,10 @@ class RLFinetuneStrategy(_Strict):
                 except ValueError:
                     ok = False
             if not ok:
-                raise ValueError(f"ent_coef={value!r}: give a positive float or 'auto_<positive float>'")
+                raise ValueError("give a float >= 0 or 'auto_<float > 0>' (SAC tunes it from there)")
         elif not value >= 0:
-            raise ValueError(f"ent_coef={value!r}: must be >= 0")
-        return self
+            raise ValueError("give a float >= 0 or 'auto_<float > 0>'")
+        return value
 
 
 StrategyConfig = Annotated[
@@ -239,6 +240,16 @@ class LoopSection(_Strict):
     episodes: int = Field(20, ge=1, le=10_000)
     deploy_sites: list[str] = Field(min_length=1)
     workers: int = Field(1, ge=1, le=64)
+
+    @field_validator("deploy_sites")
+    @classmethod
+    def _once_each(cls, sites: list[str]) -> list[str]:
+        # listed twice, a site was deployed at twice per seed: every episode stored twice, and a
+        # resumed deployment (which counts (site, seed) pairs) stored them once
+        twice = sorted({s for s in sites if sites.count(s) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once: list each site once")
+        return sites
 
 
 class LoopEvalConfig(_Strict):
@@ -313,6 +324,11 @@ def check_loop_config(config: LoopConfig) -> None:
         for name in names:
             if name not in allowed:
                 raise ConfigError(f"{key}: site {name!r} is not a {domain} site; allowed: {allowed}")
+    if env.site != "lab":  # unused, but kept in config.yaml: a typo there looked like a setting that ran
+        raise ConfigError(
+            f"env.site = {env.site!r}: a loop's sites are demos.site and loop.deploy_sites; leave env.site "
+            "out (or lab)"
+        )
     check_env_config(env.model_copy(update={"site": config.demos.site}))
     if isinstance(config.strategy, RLFinetuneStrategy):
         _check_rl_finetune(config)
@@ -565,12 +581,11 @@ class LoopRun:
         text = dump_config(self.config)
         if config_file.exists():
             saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-            if saved != yaml.safe_load(text):
-                from loopsim.training import _diff
-
+            changes = config_changes(saved, yaml.safe_load(text))
+            if changes:
                 raise ConfigError(
-                    f"{self.path} holds a loop run of another config (differs at "
-                    f"{sorted(_diff(saved, yaml.safe_load(text)))}); give another --run-dir (or run_dir=...)"
+                    f"{self.path} holds a loop run of another config ({'; '.join(changes)}); continue it "
+                    "with its config, or give another --run-dir (or run_dir=...) for this one"
                 )
             marker = self.path / REPLICATE_FILE
             if marker.is_file():  # runs written before the marker existed are not checked
@@ -1284,6 +1299,37 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
         )
 
 
+#: Loop config keys that do not change a run's results: where its directory is, and how many worker
+#: processes run its episodes (they come back in seed order, whatever the count). A run resumes, and
+#: a replicate counts, whatever their values.
+RESULT_NEUTRAL_KEYS = ("run_dir", "loop.workers", "eval.workers")
+
+
+def _value_at(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def config_changes(saved: Any, current: Any) -> list[str]:
+    """How a loop config differs from a run's saved one, key by key, with both values.
+
+    Keys in :data:`RESULT_NEUTRAL_KEYS` are left out.
+
+    Args:
+        saved: The run's ``config.yaml``, as loaded by YAML.
+        current: This config, dumped and loaded the same way.
+
+    Returns:
+        One ``"key: <saved> in the run, <current> now"`` per differing key (sorted); empty if the
+        two configs give the same results.
+    """
+    from loopsim.training import _diff
+
+    return [f"{key}: {_value_at(saved, key)!r} in the run, {_value_at(current, key)!r} now"
+            for key in sorted(_diff(saved, current)) if key not in RESULT_NEUTRAL_KEYS]
+
+
 def _check_replicates(config: LoopConfig, path: Path) -> None:
     """Refuse, before any work, a ``--seeds`` run directory holding replicates of another config.
 
@@ -1293,18 +1339,16 @@ def _check_replicates(config: LoopConfig, path: Path) -> None:
     Raises:
         ConfigError: Naming the first replicate of another config and the keys that differ.
     """
-    from loopsim.training import _diff
-
     text = yaml.safe_load(dump_config(config))
     for rep in sorted(path.glob("seed_*")) if path.is_dir() else []:
         if not re.fullmatch(r"seed_\d+", rep.name) or not _is_loop_config(rep / "config.yaml"):
             continue
         saved = yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8"))
-        if saved != text:
+        changes = config_changes(saved, text)
+        if changes:
             raise ConfigError(
-                f"{path} holds replicates of another config ({rep.name} differs at "
-                f"{sorted(_diff(saved, text))}); its aggregate covers one config: give the same config "
-                "and overrides, or another --run-dir"
+                f"{path} holds replicates of another config ({rep.name}: {'; '.join(changes)}); its "
+                "aggregate covers one config: give the same config and overrides, or another --run-dir"
             )
 
 
@@ -1333,7 +1377,7 @@ def _finished_replicates(config: LoopConfig, path: Path) -> dict[int, list[dict[
         name = rep.name.removeprefix("seed_")
         if not name.isdigit() or not (rep / "metrics.csv").is_file() or not (rep / "config.yaml").is_file():
             continue
-        if yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8")) != text:
+        if config_changes(yaml.safe_load((rep / "config.yaml").read_text(encoding="utf-8")), text):
             continue
         out[int(name)] = _read_metrics(rep)
     return out

@@ -91,6 +91,12 @@ def test_tiny_loop_writes_the_run_directory(tmp_path):
         (["loop.deploy_sites=[]"], "loop.deploy_sites = []"),
         (["strategy.threshold=0.5"], "strategy.threshold: unknown key"),
         (["env.kwargs.obs_mode=smell"], "env.kwargs"),
+        # deployed twice per seed: every episode stored twice (and once after a resume)
+        (["loop.deploy_sites=[noisy_sensors,lab,noisy_sensors]"], "['noisy_sensors'] listed more than once"),
+        # unused by a loop, but kept in config.yaml as if it had been a setting that ran
+        (["env.site=moon"], "env.site = 'moon': a loop's sites are demos.site and loop.deploy_sites"),
+        (["strategy.type=rl_finetune", "strategy.checkpoint=x", "strategy.ent_coef=auto_x"],
+         "strategy.ent_coef = 'auto_x': give a float >= 0"),
     ],
 )
 def test_bad_loop_configs_are_refused_before_any_work(tmp_path, overrides, match):
@@ -124,8 +130,19 @@ def test_resolved_config_loads_again():
 def test_rerun_with_another_config_is_refused(tmp_path):
     path = tmp_path / "run"
     LoopRun(tiny(), path).start()
-    with pytest.raises(ConfigError, match="another config .*train.epochs"):
+    epochs = tiny().train.epochs
+    with pytest.raises(ConfigError, match=f"another config \\(train.epochs: {epochs} in the run, 3 now\\)"):
         LoopRun(tiny("train.epochs=3"), path).start()
+
+
+def test_a_run_resumes_with_its_directory_spelled_otherwise_and_other_worker_counts(tmp_path):
+    """run_dir=rd1 then --run-dir rd1 (or ./rd1) was 'another config (differs at [run_dir])', and a run
+    could not be resumed with other worker counts (another machine), though results do not depend on
+    them (episodes come back in seed order)."""
+    path = tmp_path / "rd1"
+    LoopRun(tiny(f"run_dir={path}"), path).start()
+    LoopRun(tiny(), path).start()
+    LoopRun(tiny("run_dir=./elsewhere/../rd1", "loop.workers=2", "eval.workers=2"), path).start()
 
 
 def test_training_sets_of_the_strategies(tmp_path):
@@ -287,7 +304,7 @@ def test_replicates_of_another_config_are_refused_before_work(tmp_path):
     """Adding `--seeds 1` with other overrides would overwrite aggregate.json with fewer replicates."""
     path = tmp_path / "reps"
     LoopRun(tiny(), path / "seed_0").start()
-    message = r"holds replicates of another config \(seed_0 differs at \['loop.episodes'\]"
+    message = r"holds replicates of another config \(seed_0: loop.episodes: 2 in the run, 3 now\)"
     with pytest.raises(ConfigError, match=message):
         run_loop(tiny("loop.episodes=3"), path, seeds=[1])
     assert sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) == ["seed_0"]
