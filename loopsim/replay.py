@@ -337,14 +337,15 @@ _STORE: Any = None
 _ARGS: dict[str, Any] = {}
 
 
-def _init_worker(url: str, args: dict[str, Any]) -> None:
+def _init_worker(url: str, args: dict[str, Any], parent: int) -> None:
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from loopsim.datasets import EpisodeStore
     from loopsim.rollout import _exit_with_parent
 
-    _exit_with_parent()
+    _exit_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    from loopsim.datasets import EpisodeStore
+
     global _STORE, _ARGS
     _STORE = EpisodeStore.open(url)
     _ARGS = args
@@ -403,7 +404,7 @@ def replay_store(
             return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(indices)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(str(url), args)) as pool:
+                             initializer=_init_worker, initargs=(str(url), args, os.getpid())) as pool:
         try:
             from loopsim.rollout import _sigint_held
 
@@ -560,8 +561,10 @@ def episode_frames(
     if source == "store":
         space = store.observation_space
         if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3):
-            raise ReplayError(f"{store.url} stores {space} observations, not rgb images: render a replay "
-                              "instead (source='replay')")
+            what = (f"{type(space).__name__}{tuple(space.shape)} {space.dtype}" if space.shape is not None
+                    else type(space).__name__)  # not str(space): a Box prints every bound
+            raise ReplayError(f"{store.url} stores {what} observations, not rgb images (uint8, H x W x 3): "
+                              "render a replay instead (source='replay')")
         episode = store.episode(index)
         steps = len(episode)
         succ = episode.extras.get("is_success")

@@ -400,14 +400,15 @@ class _Runner:
 _RUNNER: _Runner | None = None
 
 
-def _init_worker(job: _Job) -> None:
+def _init_worker(job: _Job, parent: int) -> None:
     import signal
+
+    _exit_with_parent(parent)
 
     import torch
 
     # Ctrl-C is the parent's to handle (it stops the pool and closes the store); workers just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
 
     import loopsim  # noqa: F401 - registers the env ids in the spawned process
 
@@ -472,17 +473,22 @@ def _sigint_held() -> Iterator[None]:
                 signal.raise_signal(signal.SIGINT)
 
 
-def _exit_with_parent() -> None:
-    """End this worker when its parent process dies (SIGKILL leaves no chance to stop the pool)."""
-    import threading
+def _exit_with_parent(parent: int) -> None:
+    """End this worker within 0.5 s of its parent process dying (SIGKILL leaves no chance to stop the pool).
 
-    parent = os.getppid()
+    Args:
+        parent: The parent's process id, as the parent saw it (``os.getpid()`` there, passed with the
+            job). Read here instead, after the worker's imports, it was already 1 (or a subreaper's
+            pid) when the parent had died meanwhile, and the worker then waited for ever on its
+            task queue (seen under load: workers left running for minutes after a killed loop).
+    """
+    import threading
 
     def watch() -> None:
         while True:
-            time.sleep(0.5)
             if os.getppid() != parent:
                 os._exit(1)
+            time.sleep(0.5)
 
     threading.Thread(target=watch, name="loopsim-parent-watch", daemon=True).start()
 
@@ -564,7 +570,8 @@ def run_episodes(
             job.policy = str(policy.save(Path(tmp) / "checkpoint"))
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(job,)
+            max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+            initargs=(job, os.getpid()),
         ) as pool:
             try:
                 with _sigint_held():  # the workers start here (see _sigint_held)

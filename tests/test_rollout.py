@@ -465,3 +465,24 @@ def test_ctrl_c_while_training_in_sb3_subprocess_envs_prints_the_hint_and_no_tra
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "Aborted" not in text, text
     assert "continue with: loopsim train" in " ".join(text.split())
+
+
+def test_a_worker_whose_parent_died_before_it_watched_exits():
+    """The parent's pid comes with the job: read in the worker after its imports (1-2 s, longer under
+    load), it was already 1 when the parent had been killed meanwhile, and the worker never exited
+    (loop break-it pass: workers left running for minutes after kill -9 of a loop)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gone = os.getpid() + 4_000_000  # not this child's parent (pids stay below 2**22 on Linux)
+    head = "import os, time; from loopsim.rollout import _exit_with_parent; "
+    t0 = time.monotonic()
+    code = head + f"_exit_with_parent({gone}); time.sleep(60)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert time.monotonic() - t0 < 30  # at its first look, not after the 60 s sleep
+    alive = head + "_exit_with_parent(os.getppid()); time.sleep(1); print('alive')"
+    out = subprocess.run([sys.executable, "-c", alive], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr
