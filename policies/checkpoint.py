@@ -104,6 +104,8 @@ def write_checkpoint(
         TypeError: If ``metadata`` is not JSON-able.
         FileExistsError: If ``path`` exists and is neither a checkpoint nor an empty directory
             (nothing is changed).
+        OSError: If writing fails (e.g. a full disk; safetensors' own I/O error is raised as one);
+            the previous checkpoint at ``path`` is kept.
     """
     from safetensors.torch import save_file
 
@@ -129,7 +131,16 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         if tensors:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / _WEIGHTS))
+            try:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                          str(tmp / _WEIGHTS))
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - SafetensorError wraps I/O errors (a full disk)
+                if "I/O error" not in str(exc):
+                    raise
+                # an OSError, as every other write's failure is: the commands print it as one line
+                raise OSError(f"cannot write the checkpoint {path}: {exc}") from None
             # safetensors checks the header, not the numbers: a flipped bit in a weight went unseen
             meta["weights_sha256"] = hashlib.sha256((tmp / _WEIGHTS).read_bytes()).hexdigest()
         text = json.dumps(meta, indent=2, sort_keys=False)

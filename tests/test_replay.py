@@ -173,7 +173,9 @@ def test_video_from_stored_rgb_observations(rgb_store, tmp_path):
 
 
 def test_video_from_store_refuses_state_stores(state_store, tmp_path):
-    with EpisodeStore.open(state_store) as s, pytest.raises(ReplayError, match="not rgb images"):
+    # the space in a few words: str(Box) printed every bound (~15 lines for the warehouse's 82)
+    match = r"stores Box\(\d+,\) float32 observations, not rgb images \(uint8, H x W x 3\)"
+    with EpisodeStore.open(state_store) as s, pytest.raises(ReplayError, match=match):
         render_video(s, 0, tmp_path / "x.gif", source="store")
 
 

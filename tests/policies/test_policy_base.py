@@ -143,6 +143,26 @@ def test_checkpoint_replaces_a_checkpoint_but_nothing_else(tmp_path):
     assert not (tmp_path / "nan").exists()
 
 
+def test_a_full_disk_while_writing_weights_is_an_oserror_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError for an I/O error: a loop whose refine hit a full disk
+    ended in a traceback (every other write's failure is an OSError, printed as one line)."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    write_checkpoint(tmp_path / "ck", {"kind": "x", "v": 1}, {"w": torch.ones(3)})
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*ck: .*No space left on device"):
+        write_checkpoint(tmp_path / "ck", {"kind": "x", "v": 2}, {"w": torch.zeros(2)})
+    meta, tensors = read_checkpoint(tmp_path / "ck")
+    assert meta["v"] == 1 and tensors["w"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
