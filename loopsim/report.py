@@ -49,10 +49,25 @@ def _runs(run_dir: Path) -> list[tuple[str, Path]]:
     return [(f"replicate {p.name.split('_', 1)[1]}: ", p) for p in reps]
 
 
+#: Columns every loop run's metrics.csv has (what the report and the aggregate read).
+_METRICS_COLUMNS = ("iteration", "site", "arm", "episodes", "success_rate", "success_low", "success_high")
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``path/metrics.csv``, numbers as ``int``/``float``.
+
+    Raises:
+        ReportError: If the file lacks a column of :data:`_METRICS_COLUMNS`, has no rows, or a row's
+            ``iteration`` is not an integer (a damaged file: the report crashed on it).
+    """
     rows = []
-    with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
+    where = path / "metrics.csv"
+    with open(where, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in _METRICS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReportError(f"{where} is damaged: it has no column(s) {missing}")
+        for row in reader:
             out: dict[str, Any] = {}
             for k, v in row.items():
                 try:
@@ -62,7 +77,12 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
                         out[k] = float(v)
                     except ValueError:
                         out[k] = v
+            if not isinstance(out.get("iteration"), int):
+                raise ReportError(f"{where} is damaged: row {len(rows) + 1} has iteration "
+                                  f"{row.get('iteration')!r}, not an integer")
             rows.append(out)
+    if not rows:
+        raise ReportError(f"{where} is damaged: it has no rows")
     return rows
 
 

@@ -63,6 +63,21 @@ def test_report_errors(tmp_path):
     assert out.exit_code == 2 and "not a directory" in out.output
 
 
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("garbage,,,\n", r"has no column\(s\) \['iteration'"),  # a traceback (max() of nothing) before
+     ("iteration,site,arm,episodes,success_rate,success_low,success_high\n", "has no rows"),
+     ("iteration,site,arm,episodes,success_rate,success_low,success_high\nx,lab,loop,1,1,1,1\n",
+      "row 1 has iteration 'x', not an integer")],
+)
+def test_a_damaged_metrics_file_is_one_line(tmp_path, text, match):
+    (tmp_path / "metrics.csv").write_text(text)
+    out = runner.invoke(app, ["report", str(tmp_path), "--no-videos"])
+    assert out.exit_code == 2 and "metrics.csv is damaged" in out.output, out.output
+    with pytest.raises(ReportError, match=match):
+        write_loop_report(tmp_path, videos=False)
+
+
 @pytest.mark.slow
 def test_report_videos_are_replays_of_the_stores(run_dir):
     import imageio.v3 as iio
