@@ -562,6 +562,11 @@ def check_bench_config(config: BenchConfig) -> dict[tuple[str, str], _Trained]:
             kwargs = _cell_kwargs(config, name, env_id, {})
             if isinstance(pol, BenchTrain):
                 src = pol.per_env[env_id]
+                demos = {"train.stores": "the demonstrations of `collect`"} if src.collect else {}
+                _refuse_reserved(f"{where}.per_env[{env_id}].overrides", src.overrides,
+                                 {"seed": "each training seed (train_seeds / seeds)", **demos})
+                _refuse_reserved(f"{where}.per_env[{env_id}].collect_overrides", src.collect_overrides,
+                                 {"store": "a store in the benchmark's output", "mode": "create"})
                 try:
                     tcfg = load_config(TrainConfig, _source(src.config), src.overrides)
                 except ConfigError as exc:
@@ -734,6 +739,21 @@ def _collect_demos(ccfg: Any, out: Path, log: Callable[[str], None]) -> Path:
     collect(ccfg.model_copy(update={"store": str(tmp), "mode": "create"}))
     os.replace(tmp, final)
     return final
+
+
+def _refuse_reserved(where: str, overrides: Sequence[str], reserved: Mapping[str, str]) -> None:
+    """Refuse an override of a key the benchmark sets itself (it won silently before).
+
+    Raises:
+        ConfigError: Naming the override and what the benchmark sets the key to.
+    """
+    from loopsim.config import override_key
+
+    for item in overrides:
+        key = override_key(item)
+        if key in reserved:
+            raise ConfigError(f"{where}: {item!r}: the benchmark sets {key} itself (to {reserved[key]}); "
+                              "leave it out")
 
 
 def _train_one(name: str, env_id: str, seed: int, t: _Trained, out: Path, log: Callable[[str], None]) -> Path:

@@ -445,6 +445,11 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def override_key(item: str) -> str:
+    """The dotted key an override ``key.sub=value`` sets (``" train . epochs=3"`` -> ``train.epochs``)."""
+    return ".".join(part.strip() for part in item.partition("=")[0].strip().split("."))
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides to a config mapping (values parsed as YAML).
 
@@ -457,17 +462,24 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         A new mapping (``data`` is not changed).
 
     Raises:
-        ConfigError: If an override has no ``=``, an empty key part, or descends into a value that
-            is not a mapping.
+        ConfigError: If an override has no ``=``, an empty key part, descends into a value that is
+            not a mapping, or sets a key an earlier override set.
     """
     import copy
 
     out = copy.deepcopy(dict(data))
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        dotted = override_key(item)
+        if dotted in given:  # the last one won, silently (Hydra refuses this too)
+            raise ConfigError(
+                f"override {dotted} is given twice ({given[dotted]!r} and {item!r}): give it once"
+            )
+        given[dotted] = item
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

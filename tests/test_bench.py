@@ -108,6 +108,15 @@ def test_unregistered_env_ids_parse_and_are_refused_before_work(tmp_path: Path) 
          "per_env[loopsim/FactoryPegInsert-v0].config (configs/train/factory_peg_bc.yaml): train.stores"),
         ({"policies": _train("factory_peg_sac.yaml", collect="configs/collect/factory_peg_lab.yaml")},
          "demonstrations are for policy.type bc"),
+        # keys the benchmark sets itself: they were silently replaced (the seed by each training seed)
+        ({"policies": _train("factory_peg_sac.yaml", overrides=["seed=5"])},
+         "per_env[loopsim/FactoryPegInsert-v0].overrides: 'seed=5': the benchmark sets seed itself"),
+        ({"policies": _train("factory_peg_bc.yaml", collect="configs/collect/factory_peg_lab.yaml",
+                             overrides=["train.stores=[x.zarr]"])},
+         "'train.stores=[x.zarr]': the benchmark sets train.stores itself"),
+        ({"policies": _train("factory_peg_bc.yaml", collect="configs/collect/factory_peg_lab.yaml",
+                             collect_overrides=["store=mine.zarr"])},
+         "collect_overrides: 'store=mine.zarr': the benchmark sets store itself"),
     ],
 )
 def test_check_refuses_before_any_work(tmp_path: Path, over: dict[str, Any], message: str) -> None:

@@ -23,6 +23,14 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert out == {"a": {"b": 50, "c": ["x", 2]}, "d": {"e": None}, "f": 0.5, "g": "hello world"}
 
 
+@pytest.mark.parametrize("twice", [["a.b=1", "a.b=2"], ["a.b=1", " a . b =1"], ["f=1", "f=1"]])
+def test_an_override_given_twice_is_refused(twice):
+    """The last one won, silently: `train.epochs=30 ... train.epochs=3` trained 3 epochs."""
+    with pytest.raises(ConfigError, match=r"override (a\.b|f) is given twice \(.* and .*\): give it once"):
+        apply_overrides({"a": {"b": 0}}, twice)
+    assert apply_overrides({"a": {"b": 0}}, ["a.b=1", "a.c=2", "a={b: 3}"]) == {"a": {"b": 3}}
+
+
 @pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1", "a.b.c=1"])
 def test_malformed_overrides_are_refused(bad):
     with pytest.raises(ConfigError, match="override"):
