@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,14 @@ def _content_digest(dataset: Any) -> str:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename), readable by its owner only.
+
+    The run directory's ``resume/`` state is private (SB3's is written in a 0700 folder); this file
+    followed the umask (0644 under the usual 022).
+    """
     with atomic_open(path, "wb", fsync=True) as f:
+        if hasattr(os, "fchmod"):
+            os.fchmod(f.fileno(), 0o600)
         torch.save(state, f)
 
 

@@ -130,6 +130,8 @@ def test_train_end_to_end_writes_a_run(tmp_path: Path, demo_store: str) -> None:
     assert len(prov["episodes_sha256"]) == 64 and prov["train_seconds"] > 0
     assert np.isfinite(prov["final_loss"])
     assert (run.resume_dir / RESUME_FILE).exists()
+    # private, as SB3's resume state is (it followed the umask: 0644)
+    assert (run.resume_dir / RESUME_FILE).stat().st_mode & 0o777 == 0o600
     with pytest.raises(RunDirError, match="already exists"):
         train(config, tmp_path / "run", progress_bar=False)
 
