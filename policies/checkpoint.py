@@ -228,7 +228,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             path = olds[-1]
     meta_file = path / _META
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a loopsim policy checkpoint (no {_META})")
+        # a training run or a loop iteration folder: its checkpoint is inside
+        hint = f"; it holds one: {path / 'checkpoint'}" if is_checkpoint(path / "checkpoint") else ""
+        raise CheckpointError(f"{path} is not a loopsim policy checkpoint (no {_META}){hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -153,6 +153,12 @@ def test_collect_and_eval_commands(tmp_path):
     assert [e["seed"] for e in data["lab"]["per_episode"]] == [1_000_000, 1_000_001]
     result = runner.invoke(app, ["eval", str(tmp_path), "--env", ENV.id])
     assert result.exit_code == 2 and "not a loopsim policy checkpoint" in result.output
+    assert "it holds one" not in result.output
+    # a run directory (checkpoint/ inside): the message points at it
+    run = tmp_path / "run"
+    ExpertPolicy.for_env(gym.make(ENV.id)).save(run / "checkpoint")
+    result = runner.invoke(app, ["eval", str(run), "--env", ENV.id], terminal_width=300)
+    assert result.exit_code == 2 and f"it holds one: {run / 'checkpoint'}" in result.output, result.output
     result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "--site", "moon"])
     assert result.exit_code == 2 and "site 'moon'" in result.output
     result = runner.invoke(app, ["eval", str(ck), "--env", ENV.id, "-n", "1",
