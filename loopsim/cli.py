@@ -56,6 +56,9 @@ app = typer.Typer(
 _PIPED = not sys.stdout.isatty()
 console = Console(width=120 if _PIPED and "COLUMNS" not in os.environ else None, soft_wrap=_PIPED,
                   markup=False)
+#: Errors go to stderr (scripts that keep stdout for results read them apart), one line each.
+err_console = Console(stderr=True, width=120 if not sys.stderr.isatty() and "COLUMNS" not in os.environ
+                      else None, soft_wrap=not sys.stderr.isatty(), markup=False)
 store_app = typer.Typer(
     name="store",
     help="Episode stores: verify and repair.",
@@ -187,7 +190,8 @@ def expert(
     except SiteError as exc:
         raise _error(f"--site: {exc}") from None
     summaries = []
-    episode_store = _open_expert_store(store, env_id) if store else None
+    episode_store = (_open_expert_store(store, env_id, sites_to_run, range(seed, seed + episodes))
+                     if store else None)
     wrap = None
     if episode_store is not None:
         from loopsim.datasets import RecordEpisodes
@@ -310,11 +314,17 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
     return unique
 
 
-def _open_expert_store(url: str, env_id: str) -> Any:
-    """Create the store for ``loopsim expert --store`` (or open it to append, if it is one for ``env_id``)."""
+def _open_expert_store(url: str, env_id: str, sites: list[Any], seeds: range) -> Any:
+    """Create the store for ``loopsim expert --store`` (or open it to append, if it is one for ``env_id``).
+
+    An existing store must hold ``env_id`` made with its default kwargs (defaults compared filled in),
+    with the ``expert_action`` extra, and none of ``seeds`` at any of ``sites`` (as ``collect``'s
+    append refuses them: the episodes would be stored twice).
+    """
     import gymnasium as gym
 
     from loopsim.datasets import EpisodeStore
+    from loopsim.envs import env_kwargs_with_defaults
 
     with _store_errors():
         try:
@@ -322,11 +332,26 @@ def _open_expert_store(url: str, env_id: str) -> Any:
         except FileNotFoundError:
             existing = None
         if existing is not None:
+            problem = None
             if existing.env_id != env_id or "expert_action" not in existing.step_extras:
-                found, extras = existing.env_id, existing.step_extras
+                problem = (f"holds episodes of {existing.env_id!r} (step extras {existing.step_extras}); "
+                           f"--store needs a new path or a store of {env_id!r} with the expert_action extra")
+            elif (env_kwargs_with_defaults(env_id, existing.env_kwargs)
+                  != env_kwargs_with_defaults(env_id, {})):
+                problem = (f"was recorded with env kwargs {existing.env_kwargs}; loopsim expert runs "
+                           f"{env_id} with its defaults: give a new --store path")
+            else:
+                meta = existing.metadata()
+                names = {site_name(s) for s in sites}
+                here = [int(sd) for st, sd in zip(meta["site"], meta["seed"], strict=True) if st in names]
+                held = sorted({sd for sd in here if sd in seeds})
+                if held:
+                    after = max(here)
+                    problem = (f"already holds {len(held)} episodes of these seeds at these sites (e.g. seed "
+                               f"{held[0]}): they would be stored twice; continue with --seed {after + 1}")
+            if problem:
                 existing.close()
-                raise _error(f"{url} holds episodes of {found!r} (step extras {extras}); --store needs a new "
-                             f"path or a store of {env_id!r} with the expert_action extra")
+                raise _error(f"{url} {problem}")
             return existing
         env = gym.make(env_id)
         try:
@@ -358,8 +383,33 @@ def _folded(table: Table) -> Table:
 
 def _error(message: str) -> typer.Exit:
     """Print one red line (no markup, no wrapping) and return the exit-code-2 exception to raise."""
-    console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    err_console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(2)
+
+
+def _is_store(url: str) -> bool:
+    """Whether ``url`` holds an episode store that opens (an interrupted job's hint depends on it)."""
+    from loopsim.datasets import EpisodeStore, StoreError
+
+    try:
+        EpisodeStore.open(url).close()
+    except (FileNotFoundError, StoreError, OSError):
+        return False
+    return True
+
+
+@contextmanager
+def _before_work() -> Iterator[None]:
+    """A Ctrl-C while a command reads and checks its config (imports, env builds: 1-2 s) says so.
+
+    It ended the command with no word (exit 130); nothing is written until the checks pass.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print("interrupted before any work started: nothing was written; run the command again",
+                          style="yellow", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @contextmanager
@@ -673,7 +723,7 @@ def collect(
     from loopsim.config import CollectConfig, load_config
     from loopsim.rollout import collect as run_collect
 
-    with _run_errors():
+    with _before_work(), _run_errors():
         cfg = load_config(CollectConfig, config, overrides or [])
     done = [0]
 
@@ -687,6 +737,10 @@ def collect(
             result = run_collect(cfg, on_episode=tick)
     except KeyboardInterrupt:
         left = cfg.episodes - done[0]
+        if not _is_store(cfg.store):  # stopped before it was created (the env checks, the workers' start)
+            err_console.print(f"interrupted before {cfg.store} was created: nothing was written; run the "
+                              "command again", style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         if left <= 0:
             console.print(f"interrupted after the last episode: all {done[0]} are committed to {cfg.store}",
                           style="yellow", markup=False, soft_wrap=True)
@@ -732,7 +786,7 @@ def train(
     from loopsim.training import default_run_dir
     from loopsim.training import train as run_train
 
-    with _run_errors():
+    with _before_work(), _run_errors():
         cfg = load_config(TrainConfig, config, overrides or [])
     directory = run_dir or default_run_dir(config, cfg)
     try:
@@ -741,6 +795,10 @@ def train(
             run = run_train(cfg, directory, resume=resume,
                             progress_bar=console.is_terminal and sys.stderr.isatty())
     except KeyboardInterrupt:
+        if not (Path(directory) / "config.yaml").is_file() and not resume:  # during the checks
+            err_console.print(f"interrupted before the run started: nothing was written to {directory}; "
+                              "run the command again", style="yellow", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         again = " ".join(["loopsim train", shlex.quote(str(config)), *map(shlex.quote, overrides or []),
                           "--run-dir", shlex.quote(str(directory)), "--resume"])
         every = "train.checkpoint_every" if cfg.policy.type == "sb3" else "one per finished epoch"
@@ -932,7 +990,7 @@ def loop(
     from loopsim.config import load_config
     from loopsim.loop import LoopConfig, check_loop_config, run_loop
 
-    with _run_errors():
+    with _before_work(), _run_errors():
         cfg = load_config(LoopConfig, config, overrides or [])
     replicate_list = None
     if seeds is not None:
@@ -947,7 +1005,7 @@ def loop(
         ):
             raise _error(f"--seeds {seeds!r}: give distinct integers in 0..99, e.g. 0,1,2")
     directory = run_dir or (Path(cfg.run_dir) if cfg.run_dir else Path("runs") / config.stem)
-    with _run_errors():
+    with _before_work(), _run_errors():
         check_loop_config(cfg)
     with _run_errors(), _store_errors(), _progress() as progress:
         tasks: dict[str, Any] = {}
@@ -1275,7 +1333,7 @@ def bench(
                         for p in resources.files("loopsim.configs").joinpath("bench").iterdir()
                         if p.name.endswith(".yaml"))
         raise _error(f"config {config!r}: no such file, and not a bundled suite; the suites are {suites}")
-    with _run_errors():
+    with _before_work(), _run_errors():
         cfg = load_config(BenchConfig, path, overrides or [])
     directory = out or Path("runs") / "bench" / cfg.name
     with _run_errors(), _store_errors(BenchError), _progress() as progress:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from loopsim.cli import app
 from loopsim.envs import ENV_ENTRY_POINTS, available_sites
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 runner = CliRunner()
 
@@ -224,6 +228,63 @@ def test_a_bundled_name_wins_over_a_file_of_that_name_with_a_note(tmp_path, monk
     assert result.exit_code == 2 and "a bundled factory site has that name" in result.output
 
 
+def _empty_store(path):
+    import gymnasium as gym
+
+    from loopsim.datasets import EpisodeStore
+
+    box = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    EpisodeStore.create(path, observation_space=box, action_space=box).close()
+
+
+def test_a_collect_interrupted_before_its_store_exists_says_to_run_it_again(tmp_path, monkeypatch):
+    """It printed 'continue with: ... mode=append', which then failed: 'needs an existing store'."""
+    import loopsim.rollout as rollout_mod
+
+    def interrupted(config, on_episode=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout_mod, "collect", interrupted)
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["collect", str(CONFIGS / "collect" / "factory_pick_lab.yaml"),
+                                 f"store={store}"], terminal_width=400)
+    assert result.exit_code == 130, result.output
+    text = " ".join(result.output.split())
+    assert f"interrupted before {store} was created: nothing was written; run the command again" in text
+    assert "mode=append" not in text
+
+
+def test_a_train_interrupted_during_its_checks_says_to_run_it_again(tmp_path, monkeypatch):
+    """It printed 'continue with: ... --resume', which then failed: 'holds no run (no config.yaml)'."""
+    import loopsim.training as training_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_mod, "train", interrupted)
+    run = tmp_path / "run"
+    config = str(CONFIGS / "train" / "factory_pick_sac.yaml")
+    result = runner.invoke(app, ["train", config, "--run-dir", str(run)], terminal_width=400)
+    assert result.exit_code == 130, result.output
+    text = " ".join(result.output.split())
+    assert f"interrupted before the run started: nothing was written to {run}; run the command again" in text
+    assert "--resume" not in text
+
+
+def test_a_ctrl_c_while_the_config_is_read_says_nothing_was_written(monkeypatch):
+    """It exited 130 with no word."""
+    import loopsim.config as config_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_mod, "load_config", interrupted)
+    for command in (["collect", "c.yaml"], ["train", "t.yaml"], ["loop", "l.yaml"], ["bench", "factory-v0"]):
+        result = runner.invoke(app, command, terminal_width=400)
+        assert result.exit_code == 130, (command, result.output)
+        assert "interrupted before any work started: nothing was written" in result.output, command
+
+
 @pytest.mark.parametrize("finished", [15, 20])
 def test_an_interrupted_collect_says_how_to_continue_with_its_overrides(tmp_path, monkeypatch, finished):
     """The hint dropped the overrides: followed, it appended to the config's own store, at its site."""
@@ -236,6 +297,7 @@ def test_an_interrupted_collect_says_how_to_continue_with_its_overrides(tmp_path
 
     monkeypatch.setattr(rollout_mod, "collect", interrupted)
     store = tmp_path / "my store.zarr"
+    _empty_store(store)  # the job had created it
     result = runner.invoke(
         app,
         ["collect", "configs/collect/factory_pick_lab.yaml", f"store={store}", "env.site=noisy_sensors",
@@ -258,3 +320,34 @@ def test_expert_refuses_seeds_past_the_largest_seed():
     result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "-n", "2", "--seed", "2147483647"],
                            terminal_width=300)
     assert result.exit_code == 2 and "exceeds the largest seed 2147483647" in result.output
+
+
+def test_expert_store_refuses_seeds_it_holds_and_other_env_kwargs(tmp_path):
+    """It recorded seeds 0, 1 again into a store holding them (collect's append refuses that), and
+    appended default-kwargs episodes to a store recorded with other kwargs."""
+    from loopsim.datasets import EpisodeStore
+
+    store = tmp_path / "s.zarr"
+    pick = "loopsim/FactoryPickPlace-v0"
+    result = runner.invoke(app, ["expert", pick, "-n", "2", "--store", str(store)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["expert", pick, "-n", "2", "--store", str(store)], terminal_width=400)
+    assert result.exit_code == 2
+    assert "already holds 2 episodes of these seeds at these sites (e.g. seed 0)" in result.output
+    assert "continue with --seed 2" in result.output
+    result = runner.invoke(app, ["expert", pick, "-n", "1", "--seed", "2", "--store", str(store)],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    with EpisodeStore.open(store) as s:
+        assert s.metadata()["seed"].tolist() == [0, 1, 2]
+    # another site: the same seeds are other episodes
+    result = runner.invoke(app, ["expert", pick, "-n", "1", "--site", "noisy_sensors", "--store", str(store)],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    sparse = tmp_path / "sparse.zarr"
+    result = runner.invoke(app, ["collect", str(CONFIGS / "collect" / "factory_pick_lab.yaml"), "episodes=1",
+                                 "workers=1", f"store={sparse}", "env.kwargs.reward_type=sparse"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["expert", pick, "-n", "1", "--seed", "5", "--store", str(sparse)],
+                           terminal_width=400)
+    assert result.exit_code == 2 and "was recorded with env kwargs" in result.output, result.output
