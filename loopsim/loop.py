@@ -613,6 +613,7 @@ class LoopRun:
             try:
                 with EpisodeStore.open(self.demos_path) as s:
                     if len(s) == cfg.demos.episodes:
+                        self.log(f"iteration 0: {len(s)} expert demonstrations kept from before")
                         return
             except Exception:  # noqa: BLE001 - an unusable partial store is simply redone
                 pass
@@ -690,11 +691,15 @@ class LoopRun:
                 if int(it) == k
             }
             tasks = [t for t in self._deploy_tasks(k) if t not in have]
+            total = len(self._deploy_tasks(k))
             if not tasks:
+                self.log(f"iteration {k}: {total} deployed episodes kept from before")
                 return
             start = time.perf_counter()
-            total = len(self._deploy_tasks(k))
             done = total - len(tasks)
+            if done:
+                self.log(f"iteration {k}: {done} of {total} deployed episodes kept from before; "
+                         f"deploying the other {len(tasks)}")
             checkpoint = self.iteration_dir(k - 1) / "checkpoint"
             successes = 0
             for _result, episode in run_episodes(
@@ -770,6 +775,7 @@ class LoopRun:
 
         out = self.iteration_dir(k) / "checkpoint"
         if (out / "policy.json").exists() and (self.iteration_dir(k) / "refine.json").exists():
+            self.log(f"iteration {k}: policy kept from before ({out})")
             return
         cfg = self.config
         if isinstance(cfg.strategy, RLFinetuneStrategy):
@@ -955,6 +961,7 @@ class LoopRun:
 
         out = self.iteration_dir(k) / "eval.json"
         if out.exists():
+            self.log(f"iteration {k}: evaluation kept from before")
             return
         cfg = self.config
         start = time.perf_counter()

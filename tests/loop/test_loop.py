@@ -75,8 +75,16 @@ def test_tiny_loop_writes_the_run_directory(tmp_path):
         assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 10  # drawn, not blank
     # Re-running the finished run does nothing new (every phase is done) and gives the same metrics.
     before = (path / "metrics.csv").read_text()
-    run_loop(tiny(), path)
+    lines: list[str] = []
+    run_loop(tiny(), path, log=lines.append)
     assert (path / "metrics.csv").read_text() == before
+    # and says so, phase by phase (it said nothing of what it kept)
+    assert lines == ["iteration 0: 3 expert demonstrations kept from before",
+                     f"iteration 0: policy kept from before ({path / 'iterations' / '000' / 'checkpoint'})",
+                     "iteration 0: evaluation kept from before",
+                     "iteration 1: 2 deployed episodes kept from before",
+                     f"iteration 1: policy kept from before ({path / 'iterations' / '001' / 'checkpoint'})",
+                     "iteration 1: evaluation kept from before"], lines
     with EpisodeStore.open(path / "operational.zarr") as op:
         assert len(op) == 2
 
