@@ -1312,16 +1312,10 @@ def _check_run_dir(path: Path, replicates: bool) -> None:
 RESULT_NEUTRAL_KEYS = ("run_dir", "loop.workers", "eval.workers")
 
 
-def _value_at(config: Any, key: str) -> Any:
-    for part in key.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
-
-
 def config_changes(saved: Any, current: Any) -> list[str]:
     """How a loop config differs from a run's saved one, key by key, with both values.
 
-    Keys in :data:`RESULT_NEUTRAL_KEYS` are left out.
+    :func:`loopsim.training.config_changes`, leaving out :data:`RESULT_NEUTRAL_KEYS`.
 
     Args:
         saved: The run's ``config.yaml``, as loaded by YAML.
@@ -1331,10 +1325,9 @@ def config_changes(saved: Any, current: Any) -> list[str]:
         One ``"key: <saved> in the run, <current> now"`` per differing key (sorted); empty if the
         two configs give the same results.
     """
-    from loopsim.training import _diff
+    from loopsim.training import config_changes as changes
 
-    return [f"{key}: {_value_at(saved, key)!r} in the run, {_value_at(current, key)!r} now"
-            for key in sorted(_diff(saved, current)) if key not in RESULT_NEUTRAL_KEYS]
+    return changes(saved, current, RESULT_NEUTRAL_KEYS)
 
 
 def _check_replicates(config: LoopConfig, path: Path) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,10 @@ class RunDir:
                     raise RunDirError(f"--resume: {config_file} cannot be read: {exc}") from None
                 if not isinstance(saved, dict):
                     raise RunDirError(f"--resume: {config_file} holds no config (got {type(saved).__name__})")
-                diff = sorted(_diff(saved, yaml.safe_load(text)))
-                if diff:
+                changes = config_changes(saved, yaml.safe_load(text), RESULT_NEUTRAL_KEYS)
+                if changes:
                     raise RunDirError(
-                        f"--resume: the config differs from the run's config.yaml at {diff}; "
+                        f"--resume: the config differs from the run's config.yaml ({'; '.join(changes)}); "
                         "resume with the same config and overrides"
                     )
             except BaseException:
@@ -264,6 +264,33 @@ def _exists(path: Path) -> RunDirError:
         f"run directory {path} already exists; pass --resume to continue it, or choose another with "
         "--run-dir / run_dir=..."
     )
+
+
+#: Training config keys that do not change a run's results: where its directory is (``run_dir=`` or
+#: ``--run-dir``, spelled any way), and how many processes run its evaluation episodes (they come back
+#: in seed order). ``--resume`` accepts other values for them.
+RESULT_NEUTRAL_KEYS = ("run_dir", "eval.workers")
+
+
+def _value_at(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def config_changes(saved: Any, current: Any, ignore: Sequence[str] = ()) -> list[str]:
+    """How a config differs from a run's saved one, key by key, with both values.
+
+    Args:
+        saved: The run's ``config.yaml``, as loaded by YAML.
+        current: This config, dumped and loaded the same way.
+        ignore: Dotted keys left out (those that do not change results).
+
+    Returns:
+        One ``"key: <saved> in the run, <current> now"`` per differing key (sorted); empty if none.
+    """
+    return [f"{key}: {_value_at(saved, key)!r} in the run, {_value_at(current, key)!r} now"
+            for key in sorted(_diff(saved, current)) if key not in ignore]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

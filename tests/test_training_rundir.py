@@ -32,11 +32,16 @@ def test_new_run_dir_and_refusals(tmp_path):
     run.close()
     with pytest.raises(RunDirError, match="already exists; pass --resume"):
         RunDir.start(tmp_path / "run", cfg(), resume=False)
-    with pytest.raises(RunDirError, match=r"differs from the run's config.yaml at \['train.epochs'\]"):
+    epochs = cfg().train.epochs
+    changed = rf"differs from the run's config.yaml \(train.epochs: {epochs} in the run, 3 now\)"
+    with pytest.raises(RunDirError, match=changed):
         RunDir.start(tmp_path / "run", cfg("train.epochs=3"), resume=True)
     resumed = RunDir.start(tmp_path / "run", cfg(), resume=True)  # the refusal released the lock
     assert resumed.path == run.path
     resumed.close()
+    # run_dir=... then --run-dir (or another spelling), and other evaluation workers: the same run
+    # (it was refused as "differs at ['run_dir']")
+    RunDir.start(tmp_path / "run", cfg(f"run_dir={tmp_path}/./run", "eval.workers=2"), resume=True).close()
     resumed.close()  # idempotent
     with pytest.raises(RunDirError, match="holds no run"):
         RunDir.start(tmp_path / "nothing", cfg(), resume=True)
