@@ -398,6 +398,32 @@ def _cmdline(pid):
         return b""
 
 
+def _ctrl_c_when_workers_run(command, out, workers_of, settle=0.0):
+    """Run ``command`` in a new session; once ``workers_of(pid)`` finds 2 workers (and ``settle`` s
+    later) send SIGINT to the whole process group, as a terminal's Ctrl-C does. Returns
+    ``(exit code, output)``."""
+    import os
+    import subprocess
+    import time
+
+    with open(out, "w") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = workers_of(proc.pid)
+            time.sleep(0.01)
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(settle)
+        assert proc.poll() is None, out.read_text()
+        os.killpg(proc.pid, signal.SIGINT)  # parent and workers alike
+        proc.wait(timeout=120)  # a hang (SB3's close() waiting for a reply it had read) fails here
+    finally:
+        proc.kill()
+    return proc.returncode, out.read_text()
+
+
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_while_collect_workers_start_prints_the_hint_and_no_traceback(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group; the workers are still importing torch.
@@ -405,32 +431,17 @@ def test_ctrl_c_while_collect_workers_start_prints_the_hint_and_no_traceback(tmp
     Before: one ``KeyboardInterrupt`` traceback per worker (``import torch`` in the initializer, or the
     spawn bootstrap) around the parent's "interrupted: ... continue with ..." line.
     """
-    import os
-    import subprocess
     import sys
-    import time
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"env": {"id": ENV.id}, "episodes": 20, "workers": 2,
                                    "store": str(tmp_path / "k.zarr")}))
-    out = tmp_path / "out.txt"
-    with open(out, "w") as f:
-        command = [sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)]
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        workers: list[int] = []
-        while len(workers) < 2 and time.monotonic() < deadline:
-            # the pool's two workers (the resource tracker is a child too, started earlier)
-            workers = [k for k in _children(proc.pid) if b"spawn_main" in _cmdline(k)]
-            time.sleep(0.01)
-        assert len(workers) == 2, "the collect workers did not start"
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: parent and workers alike
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    text = out.read_text()
-    assert proc.returncode == 130, text
+    command = [sys.executable, "-c", "from loopsim.cli import app; app()", "collect", str(cfg)]
+    def spawned(pid):  # the pool's two workers (the resource tracker is a child too, started earlier)
+        return [k for k in _children(pid) if b"spawn_main" in _cmdline(k)]
+
+    code, text = _ctrl_c_when_workers_run(command, tmp_path / "out.txt", spawned)
+    assert code == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "continue with: loopsim collect" in " ".join(text.split())
 
@@ -442,33 +453,18 @@ def test_ctrl_c_while_training_in_sb3_subprocess_envs_prints_the_hint_and_no_tra
     Before: the parent's ``recv`` from a worker killed by the Ctrl-C raised ``EOFError``, which the
     command line printed as "Aborted!" (exit 1), without the resume line; or worker tracebacks.
     """
-    import os
-    import subprocess
     import sys
-    import time
 
-    out = tmp_path / "out.txt"
     config = Path(__file__).parents[1] / "configs" / "train" / "factory_pick_sac.yaml"
     command = [sys.executable, "-c", "from loopsim.cli import app; app()", "train", str(config),
                "train.n_envs=2", "train.subproc=true", "--run-dir", str(tmp_path / "run")]
-    with open(out, "w") as f:
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        workers: list[int] = []
-        while len(workers) < 2 and time.monotonic() < deadline:
-            servers = [k for k in _children(proc.pid) if b"forkserver" in _cmdline(k)]
-            workers = [w for s in servers for w in _children(s)]  # forked by the forkserver
-            time.sleep(0.01)
-        assert len(workers) == 2, "the SubprocVecEnv workers did not start"
-        time.sleep(10)  # they build their envs (~3-5 s), then SAC steps them: Ctrl-C while training
-        assert proc.poll() is None, out.read_text()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    text = out.read_text()
-    assert proc.returncode == 130, text
+
+    def forked(pid):  # the SubprocVecEnv workers are forked by the forkserver
+        return [w for s in _children(pid) if b"forkserver" in _cmdline(s) for w in _children(s)]
+
+    # they build their envs (~3-5 s), then SAC steps them: Ctrl-C while training
+    code, text = _ctrl_c_when_workers_run(command, tmp_path / "out.txt", forked, settle=10)
+    assert code == 130, text
     assert "Traceback" not in text and "Aborted" not in text, text
     assert "continue with: loopsim train" in " ".join(text.split())
 
