@@ -57,17 +57,30 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of ``path/metrics.csv``, numbers as ``int``/``float``.
 
     Raises:
-        ReportError: If the file lacks a column of :data:`_METRICS_COLUMNS`, has no rows, or a row's
-            ``iteration`` is not an integer (a damaged file: the report crashed on it).
+        ReportError: If the file is not UTF-8, lacks a column of :data:`_METRICS_COLUMNS`, has no rows,
+            a row without the header's fields, an ``iteration`` that is not an integer >= 0, or a
+            count or success rate that is not a number (a damaged file: the report crashed on it).
     """
-    rows = []
     where = path / "metrics.csv"
+    try:
+        return _parse_metrics(where)
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{where} is damaged: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _parse_metrics(where: Path) -> list[dict[str, Any]]:
+    """:func:`_read_metrics` of one file (see there)."""
+    rows: list[dict[str, Any]] = []
     with open(where, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in _METRICS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ReportError(f"{where} is damaged: it has no column(s) {missing}")
         for row in reader:
+            short = [k for k, v in row.items() if v is None or k is None]
+            if short:  # a row cut short (or one with extra fields): None values / a None key
+                raise ReportError(f"{where} is damaged: row {len(rows) + 1} does not have the header's "
+                                  f"{len(reader.fieldnames or [])} fields")
             out: dict[str, Any] = {}
             for k, v in row.items():
                 try:
@@ -77,9 +90,13 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
                         out[k] = float(v)
                     except ValueError:
                         out[k] = v
-            if not isinstance(out.get("iteration"), int):
+            if not isinstance(out.get("iteration"), int) or out["iteration"] < 0:
                 raise ReportError(f"{where} is damaged: row {len(rows) + 1} has iteration "
-                                  f"{row.get('iteration')!r}, not an integer")
+                                  f"{row.get('iteration')!r}, not an integer >= 0")
+            text = [c for c in _METRICS_COLUMNS[3:] if not isinstance(out.get(c), int | float)]
+            if text:
+                raise ReportError(f"{where} is damaged: row {len(rows) + 1} has {text[0]} "
+                                  f"{row.get(text[0])!r}, not a number")
             rows.append(out)
     if not rows:
         raise ReportError(f"{where} is damaged: it has no rows")

@@ -63,12 +63,25 @@ def test_report_errors(tmp_path):
     assert out.exit_code == 2 and "not a directory" in out.output
 
 
+def test_a_metrics_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "metrics.csv").write_bytes(b"iteration,site\n0,\xff\n")
+    with pytest.raises(ReportError, match="metrics.csv is damaged: not UTF-8 text"):
+        write_loop_report(tmp_path, videos=False)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [("garbage,,,\n", r"has no column\(s\) \['iteration'"),  # a traceback (max() of nothing) before
      ("iteration,site,arm,episodes,success_rate,success_low,success_high\n", "has no rows"),
      ("iteration,site,arm,episodes,success_rate,success_low,success_high\nx,lab,loop,1,1,1,1\n",
-      "row 1 has iteration 'x', not an integer")],
+      "row 1 has iteration 'x', not an integer >= 0"),
+     ("iteration,site,arm,episodes,success_rate,success_low,success_high\n-1,lab,loop,1,1,1,1\n",
+      "row 1 has iteration '-1', not an integer >= 0"),
+     # a file cut short: a row without its last fields (a TypeError traceback before)
+     ("iteration,site,arm,episodes,success_rate,success_low,success_high\n0,lab,loop,1,1,1,1\n1,lab\n",
+      "row 2 does not have the header's 7 fields"),
+     ("iteration,site,arm,episodes,success_rate,success_low,success_high\n0,lab,loop,1,abc,1,1\n",
+      "row 1 has success_rate 'abc', not a number")],
 )
 def test_a_damaged_metrics_file_is_one_line(tmp_path, text, match):
     (tmp_path / "metrics.csv").write_text(text)

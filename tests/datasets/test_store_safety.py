@@ -770,6 +770,13 @@ def test_check_reads_every_chunk_and_finds_damage_after_the_fact(tmp_path: Path,
         assert any(p.startswith("data/action: ") for p in report.problems), report.problems
         if damage == "deleted":
             assert any("meta/seed: chunk c/0 (rows 0-7) is missing" in p for p in report.problems)
+            # reading it is an error too, never zeros (a policy was cloned from zero expert actions)
+            with pytest.raises(StoreDamagedError, match=r"data/action: chunk c/0/0 is missing"):
+                store.episode(0)
+            with pytest.raises(StoreDamagedError, match=r"data/action: chunk c/0/0 is missing"):
+                store.load(["action"])
+            with pytest.raises(StoreDamagedError, match=r"meta/seed: chunk c/0 is missing"):
+                store.metadata()
         else:
             assert any("cannot be read (a damaged chunk)" in p for p in report.problems)
             if damage == "flipped_bit":
@@ -799,6 +806,7 @@ def test_an_older_store_without_the_mark_is_not_called_damaged_for_a_chunk_of_ze
     (path / "meta/iteration/c/0").unlink()  # as zarr's default writer left it: zeros not written
     with EpisodeStore.open(path) as store:
         assert store.check().ok
+        assert not store.metadata()["iteration"].any()  # read as the zeros it held
 
 
 def test_missing_path_is_not_created(tmp_path: Path) -> None:
