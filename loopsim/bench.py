@@ -685,7 +685,7 @@ def _check_out(config: BenchConfig, out: Path) -> None:
         BenchError: If ``out`` is a file, holds files that are not a benchmark's (a store, a loop or
             training run, the user's files), or holds results of a different benchmark config.
     """
-    from loopsim.training import _diff
+    from loopsim.training import config_changes
 
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {out} is a file; give a new or empty directory, or a benchmark's output")
@@ -702,10 +702,10 @@ def _check_out(config: BenchConfig, out: Path) -> None:
             )
         # The number of worker processes changes no result (each episode is seeded by itself): a run
         # started with 2 workers may be resumed with 1.
-        diff = sorted(set(_diff(saved, yaml.safe_load(dump_config(config)))) - {"eval.workers"})
-        if diff:
+        changes = config_changes(saved, yaml.safe_load(dump_config(config)), ("eval.workers",))
+        if changes:
             raise BenchError(
-                f"{out} holds results of a different benchmark config (differs at {diff}); use another "
+                f"{out} holds results of a different benchmark config ({'; '.join(changes)}); use another "
                 "--out, or the same config and overrides to resume"
             )
         return

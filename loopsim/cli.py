@@ -341,14 +341,12 @@ def _open_expert_store(url: str, env_id: str, sites: list[Any], seeds: range) ->
                 problem = (f"was recorded with env kwargs {existing.env_kwargs}; loopsim expert runs "
                            f"{env_id} with its defaults: give a new --store path")
             else:
-                meta = existing.metadata()
-                names = {site_name(s) for s in sites}
-                here = [int(sd) for st, sd in zip(meta["site"], meta["seed"], strict=True) if st in names]
-                held = sorted({sd for sd in here if sd in seeds})
+                from loopsim.rollout import held_seeds
+
+                held, after = held_seeds(existing, [site_name(s) for s in sites], seeds)
                 if held:
-                    after = max(here)
                     problem = (f"already holds {len(held)} episodes of these seeds at these sites (e.g. seed "
-                               f"{held[0]}): they would be stored twice; continue with --seed {after + 1}")
+                               f"{held[0]}): they would be stored twice; continue with --seed {after}")
             if problem:
                 existing.close()
                 raise _error(f"{url} {problem}")

@@ -47,6 +47,7 @@ __all__ = [
     "bootstrap_ci",
     "collect",
     "evaluate_policy",
+    "held_seeds",
     "make_policy",
     "run_episodes",
     "seeded_global_numpy",
@@ -663,6 +664,24 @@ class CollectResult:
     stored_after: int
 
 
+def held_seeds(store: Any, sites: Sequence[str], seeds: range) -> tuple[list[int], int]:
+    """Which of ``seeds`` a store already holds at any of ``sites``, for refusing an append.
+
+    Args:
+        store: An open :class:`~loopsim.datasets.EpisodeStore`.
+        sites: Site names (as recorded: :func:`loopsim.envs.site_name`).
+        seeds: The seeds a job would run at each of those sites.
+
+    Returns:
+        ``(sorted seeds held, the seed after the largest one held at those sites)``; ``([], ...)`` if
+        the job duplicates nothing.
+    """
+    meta = store.metadata()
+    names = set(sites)
+    here = {int(sd) for st, sd in zip(meta["site"], meta["seed"], strict=True) if st in names and sd >= 0}
+    return sorted(sd for sd in here if sd in seeds), max(here, default=-1) + 1
+
+
 def collect(
     config: CollectConfig, on_episode: Callable[[EpisodeResult], None] | None = None
 ) -> CollectResult:
@@ -719,13 +738,9 @@ def collect(
         ):  # the same env either way: {} and {"obs_mode": "state"} alike
             problem = f"was recorded with env kwargs {store.env_kwargs}, this job uses {config.env.kwargs}"
         else:
-            meta = store.metadata()
             at = site_name(config.env.site)
-            pairs = zip(meta["site"], meta["seed"], strict=True)
-            have = {int(sd) for st, sd in pairs if st == at and sd >= 0}
-            overlap = sorted(have & set(range(config.seed, config.seed + config.episodes)))
+            overlap, nxt = held_seeds(store, [at], range(config.seed, config.seed + config.episodes))
             if overlap:
-                nxt = max(have) + 1
                 problem = (
                     f"already holds {len(overlap)} episodes of these seeds at {at!r} (e.g. seed "
                     f"{overlap[0]}): they would be duplicated; continue with seed={nxt}"

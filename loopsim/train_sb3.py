@@ -640,7 +640,7 @@ def _make_vec_env(config: TrainConfig) -> Any:
                 venv = SubprocVecEnv(factories)
         except BaseException:
             if venv is not None:
-                venv.close()
+                _stop_workers(venv)
             raise
         return venv
     return DummyVecEnv(factories)

@@ -172,7 +172,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
 def test_a_different_config_is_refused_in_the_same_out_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_bench(_cfg(sites=["lab"]), out)
-    with pytest.raises(BenchError, match=r"different benchmark config \(differs at \['eval.episodes'\]\)"):
+    changed = r"different benchmark config \(eval.episodes: 3 in the run, 4 now\)"
+    with pytest.raises(BenchError, match=changed):
         run_bench(_cfg(sites=["lab"], eval={"episodes": 4, "seed": 100}), out)
     # Another number of workers changes no result: the finished run is reused, not refused.
     again = run_bench(_cfg(sites=["lab"], eval={"episodes": 3, "seed": 100, "workers": 2}), out)
