@@ -87,6 +87,8 @@ BODY_HALF = (0.30, 0.22, 0.10)
 #: faces, beyond the body's sides) [m].
 FOOTPRINT_HALF = (BODY_HALF[0], max(BODY_HALF[1], 0.5 * WHEEL_TRACK + 0.5 * WHEEL_WIDTH))
 BODY_MASS = 20.0
+#: The robot's whole mass: body, two drive wheels of 1 kg, two casters of 0.5 kg [kg].
+ROBOT_MASS = BODY_MASS + 3.0
 BODY_Z = 0.13
 #: Radius of a circle around the robot's centre that contains its footprint [m].
 ROBOT_RADIUS = 0.38
@@ -504,7 +506,7 @@ class WarehouseEnv(RobotTaskEnv):
             baseCollisionShapeIndex=body_col,
             baseVisualShapeIndex=body_vis,
             basePosition=[0.0, 0.0, BODY_Z],
-            linkMasses=[1.0, 1.0, 0.5, 0.5],
+            linkMasses=[1.0, 1.0, 0.5, 0.5],  # ROBOT_MASS - BODY_MASS in all
             linkCollisionShapeIndices=[wheel_col, wheel_col, caster_col, caster_col],
             linkVisualShapeIndices=[wheel_vis, wheel_vis, caster_vis, caster_vis],
             linkPositions=[

@@ -20,6 +20,7 @@ from loopsim.envs.warehouse.base import (
     MAX_LINEAR,
     WarehouseEnv,
 )
+from loopsim.envs.warehouse.planner import drive_accel, predict_pose
 
 __all__ = ["WarehouseCartPushEnv", "WarehouseCartPushExpert", "CART_HALF", "STATION_HALF"]
 
@@ -209,6 +210,10 @@ class WarehouseCartPushExpert(Expert):
     2. Pushing: it heads for a point beyond the cart chosen so that robot, cart and station line up
        (steering against the cart's sideways offset from the robot's axis), at a speed that lets the
        cart coast to rest in the zone, slowed by anything the lidar sees ahead of the cart.
+
+    Under actuator lag (``action_delay``) both rules start from where the queued actions take the
+    robot (:func:`~loopsim.envs.warehouse.planner.predict_pose`) and the cart (pushed along with the
+    robot while the bumper is on it, else at its current velocity).
     """
 
     env_type = WarehouseCartPushEnv
@@ -222,6 +227,23 @@ class WarehouseCartPushExpert(Expert):
         env: WarehouseCartPushEnv = self.env
         rx, ry, yaw = env.robot_pose()
         cx, cy = env.cart_xy
+        pending = env.pending_actions
+        if pending:
+            # Under actuator lag (``action_delay``) this action takes effect after the queued ones:
+            # act from where they take the robot, and the cart: pushed along with it while the bumper
+            # is on it, else carried on at its current velocity.
+            fx, fy = env.to_robot_frame(cx, cy)
+            pushing = abs(fx - self.CONTACT) < 0.1 and abs(fy) < CART_HALF[1] + 0.1
+            mu = float(env.site_params["floor_friction"])
+            load = float(env.site_params["cart_mass"]) if pushing else 0.0
+            x0, y0 = rx, ry
+            rx, ry, yaw = predict_pose((rx, ry, yaw), (env.robot_vel[0], env.robot_vel[2]), pending,
+                                       env.sim.control_dt, drive_accel(mu, load, CART_FRICTION * mu))
+            if pushing:
+                cx, cy = cx + rx - x0, cy + ry - y0
+            else:
+                lag = len(pending) * env.sim.control_dt
+                cx, cy = cx + env.cart_v[0] * lag, cy + env.cart_v[1] * lag
         sx, sy = env.station
         dist = math.hypot(sx - cx, sy - cy)
         if dist < 0.15:
@@ -246,14 +268,15 @@ class WarehouseCartPushExpert(Expert):
         if not behind or abs(side) > 0.2:
             # 1. go back behind the cart, on the line
             tx, ty = cx - 1.3 * dx, cy - 1.3 * dy
-            return self._goto(tx, ty, face)
+            return self._goto(tx, ty, face, (rx, ry, yaw))
         if along < -self.CONTACT - 0.6 and abs(err) < 0.3:
             pass  # behind, on the line and facing d: close the gap by pushing below
         elif abs(err) > 0.35:
             return np.array([0.0, np.clip(2.0 * err / MAX_ANGULAR, -1.0, 1.0)])
         # 2. push: aim at a point beyond the cart that lines robot, cart and station up
         aim_x, aim_y = cx + 0.8 * dx - 1.5 * side * (-dy), cy + 0.8 * dy - 1.5 * side * dx
-        fx, fy = env.to_robot_frame(aim_x, aim_y)
+        c, s = math.cos(yaw), math.sin(yaw)
+        fx, fy = c * (aim_x - rx) + s * (aim_y - ry), -s * (aim_x - rx) + c * (aim_y - ry)
         bearing = math.atan2(fy, fx)
         decel = 0.5 * CART_FRICTION_DECEL * float(env.site_params["floor_friction"])
         v = min(self.PUSH_SPEED, math.sqrt(2.0 * max(decel, 0.05) * max(dist - 0.1, 0.0)))
@@ -263,12 +286,23 @@ class WarehouseCartPushExpert(Expert):
         w = max(-MAX_ANGULAR, min(MAX_ANGULAR, 2.5 * bearing))
         return np.array([v / MAX_LINEAR, w / MAX_ANGULAR])
 
-    def _goto(self, tx: float, ty: float, final_heading: float) -> np.ndarray:
-        env = self.env
-        fx, fy = env.to_robot_frame(tx, ty)
+    def _goto(
+        self, tx: float, ty: float, final_heading: float, pose: tuple[float, float, float]
+    ) -> np.ndarray:
+        """``(v, w)`` actions in ``[-1, 1]`` to drive to a point, then turn to a heading.
+
+        Args:
+            tx: Target x [m], world frame.
+            ty: Target y [m], world frame.
+            final_heading: Heading to turn to once there [rad].
+            pose: The robot pose ``(x [m], y [m], yaw [rad])`` to steer from.
+        """
+        x, y, yaw = pose
+        c, s = math.cos(yaw), math.sin(yaw)
+        fx, fy = c * (tx - x) + s * (ty - y), -s * (tx - x) + c * (ty - y)
         d = math.hypot(fx, fy)
         if d < 0.12:
-            err = (final_heading - env.robot_yaw + math.pi) % (2.0 * math.pi) - math.pi
+            err = (final_heading - yaw + math.pi) % (2.0 * math.pi) - math.pi
             return np.array([0.0, np.clip(2.0 * err / MAX_ANGULAR, -1.0, 1.0)])
         bearing = math.atan2(fy, fx)
         if abs(bearing) > math.radians(100):  # closer to back up than to turn around

@@ -10,7 +10,7 @@ import numpy as np
 from loopsim.envs.core.env import Evaluation
 from loopsim.envs.core.expert import Expert
 from loopsim.envs.warehouse.base import END_CROSS, WarehouseEnv
-from loopsim.envs.warehouse.planner import GridPlanner, drive_command
+from loopsim.envs.warehouse.planner import GridPlanner, drive_accel, drive_command, predict_pose, scan_from
 
 __all__ = ["WarehouseNavigateEnv", "WarehouseNavigateExpert"]
 
@@ -102,7 +102,9 @@ class WarehouseNavigateExpert(Expert):
 
     Privileged inputs: the layout and the bay (for :class:`GridPlanner`, rebuilt when they change),
     the robot's true pose, the lidar scan the env computed (with the site's noise) and the floor
-    friction (to brake within the grip it gives). Traffic is avoided from the lidar only.
+    friction (to brake within the grip it gives). Traffic is avoided from the lidar only. Under actuator
+    lag (``action_delay``) it also reads the actions still queued and acts from where they take the
+    robot (:func:`~loopsim.envs.warehouse.planner.predict_pose`).
     """
 
     env_type = WarehouseNavigateEnv
@@ -127,10 +129,28 @@ class WarehouseNavigateExpert(Expert):
     def _act(self) -> np.ndarray:
         env: WarehouseNavigateEnv = self.env
         plan = self.planner()
-        x, y, _ = env.robot_pose()
-        d = env.bay_distance()
-        tx, ty = env.bay if d < self.LOOKAHEAD else plan.lookahead(x, y, self.LOOKAHEAD)
-        fx, fy = env.to_robot_frame(tx, ty)
         decel = min(1.5, 0.5 * 9.81 * float(env.site_params["floor_friction"]))
-        v, w = drive_command(fx, fy, d, env.lidar, env.lidar_angles, decel)
+        pending = env.pending_actions
+        if not pending:
+            x, y, _ = env.robot_pose()
+            d = env.bay_distance()
+            tx, ty = env.bay if d < self.LOOKAHEAD else plan.lookahead(x, y, self.LOOKAHEAD)
+            fx, fy = env.to_robot_frame(tx, ty)
+            v, w = drive_command(fx, fy, d, env.lidar, env.lidar_angles, decel)
+            return np.array([v, w])
+        # Under actuator lag (``action_delay``) this action takes effect after the queued ones: steer
+        # from where they take the robot (the lidar returns seen from there), as the factory experts do.
+        x0, y0, yaw0 = env.robot_pose()
+        accel = drive_accel(float(env.site_params["floor_friction"]))
+        x, y, yaw = predict_pose((x0, y0, yaw0), (env.robot_vel[0], env.robot_vel[2]), pending,
+                                 env.sim.control_dt, accel)
+        bx, by = env.bay
+        d = math.hypot(bx - x, by - y)
+        tx, ty = env.bay if d < self.LOOKAHEAD else plan.lookahead(x, y, self.LOOKAHEAD)
+        c, s = math.cos(yaw), math.sin(yaw)
+        fx, fy = c * (tx - x) + s * (ty - y), -s * (tx - x) + c * (ty - y)
+        c0, s0 = math.cos(yaw0), math.sin(yaw0)
+        ranges, angles = scan_from(env.lidar, env.lidar_angles, c0 * (x - x0) + s0 * (y - y0),
+                                   -s0 * (x - x0) + c0 * (y - y0), yaw - yaw0)
+        v, w = drive_command(fx, fy, d, ranges, angles, decel)
         return np.array([v, w])

@@ -32,11 +32,18 @@ from loopsim.envs.warehouse.base import (
     LIDAR_RANGE,
     MAX_ANGULAR,
     MAX_LINEAR,
+    ROBOT_MASS,
     ROBOT_RADIUS,
+    WHEEL_RADIUS,
+    WHEEL_TORQUE,
+    WHEEL_TRACK,
     Layout,
 )
 
-__all__ = ["GridPlanner", "drive_command", "guard_command", "lidar_points"]
+__all__ = [
+    "GridPlanner", "drive_accel", "drive_command", "guard_command", "lidar_points", "predict_pose",
+    "scan_from",
+]
 
 #: Grid cell size [m].
 RESOLUTION = 0.1
@@ -44,6 +51,10 @@ RESOLUTION = 0.1
 INFLATE_MARGIN = 0.06
 #: Cells closer than this to an obstacle (before inflation) cost more, up to 1 + ``CENTRE_WEIGHT`` [m].
 CENTRE_BAND, CENTRE_WEIGHT = 1.2, 3.0
+#: Share of ``g * floor_friction`` the drive wheels' grip gives the robot alone as acceleration,
+#: measured from rest at full command: 2.1 m/s^2 at friction 0.3, 0.65 m/s^2 at 0.1, so about 0.7 (the
+#: casters carry part of the weight). At friction 1 that is 6.9 m/s^2, below the motors' 8.7.
+DRIVE_GRIP = 0.7
 _NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
 
@@ -243,6 +254,90 @@ def lidar_points(lidar: np.ndarray, lidar_angles: np.ndarray) -> tuple[np.ndarra
     real = lidar < LIDAR_RANGE - 1e-6
     r, a = lidar[real], lidar_angles[real]
     return r * np.cos(a), r * np.sin(a)
+
+
+def drive_accel(floor_friction: float, load_mass: float = 0.0, load_friction: float = 0.0) -> float:
+    """The most the robot's speed can change in a second, alone or pushing a load [m/s^2].
+
+    The drive force is the smaller of the wheels' grip, ``DRIVE_GRIP * g * floor_friction`` times the
+    robot's mass, and the motors' ``2 * WHEEL_TORQUE / WHEEL_RADIUS`` [N]; a load's friction
+    ``load_friction * g * load_mass`` [N] is taken off it, and the rest accelerates robot and load.
+
+    Args:
+        floor_friction: The site's ``floor_friction`` (times the wheels' 1.0).
+        load_mass: Mass pushed with the robot [kg].
+        load_friction: The load's friction coefficient on the floor.
+
+    Returns:
+        The acceleration [m/s^2], at least 0.05.
+    """
+    force = min(DRIVE_GRIP * 9.81 * floor_friction * ROBOT_MASS, 2.0 * WHEEL_TORQUE / WHEEL_RADIUS)
+    force -= load_friction * 9.81 * load_mass
+    return max(0.05, force / (ROBOT_MASS + load_mass))
+
+
+def predict_pose(
+    pose: tuple[float, float, float],
+    velocity: tuple[float, float],
+    pending: list[list[float]],
+    dt: float,
+    accel: float,
+) -> tuple[float, float, float]:
+    """Where the actions still in the actuator queue (``action_delay``) take the robot.
+
+    Integrates the unicycle model over the queued ``(v, w)`` commands, each held for a control step,
+    with the base's speeds approaching the commanded ones at most at ``accel`` [m/s^2] (see
+    :func:`drive_accel`) and ``accel / (WHEEL_TRACK / 2)`` [rad/s^2] for turning. The base moves at the
+    step's mean speeds, along its mean heading.
+
+    Args:
+        pose: Robot position x, y [m] and heading yaw [rad], world frame.
+        velocity: Robot forward speed [m/s] and yaw rate [rad/s] now.
+        pending: Queued actions ``[v, w]`` in ``[-1, 1]``, oldest first (``env.pending_actions``).
+        dt: Control period [s].
+        accel: The most the forward speed changes in a second [m/s^2].
+
+    Returns:
+        ``(x, y, yaw)`` [m, m, rad] after the queued actions, world frame.
+    """
+    x, y, yaw = pose
+    v, w = velocity
+    dv = accel * dt
+    dw = dv / (0.5 * WHEEL_TRACK)
+    for a in pending:
+        v1 = v + max(-dv, min(dv, a[0] * MAX_LINEAR - v))
+        w1 = w + max(-dw, min(dw, a[1] * MAX_ANGULAR - w))
+        step, turn = 0.5 * (v + v1) * dt, 0.5 * (w + w1) * dt
+        mid = yaw + 0.5 * turn
+        x, y, yaw = x + step * math.cos(mid), y + step * math.sin(mid), yaw + turn
+        v, w = v1, w1
+    return x, y, yaw
+
+
+def scan_from(
+    lidar: np.ndarray, lidar_angles: np.ndarray, dx: float, dy: float, dyaw: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's returns seen from another robot pose, as ranges and angles for :func:`drive_command`.
+
+    Args:
+        lidar: ``(N,)`` ranges [m] taken at the current pose.
+        lidar_angles: ``(N,)`` ray angles in the current robot frame [rad].
+        dx: The other pose's position, forward of the current one [m].
+        dy: The other pose's position, leftward of the current one [m].
+        dyaw: The other pose's heading minus the current one [rad].
+
+    Returns:
+        ``(ranges, angles)``: ``(M,)`` float64 ranges [m] and angles [rad] of the ``M`` returns (rays
+        that hit nothing left out) in the other pose's frame; a return that ends up farther than
+        ``LIDAR_RANGE`` is left out as well.
+    """
+    px, py = lidar_points(lidar, lidar_angles)
+    c, s = math.cos(dyaw), math.sin(dyaw)
+    qx, qy = px - dx, py - dy
+    fx, fy = c * qx + s * qy, -s * qx + c * qy
+    ranges = np.hypot(fx, fy)
+    near = ranges < LIDAR_RANGE - 1e-6
+    return ranges[near], np.arctan2(fy[near], fx[near])
 
 
 def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[float, float]:
