@@ -15,6 +15,7 @@ from loopsim.envs.core.expert import Expert
 from loopsim.envs.warehouse.base import (
     BODY_HALF,
     END_CROSS,
+    FOOTPRINT_HALF,
     LIDAR_RANGE,
     MAX_ANGULAR,
     MAX_LINEAR,
@@ -222,6 +223,8 @@ class WarehouseCartPushExpert(Expert):
     #: Far from the station the cart is pushed towards the aisle's centre line this far ahead [m].
     CARROT = 1.5
     CONTACT = CART_HALF[0] + BODY_HALF[0]
+    #: Sideways offset from the push line of the lane the robot takes round the cart [m].
+    LANE = CART_HALF[1] + FOOTPRINT_HALF[1] + 0.2
 
     def _act(self) -> np.ndarray:
         env: WarehouseCartPushEnv = self.env
@@ -266,8 +269,17 @@ class WarehouseCartPushExpert(Expert):
         err = (face - yaw + math.pi) % (2.0 * math.pi) - math.pi
         behind = along < -self.CONTACT + 0.15
         if not behind or abs(side) > 0.2:
-            # 1. go back behind the cart, on the line
-            tx, ty = cx - 1.3 * dx, cy - 1.3 * dy
+            # 1. go back behind the cart, on the line; from in front of it or beside it, round it: first
+            # sideways to a lane clear of it, then along that lane past its back (straight there, the
+            # robot pushed the cart away from the station)
+            lane = math.copysign(self.LANE, side)
+            if not behind and abs(side) < self.LANE - 0.15:
+                along_w, side_w = along, lane
+            elif not behind:
+                along_w, side_w = -1.3, lane
+            else:
+                along_w, side_w = -1.3, 0.0
+            tx, ty = cx + along_w * dx - side_w * dy, cy + along_w * dy + side_w * dx
             return self._goto(tx, ty, face, (rx, ry, yaw))
         if along < -self.CONTACT - 0.6 and abs(err) < 0.3:
             pass  # behind, on the line and facing d: close the gap by pushing below

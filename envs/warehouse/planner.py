@@ -346,8 +346,11 @@ def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[f
     A command that would bring the footprint (``FOOTPRINT_HALF`` plus ``FOOTPRINT_MARGIN``) onto a
     lidar return within ``FOOTPRINT_HORIZON`` seconds (a corner swinging or the body sliding into
     traffic that stopped beside the robot, or into a shelf) is replaced by the first safe one of: the
-    turn on the spot, straight on at the same speed, straight back at ``BACK_OFF_SPEED``, standing
-    still. A robot already closer than the margin to a return may make any move that brings nothing
+    turn on the spot, straight on at the same speed, straight back at ``BACK_OFF_SPEED``, the turn on
+    the spot the other way, straight on at ``BACK_OFF_SPEED`` (if the command was not forwards),
+    standing still. (Without the last two, a robot whose turn swung a corner into a shelf, with its
+    back against another, stood still for good: the same state gave the same command.)
+    A robot already closer than the margin to a return may make any move that brings nothing
     closer than its nearest return is now. Returns inside the footprint itself are range noise (the
     scanner cannot see into the robot) and are left out.
 
@@ -387,7 +390,8 @@ def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[f
     need = min(FOOTPRINT_MARGIN, _footprint_clearance(px, py, 0.0, 0.0))
     if _safe_motion(px, py, v, w, need):
         return v, w
-    options = [(0.0, w), *([(v, 0.0)] if v else []), (-BACK_OFF_SPEED, 0.0)]
+    options = [(0.0, w), *([(v, 0.0)] if v else []), (-BACK_OFF_SPEED, 0.0), *([(0.0, -w)] if w else []),
+               *([(BACK_OFF_SPEED, 0.0)] if v <= 0.0 else [])]
     return next((o for o in options if _safe_motion(px, py, *o, need)), (0.0, 0.0))
 
 
