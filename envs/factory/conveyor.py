@@ -396,11 +396,8 @@ class ConveyorExpert(Expert):
         # Under actuator lag, act from where the queued actions will have moved the hand (the expert
         # knows its own commands); the part keeps riding the belt meanwhile.
         pending = env.pending_actions
-        ee = (
-            env.robot.ee_position() + MAX_DISPLACEMENT * np.sum([a[:3] for a in pending], axis=0)
-            if pending
-            else (env.robot.ee_position())
-        )
+        ee_now = env.robot.ee_position()
+        ee = ee_now + MAX_DISPLACEMENT * np.sum([a[:3] for a in pending], axis=0) if pending else ee_now
         pos, vel = env.part_positions(), env.part_velocities()
         dt = env.sim.control_dt
         delay = len(pending)
@@ -408,15 +405,19 @@ class ConveyorExpert(Expert):
         for i in range(env.n_parts):
             if env.grasped(i) and pos[i, 2] > BELT_TOP + PART_HALF - 0.01:
                 b = env.target_bin(i)
-                offset = ee - pos[i]
-                over = np.linalg.norm(pos[i, :2] - b.target[:2])
+                # the grasp offset is the hand's now; a held part goes where the queued actions take
+                # the hand (with the hand's predicted position here, the carry goal moved with every
+                # queued action and at a lag of 3+ steps the hand circled over the bin, never releasing)
+                offset = ee_now - pos[i]
+                part = pos[i] + (ee - ee_now) if pending else pos[i]
+                over = np.linalg.norm(part[:2] - b.target[:2])
                 if over > 0.03:
                     goal = np.array([b.x, b.y, 0.0]) + offset
                     goal[2] = self.CARRY_Z
                     if ee[2] < self.CARRY_Z - 0.05:  # lift before moving sideways
                         goal[:2] = ee[:2]
                     return np.append(self._move(ee, goal), -1.0)
-                if pos[i, 2] > BIN_FLOOR + self.RELEASE_HEIGHT:
+                if part[2] > BIN_FLOOR + self.RELEASE_HEIGHT:
                     goal = np.array([b.x, b.y, BIN_FLOOR + self.RELEASE_HEIGHT - 0.02]) + offset
                     return np.append(self._move(ee, goal), -1.0)
                 return np.array([0.0, 0.0, 0.0, 1.0])
