@@ -92,7 +92,9 @@ class ConveyorTaskEnv(FactoryEnv):
 
     Args:
         n_parts: Parts per episode (``None``: the task default).
-        **kwargs: See :class:`~loopsim.envs.core.env.RobotTaskEnv`.
+        **kwargs: See :class:`~loopsim.envs.core.env.RobotTaskEnv`. Without ``max_steps`` the time
+            limit grows with the parts beyond the task's default number: ``default_max_steps *
+            n_parts / n_parts_default`` control steps, never fewer than ``default_max_steps``.
 
     Raises:
         ValueError: If ``n_parts`` is not an integer in ``[1, 4]``.
@@ -119,6 +121,10 @@ class ConveyorTaskEnv(FactoryEnv):
         ):
             raise ValueError(f"n_parts={n_parts!r} must be an integer in [1, 4]")
         self.n_parts = int(n_parts)
+        if kwargs.get("max_steps") is None and self.n_parts > self.n_parts_default:
+            # one part's time per part (PickPlace with 2 parts and 150 steps timed out every episode:
+            # the expert needs 151-167 steps for two)
+            kwargs["max_steps"] = self.default_max_steps * self.n_parts // self.n_parts_default
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ scene

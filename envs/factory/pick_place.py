@@ -27,7 +27,7 @@ class FactoryPickPlaceEnv(ConveyorTaskEnv):
     **Episode end.** ``terminated`` on success or on an unrecoverable failure: ``missed`` (a part left
     the reachable stretch of the belt, |y| > 0.55 m, or fell off it without ever being lifted) or
     ``dropped`` (a part that had been lifted fell outside the bin). ``truncated`` after ``max_steps``
-    (default 150 control steps = 6 s) with failure mode ``timeout``.
+    (default 150 control steps = 6 s per part) with failure mode ``timeout``.
 
     **Observation** (``state``, float32, ``7 + 12 * n_parts + 3``): end-effector position (3) [m],
     velocity (3) [m/s], finger opening (1) [m]; per part: position (3) [m, with the site's sensor

@@ -26,7 +26,8 @@ class FactorySortEnv(ConveyorTaskEnv):
 
     **Episode end.** ``terminated`` on success or on a failure: ``wrong_bin`` (a part came to rest in
     the other bin), ``missed`` or ``dropped`` (as in FactoryPickPlace). ``truncated`` after
-    ``max_steps`` (default 300 control steps = 12 s) with failure mode ``timeout``.
+    ``max_steps`` (default 300 control steps = 12 s, 150 per part beyond two) with failure mode
+    ``timeout``.
 
     **Observation, action, rewards.** As FactoryPickPlace with ``n_parts`` parts (default 2) and two
     bin targets: ``state`` has ``7 + 12 * n_parts + 6`` entries.

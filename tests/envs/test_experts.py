@@ -49,6 +49,18 @@ def test_conveyor_expert_releases_the_part_under_actuator_lag(conveyor_id):
     assert summary.success_rate == 1.0, summary.failure_modes
 
 
+def test_time_limit_grows_with_the_parts(make_env):
+    """PickPlace with 2 parts had one part's 150 steps: every expert episode timed out with the first
+    part placed (the expert needs 151-167 steps for two). Beyond a task's default number of parts the
+    default limit grows by one part's time per part; a given ``max_steps`` is kept."""
+    pick, sort = "loopsim/FactoryPickPlace-v0", "loopsim/FactorySort-v0"
+    assert [make_env(pick, n_parts=n).unwrapped.max_steps for n in (1, 2, 4)] == [150, 300, 600]
+    assert [make_env(sort, n_parts=n).unwrapped.max_steps for n in (1, 2, 3)] == [300, 300, 450]
+    assert make_env(pick, n_parts=2, max_steps=50).unwrapped.max_steps == 50
+    summary = run_expert(pick, "lab", episodes=3, seed=0, env_kwargs={"n_parts": 2})
+    assert summary.success_rate == 1.0, summary.failure_modes
+
+
 def test_make_expert_returns_bound_expert(env_id, make_env):
     env = make_env(env_id)
     expert = make_expert(env)
