@@ -480,6 +480,36 @@ class RobotTaskEnv(gym.Env):
                 "site_params": dict(self.site_params)}
         return self._get_obs(), info
 
+    def checked_action(self, action: Any) -> list[float]:
+        """The action :meth:`step` would apply: checked, then clipped to ``[-1, 1]``.
+
+        For wrappers that look at an action before it is stepped (e.g.
+        :class:`~loopsim.envs.core.wrappers.ExpertIntervention`), so they see what the env would do
+        with it and refuse what the env would refuse.
+
+        Args:
+            action: ``(action_dim,)`` array-like of real numbers.
+
+        Returns:
+            ``action_dim`` plain floats in ``[-1, 1]``.
+
+        Raises:
+            ValueError: If the action has the wrong shape, is not numeric (strings, bools, complex) or
+                holds NaN or infinite values.
+        """
+        a = np.asarray(action)
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
+        if not isinstance(action, np.ndarray) and _holds_bool(action):
+            # NumPy reads [True, 0, 0, 0] as integers and [True, 0.5] as floats: True became 1
+            raise ValueError(f"action must hold real numbers, got a bool in {action!r}")
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
+        values = a.tolist()  # plain floats: cheaper than numpy for a handful of numbers
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"action must be finite, got {values}")
+        return [-1.0 if v < -1.0 else 1.0 if v > 1.0 else v for v in values]
+
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         """Apply one action for one control step.
 
@@ -518,18 +548,7 @@ class RobotTaskEnv(gym.Env):
                 "the next episode; the physics runs on past the end and the steps that follow belong "
                 "to no episode of the task"
             )
-        a = np.asarray(action)
-        if a.dtype.kind not in "fiu":
-            raise ValueError(f"action must hold real numbers, got dtype {a.dtype}")
-        if not isinstance(action, np.ndarray) and _holds_bool(action):
-            # NumPy reads [True, 0, 0, 0] as integers and [True, 0.5] as floats: True became 1
-            raise ValueError(f"action must hold real numbers, got a bool in {action!r}")
-        if a.shape != (self.action_dim,):
-            raise ValueError(f"action must have shape ({self.action_dim},), got {a.shape}")
-        values = a.tolist()  # plain floats: cheaper than numpy for a handful of numbers
-        if not all(map(math.isfinite, values)):
-            raise ValueError(f"action must be finite, got {values}")
-        a = [-1.0 if v < -1.0 else 1.0 if v > 1.0 else v for v in values]
+        a = self.checked_action(action)
         if self._actions:  # actuator lag: apply the action from `action_delay` steps ago
             self._actions.append(a)
             a = self._actions.popleft()

@@ -116,8 +116,17 @@ class ExpertIntervention(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        """Execute the policy's action, or the expert's when the gate says so."""
-        policy_action = np.asarray(action, dtype=np.float32)
+        """Execute the policy's action, or the expert's when the gate says so.
+
+        The gate compares the policy's action as the env would apply it (clipped to ``[-1, 1]``).
+
+        Raises:
+            ValueError: For an action the env would refuse (wrong shape, not numeric, NaN or
+                infinite), whoever is in control; nothing is stepped then.
+        """
+        # what the env would apply (checked and clipped: the gate compares what would be executed, and
+        # a malformed action is refused even while the expert is in control, as the env alone does)
+        policy_action = np.asarray(self.env.unwrapped.checked_action(action), dtype=np.float32)
         expert_action = np.asarray(self.expert.act(), dtype=np.float32)
         if self._left == 0:
             deviation = float(np.linalg.norm(policy_action[:3] - expert_action[:3]))

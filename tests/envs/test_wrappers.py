@@ -323,3 +323,30 @@ def test_intervention_is_deterministic(make_env) -> None:
         assert np.array_equal(a, b)
     for a, b in zip(exec_a, exec_b, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_intervention_gates_and_refuses_actions_as_the_env_would(make_env) -> None:
+    """The gate compared the raw action: twice the expert's action, the same once the env clipped it,
+    counted as an intervention on 59 of 60 steps. A malformed action (wrong shape, bool, NaN) was
+    replaced by the expert's while it was in control, or raised IndexError: the env alone refuses it."""
+    env = ExpertIntervention(make_env(PICK_PLACE, max_steps=60), threshold=0.05, takeover_steps=1)
+    env.reset(seed=4)
+    expert = make_expert(env)
+    flags = []
+    for _ in range(60):
+        a = expert.act()
+        big = np.where(np.abs(a) >= 1.0, 2.0 * a, a)  # saturated commands doubled: clipping undoes it
+        *_, terminated, truncated, info = env.step(big)
+        flags.append(info["intervention"])
+        assert np.array_equal(info["executed_action"], np.clip(big, -1.0, 1.0).astype(np.float32))
+        if terminated or truncated:
+            break
+    assert not any(flags), flags
+    assert len(flags) > 20
+    env.reset(seed=4)
+    env.step(np.full(4, 0.9, dtype=np.float32))  # far from the expert: it takes over
+    bad_actions = [(np.zeros(3), "shape"), (np.zeros((4, 1)), "shape"), ([False, False, False, True], "bool"),
+                   (np.array([0.0, np.nan, 0.0, 0.0]), "finite")]
+    for bad, match in bad_actions:
+        with pytest.raises(ValueError, match=match):
+            env.step(bad)
