@@ -299,7 +299,7 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
         look_alike = [u for u in unique if site_name_key(site_name(u)) == site_name_key(site_name(r))]
         if look_alike and site_name(look_alike[0]) != site_name(r):
             raise SiteError(
-                f"--site: the site names {site_name(look_alike[0])!r} and {site_name(r)!r} differ only in "
+                f"the site names {site_name(look_alike[0])!r} and {site_name(r)!r} differ only in "
                 "case or Unicode form: tables and stores would show two rows that read alike; give one "
                 "of them another name"
             )
@@ -307,7 +307,7 @@ def _resolve_sites(env_id: str, values: list[str]) -> list[str | dict[str, Any]]
             unique.append(r)
         elif load_site(schema, look_alike[0]).overrides != load_site(schema, r).overrides:
             raise SiteError(
-                f"--site: two different sites are named {site_name(r)!r} (a site file is named by its "
+                f"two different sites are named {site_name(r)!r} (a site file is named by its "
                 "'name', else its file's stem); their episodes would be reported and recorded as one "
                 "site's: give one of them another name"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Hashable
@@ -98,6 +99,8 @@ def number_text_hint(value: Any) -> str | None:
     try:
         number = float(value)
     except ValueError:
+        return None
+    if not math.isfinite(number):  # "nan", "inf": text in YAML 1.1 (.nan, .inf), and never allowed anyway
         return None
     if re.search(r"\d[eE][-+]?\d", value):
         return f"YAML reads an exponent without a dot or a sign as text: write {number!r}"

@@ -162,6 +162,7 @@ def test_expert_refuses_two_sites_under_one_name(tmp_path):
     result = runner.invoke(app, ["expert", "loopsim/FactoryPickPlace-v0", "--site", path, "--site", other],
                            terminal_width=300)
     assert result.exit_code == 2 and "two different sites are named 'dock'" in result.output
+    assert result.output.count("--site:") == 1  # the caller names the option, once
     # the same site twice (a name, or a file with the same conditions) runs once
     same = _site_file(tmp_path / "c.yaml", "name: dock\nparams:\n  part_mass: 0.5\n")
     args = ["expert", "loopsim/FactoryPegInsert-v0", "-n", "1", "-s", "lab", "-s", "lab", "-s", path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from loopsim.yaml_io import describe_yaml_error, load_unique
+from loopsim.yaml_io import describe_yaml_error, load_unique, number_text_hint
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,21 @@ def test_merge_keys_work_as_in_safe_load():
     assert load_unique(text)["params"] == {"part_mass": 0.7, "sensor_noise": 0.01}  # written key wins
     with pytest.raises(yaml.YAMLError, match="'part_mass' twice"):  # written twice is still refused
         load_unique("base: &b {a: 1}\nparams: {<<: *b, part_mass: 0.7, part_mass: 0.8}\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("0.5", "a number in quotes is text: write 0.5 without quotes"),
+        ("1e-3", "YAML reads an exponent without a dot or a sign as text: write 0.001"),
+        # unquoted nan / inf are text in YAML 1.1 too, but no spelling of them is allowed: no hint
+        # (it told users to unquote a value that had no quotes)
+        ("nan", None),
+        ("-inf", None),
+        ("Infinity", None),
+        ("fast", None),
+        (0.5, None),
+    ],
+)
+def test_number_text_hint(value, hint):
+    assert number_text_hint(value) == hint

@@ -18,6 +18,15 @@ import numpy as np
 __all__ = ["Expert"]
 
 
+def _checked_seed(seed: Any) -> int | None:
+    """``seed`` as an ``int`` (or ``None``); :class:`ValueError` naming it for anything else."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be None or an integer >= 0")
+    return int(seed)
+
+
 class Expert:
     """Base class of scripted experts, bound to one env.
 
@@ -29,7 +38,8 @@ class Expert:
         seed: Seed of the expert's own noise generator (independent of the env's).
 
     Raises:
-        ValueError: If ``noise_std`` is negative or not finite.
+        ValueError: If ``noise_std`` is negative or not finite, or ``seed`` is not ``None`` or an
+            integer >= 0 (bools refused, as the env's ``reset`` refuses them).
         TypeError: If the env is not of the task this expert solves.
     """
 
@@ -52,12 +62,16 @@ class Expert:
                 f"{type(self).__name__} solves {self.env_type.__name__}, not {type(self.env).__name__}"
             )
         self.noise_std = float(noise_std)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(_checked_seed(seed))
 
     def reset(self, seed: int | None = None) -> None:
-        """Start a new episode (reseeds the noise generator when ``seed`` is given)."""
+        """Start a new episode (reseeds the noise generator when ``seed`` is given).
+
+        Raises:
+            ValueError: If ``seed`` is not ``None`` or an integer >= 0 (bools refused).
+        """
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng(_checked_seed(seed))
 
     def act(self) -> np.ndarray:
         """The expert's action for the env's current state.

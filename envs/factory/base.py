@@ -33,7 +33,9 @@ FACTORY_SCHEMA = SiteSchema(
         ParamDef("part_friction", 1.0, 0.05, 2.0, "-", "lateral friction coefficient of the parts"),
         ParamDef("conveyor_speed", 0.05, 0.0, 0.3, "m/s", "nominal belt speed"),
         ParamDef(
-            "conveyor_jitter", 0.0, 0.0, 0.1, "m/s", "std of the belt speed, redrawn every control step"
+            "conveyor_jitter", 0.0, 0.0, 0.1, "m/s",
+            "std of the belt speed's Gaussian jitter, redrawn every control step; the speed is clipped to "
+            "[0, 0.3] m/s, so a large jitter near 0 raises the mean speed",
         ),
         ParamDef(
             "sensor_noise", 0.0, 0.0, 0.05, "m", "std of Gaussian noise on observed part / hole positions"

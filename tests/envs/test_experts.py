@@ -135,6 +135,17 @@ def test_bad_noise_std(env_id, make_env, noise_std):
         make_expert(make_env(env_id), noise_std=noise_std)
 
 
+@pytest.mark.parametrize("seed", [True, -1, 1.5, "3"])
+def test_bad_expert_seed(env_id, make_env, seed):
+    """A bool seed was taken as 1 (the env's reset refuses it); -1 gave NumPy's bare message."""
+    env = make_env(env_id)
+    with pytest.raises(ValueError, match="seed=.* must be None or an integer >= 0"):
+        make_expert(env, seed=seed)
+    expert = make_expert(env, seed=np.int64(3))
+    with pytest.raises(ValueError, match="must be None or an integer >= 0"):
+        expert.reset(seed=seed)
+
+
 def test_expert_refuses_other_task(make_env):
     """An expert bound to an env of another task refuses (TypeError)."""
     from loopsim.envs.factory.pick_place import FactoryPickPlaceExpert
