@@ -208,14 +208,15 @@ class RobotTaskEnv(gym.Env):
         self._state_low64 = self._state_low.astype(np.float64)
         self._state_high64 = self._state_high.astype(np.float64)
         state_space = gym.spaces.Box(self._state_low, self._state_high, dtype=np.float32)
+        #: ``(G,)``: the shape of one goal (3 per point), in every obs mode (the reward is the goal's)
+        self._goal_shape = (len(self.desired_goal()),)
         if obs_mode == "state":
             self.observation_space = state_space
         elif obs_mode == "rgb":
             self.observation_space = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
         else:
-            goal_dim = len(self.desired_goal())
             bound = self.goal_bound
-            goal_space = gym.spaces.Box(-bound, bound, shape=(goal_dim,), dtype=np.float32)
+            goal_space = gym.spaces.Box(-bound, bound, shape=self._goal_shape, dtype=np.float32)
             self.observation_space = gym.spaces.Dict(
                 {"observation": state_space, "achieved_goal": goal_space, "desired_goal": goal_space}
             )
@@ -361,13 +362,15 @@ class RobotTaskEnv(gym.Env):
             info: Ignored (kept for the goal-env API).
 
         Returns:
-            ``float`` for a single goal, else ``(B,)`` float32.
+            ``float`` for a single goal, else ``(B,)`` float32 (``(0,)`` for an empty batch).
+
+        Raises:
+            ValueError: If a goal's last axis is not this env's goal size (3 per point).
         """
         if (
             type(achieved_goal) is np.ndarray
             and type(desired_goal) is np.ndarray
-            and achieved_goal.ndim == 1
-            and achieved_goal.shape == desired_goal.shape
+            and achieved_goal.shape == desired_goal.shape == self._goal_shape
             and achieved_goal.dtype.char in "fd"
             and desired_goal.dtype.char in "fd"
         ):  # one float goal (what step() passes): plain floats give the float64 result with no copies
@@ -376,10 +379,16 @@ class RobotTaskEnv(gym.Env):
         a = np.asarray(achieved_goal, dtype=np.float64)
         d = np.asarray(desired_goal, dtype=np.float64)
         box = self.goal_box
-        if a.ndim == 1 and d.ndim == 1 and a.shape == d.shape:  # one goal: the same IEEE arithmetic, faster
+        (size,) = self._goal_shape
+        if a.ndim == 0 or d.ndim == 0 or a.shape[-1] != size or d.shape[-1] != size:
+            raise ValueError(
+                f"compute_reward: goals must end in this env's goal size {size}, got achieved_goal "
+                f"{a.shape} and desired_goal {d.shape}"
+            )
+        if a.ndim == 1 and d.ndim == 1:  # one goal: the same IEEE arithmetic, faster
             return self._single_goal_reward((a - d).tolist())
         diff = a - d  # broadcasts a single goal against a batch
-        diff = diff.reshape(diff.shape[:-1] + (-1, 3))
+        diff = diff.reshape(diff.shape[:-1] + (size // 3, 3))  # an empty batch too
         if self.reward_type == "sparse":
             if box is not None:
                 inside = (np.abs(diff) <= np.asarray(box)).all(axis=(-1, -2))

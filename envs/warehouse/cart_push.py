@@ -205,16 +205,19 @@ class WarehouseCartPushExpert(Expert):
 
     1. The push direction ``d`` points from the cart to the station (to a point ``CARROT`` ahead on the
        aisle's centre line while the cart is in the aisle or the station more than 2 m away). The
-       robot's place is right behind the cart on that line, facing ``d``. If it is off that line (more
-       than 0.2 m sideways) or not behind the cart, it drives to a point 1.3 m behind the cart on the
-       line, then turns to face ``d``.
+       robot's place is right behind the cart on that line, facing ``d``. If it is behind the cart but
+       off that line (more than 0.2 m sideways), it drives to a point 1.3 m behind the cart on the
+       line, then turns to face ``d``. If it is not behind the cart, it goes round it: first sideways to
+       a lane ``LANE`` off the line (on its own side), then along that lane to 1.3 m behind the cart,
+       then onto the line.
     2. Pushing: it heads for a point beyond the cart chosen so that robot, cart and station line up
        (steering against the cart's sideways offset from the robot's axis), at a speed that lets the
        cart coast to rest in the zone, slowed by anything the lidar sees ahead of the cart.
 
     Under actuator lag (``action_delay``) both rules start from where the queued actions take the
     robot (:func:`~loopsim.envs.warehouse.planner.predict_pose`) and the cart (pushed along with the
-    robot while the bumper is on it, else at its current velocity).
+    robot while the bumper is on it, else at its current velocity); the slowdown for traffic ahead
+    still reads the current scan from the current pose.
     """
 
     env_type = WarehouseCartPushEnv

@@ -302,3 +302,19 @@ def test_kwarg_typo_names_the_closest_and_every_allowed_kwarg(env_id, typo, mean
         assert own in str(err.value)
     with pytest.raises(TypeError, match=r"unknown keyword arguments a=1, b=2; allowed"):
         gym.make(env_id, a=1, b=2)
+
+
+def test_compute_reward_checks_the_goal_size(make_env) -> None:
+    """Goals of another size gave NumPy's reshape error (or, one goal, a wrong reward); an empty batch
+    failed the same way. Now: a ValueError naming the sizes; an empty batch gives no rewards."""
+    env = make_env("loopsim/FactorySort-v0", obs_mode="goal")
+    obs, _ = env.reset(seed=0)
+    u = env.unwrapped
+    assert u.compute_reward(np.zeros((0, 6)), np.zeros((0, 6)), None).shape == (0,)
+    for achieved, desired in [(np.zeros(4), np.zeros(4)), (np.zeros((2, 3)), np.zeros((2, 6))),
+                              (np.float64(1.0), np.float64(1.0))]:
+        with pytest.raises(ValueError, match="goal size 6"):
+            u.compute_reward(achieved, desired, None)
+    one = u.compute_reward(obs["achieved_goal"], obs["desired_goal"], None)
+    batch = u.compute_reward(np.stack([obs["achieved_goal"]] * 2), obs["desired_goal"], None)
+    assert isinstance(one, float) and batch.tolist() == [np.float32(one)] * 2

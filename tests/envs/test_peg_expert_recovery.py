@@ -78,7 +78,12 @@ def test_expert_takes_over_peg_tilted_in_grip(make_env, block_gripper):
 
 
 def test_expert_takes_over_when_the_pivot_stalls(make_env):
-    """Seed 108: the stalled pivot; within the default 100-step episode."""
+    """Seed 108: the stalled pivot; within the default 100-step episode.
+
+    On AVX-512 machines seed 108's takeover reaches the stall (see
+    :func:`test_pivot_stalled_against_a_wall_pushes_straight_in`); on AVX2 ones (BLAS rounding) it
+    inserts without stalling, and this test checks only that the takeover succeeds.
+    """
     seed, block_gripper, draws, _, _ = STALL
     env = make_env(ENV_ID, block_gripper=block_gripper)
     assert env.unwrapped.max_steps == 100

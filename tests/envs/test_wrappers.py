@@ -343,10 +343,12 @@ def test_intervention_gates_and_refuses_actions_as_the_env_would(make_env) -> No
             break
     assert not any(flags), flags
     assert len(flags) > 20
+    env = ExpertIntervention(make_env(PICK_PLACE, max_steps=60), threshold=0.05, takeover_steps=5)
     env.reset(seed=4)
-    env.step(np.full(4, 0.9, dtype=np.float32))  # far from the expert: it takes over
+    env.step(np.full(4, 0.9, dtype=np.float32))  # far from the expert: it takes over for 5 steps
     bad_actions = [(np.zeros(3), "shape"), (np.zeros((4, 1)), "shape"), ([False, False, False, True], "bool"),
                    (np.array([0.0, np.nan, 0.0, 0.0]), "finite")]
     for bad, match in bad_actions:
+        assert env._left > 0  # the expert is in control: the old wrapper stepped its action instead
         with pytest.raises(ValueError, match=match):
             env.step(bad)
