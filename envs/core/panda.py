@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import shutil
 import stat
@@ -32,17 +33,64 @@ from loopsim.envs.core.sim import Simulation
 __all__ = ["Panda", "panda_urdf_path"]
 
 
-# ``np.linalg.solve(a, b)`` for a float64 (n, n) matrix and (n,) vector without its wrapper: the
-# gufunc np.linalg.solve itself calls for a 1-D right-hand side (LAPACK dgesv), so the result is
-# bit-identical, while the wrapper's checks and ``errstate`` block cost ~8x the solve of a 6x6
-# system. For well-posed systems only (the damped J J^T + lambda^2 I is positive definite): a
-# singular matrix would give NaN where np.linalg.solve raises LinAlgError.
-try:  # a private module of NumPy (1.x and 2.x); fall back to the public function if it moves
-    from numpy.linalg import _umath_linalg
+def _damped_gram_cholesky(jac: Sequence[Sequence[float]], damping_sq: float) -> list[list[float]]:
+    """Lower Cholesky factor ``L`` of ``J J^T + lambda^2 I`` (``L L^T``; Golub & Van Loan 2013, alg. 4.2.1).
 
-    _solve = functools.partial(_umath_linalg.solve1, signature="dd->d")
-except (ImportError, AttributeError):  # pragma: no cover - depends on the NumPy version
-    _solve = np.linalg.solve
+    Plain Python floats on purpose: every operation is rounded on its own, in a fixed order (the
+    dot products of ``J``'s rows by ``math.fsum``, correctly rounded), so the result is the same on
+    every CPU. NumPy's ``@`` and ``linalg.solve`` go through OpenBLAS, whose kernels (picked per CPU:
+    AVX-512, AVX2, SSE3, ...) round the last bit differently; contact-rich episodes then drift apart.
+
+    Args:
+        jac: The Jacobian ``J``, ``m`` rows of ``n`` floats (here 6 x 7).
+        damping_sq: ``lambda^2`` > 0, which makes the matrix positive definite.
+
+    Returns:
+        ``L`` as ``m`` rows, row ``i`` holding its ``i + 1`` entries up to the diagonal.
+    """
+    mul, fsum, sqrt = operator.mul, math.fsum, math.sqrt
+    chol: list[list[float]] = []
+    for i, ji in enumerate(jac):
+        row: list[float] = []
+        for j in range(i):
+            lj = chol[j]
+            total = fsum(map(mul, ji, jac[j]))
+            for a, b in zip(row, lj, strict=False):  # the first j entries (row has j so far)
+                total -= a * b
+            row.append(total / lj[j])
+        total = fsum(map(mul, ji, ji)) + damping_sq
+        for v in row:
+            total -= v * v
+        row.append(sqrt(total))
+        chol.append(row)
+    return chol
+
+
+def _cholesky_solve(chol: list[list[float]], rhs: Sequence[float]) -> list[float]:
+    """Solve ``L L^T y = b`` by forward and back substitution (``L`` from :func:`_damped_gram_cholesky`).
+
+    Args:
+        chol: Lower Cholesky factor, rows up to the diagonal.
+        rhs: Right-hand side ``b``, ``m`` floats.
+
+    Returns:
+        ``y``, ``m`` floats.
+    """
+    m = len(chol)
+    z: list[float] = []
+    for i, li in enumerate(chol):
+        total = rhs[i]
+        for a, b in zip(li, z, strict=False):  # the first i entries (z has i so far)
+            total -= a * b
+        z.append(total / li[i])
+    y = [0.0] * m
+    for i in range(m - 1, -1, -1):
+        total = z[i]
+        for k in range(i + 1, m):
+            total -= chol[k][i] * y[k]
+        y[i] = total / chol[i][i]
+    return y
+
 
 #: Arm joint indices in the URDF (``panda_joint1`` .. ``panda_joint7``).
 ARM_JOINTS = (0, 1, 2, 3, 4, 5, 6)
@@ -359,8 +407,7 @@ class Panda:
             p.getJointStates, self.body, list(ARM_JOINTS) + list(FINGER_JOINTS), physicsClientId=cid
         )
         self._zeros = [0.0] * 9
-        self._damping_eye = np.eye(6) * self.damping**2
-        self._solve = _solve
+        self._damping_sq = self.damping**2
         self._arm_joints = list(ARM_JOINTS)
         self._neutral: tuple | None = None  # end-effector kinematics at NEUTRAL, see reset_joints
         self._all_joints = list(ARM_JOINTS) + list(FINGER_JOINTS)
@@ -402,19 +449,17 @@ class Panda:
         if self._neutral is None:
             self._read_kinematic_state(list(NEUTRAL) + fingers)
             lin, ang = self._jacobian(self.q_all, self._zeros, self._zeros)
-            jac = np.array(lin + ang, dtype=np.float64)[:, :7]
-            jjt = jac @ jac.T
-            jjt += self._damping_eye
-            jac.flags.writeable = jjt.flags.writeable = False
-            self._neutral = (self.ee_pos_list, self._ee_quat, self.ee_vel_t, jac, jjt)
-        ee_pos, self._ee_quat, self.ee_vel_t, jac, jjt = self._neutral
+            jac = tuple(tuple(row[:7]) for row in lin + ang)
+            chol = tuple(tuple(row) for row in _damped_gram_cholesky(jac, self._damping_sq))
+            self._neutral = (self.ee_pos_list, self._ee_quat, self.ee_vel_t, jac, chol)
+        ee_pos, self._ee_quat, self.ee_vel_t, jac, chol = self._neutral
         self.ee_pos_list = ee_pos
         self.q_all = list(NEUTRAL) + fingers
         self.width = half + half
         for i in range(50):  # iterate the IK step on the kinematic state until it converges
             ex, ey, ez = self.ee_pos_list
             error = (tx - ex, ty - ey, tz - ez)
-            q = self._ik_step(error, max_step=0.3) if i else self._ik_solve(jac, jjt, error, 0.3)
+            q = self._ik_step(error, max_step=0.3) if i else self._ik_solve(jac, chol, error, 0.3)
             self._reset_joints(self._arm_joints, [[v] for v in q])
             self._read_kinematic_state(q + fingers)
             ex, ey, ez = self.ee_pos_list
@@ -479,9 +524,9 @@ class Panda:
         orientation error towards ``EE_DOWN``, Siciliano et al. 2009, "Robotics", eq. 3.85), plus a
         null-space pull towards ``NEUTRAL`` that keeps the redundant joint away from its limits.
 
-        Only the matrix products and the solve use NumPy; the element-wise steps (null-space pull,
-        step limit, joint limits) run on plain floats, which gives the same IEEE results with far
-        less call overhead for 7 numbers.
+        Plain Python floats throughout (every operation rounded on its own in a fixed order, see
+        :func:`_damped_gram_cholesky`), so the arm moves the same on every CPU; for 6 x 7 numbers
+        this is also faster than NumPy's call overhead.
 
         Args:
             position_error: Target minus current end-effector position, 3 floats [m].
@@ -491,17 +536,18 @@ class Panda:
             Target arm joint positions, 7 floats [rad], inside the joint limits.
         """
         lin, ang = self._jacobian(self.q_all, self._zeros, self._zeros)
-        jac = np.array(lin + ang, dtype=np.float64)[:, :7]
-        jjt = jac @ jac.T
-        jjt += self._damping_eye
-        return self._ik_solve(jac, jjt, position_error, max_step)
+        jac = [row[:7] for row in lin + ang]
+        return self._ik_solve(jac, _damped_gram_cholesky(jac, self._damping_sq), position_error, max_step)
 
     def _ik_solve(
-        self, jac: np.ndarray, jjt: np.ndarray, position_error, max_step: float | None
+        self, jac: Sequence[Sequence[float]], chol: Sequence[Sequence[float]], position_error,
+        max_step: float | None,
     ) -> list[float]:
-        """The rest of :meth:`_ik_step`, given the arm Jacobian ``(6, 7)`` and ``J J^T + lambda^2 I``."""
+        """The rest of :meth:`_ik_step`, given the arm Jacobian and a factor of ``J J^T + lambda^2 I``.
+
+        ``jac`` is 6 rows of 7 floats; ``chol`` its :func:`_damped_gram_cholesky`.
+        """
         q_all = self.q_all
-        jac_t = jac.T
         # Orientation error 0.5 * sum_i c_i x d_i, with c_i the columns of the current rotation R (the
         # entries r1 .. r7 of :attr:`ee_rot`, row-major) and d_i those of the target diag(1, -1, -1).
         x, y, z, w = self._ee_quat
@@ -512,9 +558,10 @@ class Panda:
         q = q_all[:7]
         null = [gain * (rest - v) for rest, v in zip(NEUTRAL, q, strict=True)]
         # J^+ (e - J n) + n with J^+ = J^T (J J^T + lambda^2 I)^-1: one 6x6 solve with one right-hand side.
-        rhs = np.array(err)
-        rhs -= jac @ np.array(null)
-        dq = (jac_t @ self._solve(jjt, rhs)).tolist()
+        mul, fsum = operator.mul, math.fsum
+        rhs = [e - fsum(map(mul, row, null)) for e, row in zip(err, jac, strict=True)]
+        sol = _cholesky_solve(chol, rhs)  # type: ignore[arg-type]
+        dq = [fsum(map(mul, col, sol)) for col in zip(*jac, strict=True)]
         out = []
         for i in range(7):  # q + dq, dq clipped to max_step, inside the joint limits (min(max(.)) order)
             d = dq[i] + null[i]

@@ -129,7 +129,7 @@ class ExpertIntervention(gym.Wrapper):
         policy_action = np.asarray(self.env.unwrapped.checked_action(action), dtype=np.float32)
         expert_action = np.asarray(self.expert.act(), dtype=np.float32)
         if self._left == 0:
-            deviation = float(np.linalg.norm(policy_action[:3] - expert_action[:3]))
+            deviation = math.dist(policy_action[:3], expert_action[:3])
             # The gripper command, when the action has one (not the warehouse's or a blocked gripper's).
             flipped = len(expert_action) > 3 and bool(policy_action[3] * expert_action[3] < 0)
             if deviation > self.threshold or flipped:

@@ -19,6 +19,7 @@ Parts: ``cube`` (kind 0, red, 40 mm) and ``cylinder`` (kind 1, blue, 40 mm diame
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -417,7 +418,7 @@ class ConveyorExpert(Expert):
                 # queued action and at a lag of 3+ steps the hand circled over the bin, never releasing)
                 offset = ee_now - pos[i]
                 part = pos[i] + (ee - ee_now) if pending else pos[i]
-                over = np.linalg.norm(part[:2] - b.target[:2])
+                over = math.hypot(part[0] - b.target[0], part[1] - b.target[1])
                 if over > 0.03:
                     goal = np.array([b.x, b.y, 0.0]) + offset
                     goal[2] = self.CARRY_Z
@@ -440,7 +441,7 @@ class ConveyorExpert(Expert):
         i = max(candidates, key=lambda j: pos[j, 1])
         lead = vel[i] * dt * (self.LEAD_STEPS + delay)
         target = pos[i] + lead
-        planar = np.linalg.norm(target[:2] - ee[:2])
+        planar = math.hypot(target[0] - ee[0], target[1] - ee[1])
         ff = vel[i] * dt
         grasp_z = pos[i, 2] - 0.004
         if planar > self.ALIGN_TOL:

@@ -413,7 +413,7 @@ class FactoryPegInsertExpert(Expert):
             if in_hole and planar <= CLEARANCE + 0.001 and not pinned:  # held by the walls
                 # Move the hand by the tip-to-grasp lever times the lean, back over the tip.
                 ax, ay, _ = env.peg_axis()
-                lever = float(np.linalg.norm(env.robot.ee_pos - env.peg_tip()))
+                lever = math.dist(env.robot.ee_pos_list, env.peg_tip())
                 s = self.PIVOT_SPEED
                 return np.array(
                     [

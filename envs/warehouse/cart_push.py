@@ -21,7 +21,7 @@ from loopsim.envs.warehouse.base import (
     MAX_LINEAR,
     WarehouseEnv,
 )
-from loopsim.envs.warehouse.planner import drive_accel, predict_pose
+from loopsim.envs.warehouse.planner import cos_sin, drive_accel, predict_pose
 
 __all__ = ["WarehouseCartPushEnv", "WarehouseCartPushExpert", "CART_HALF", "STATION_HALF"]
 
@@ -339,12 +339,13 @@ class WarehouseCartPushExpert(Expert):
         a = env.lidar_angles
         front = (a < math.radians(20)) | (a > 2.0 * math.pi - math.radians(20))
         r, af = env.lidar[front], a[front]
-        keep = (np.abs(r * np.sin(af)) < 0.45) & (r < LIDAR_RANGE)
+        keep = (np.abs(r * cos_sin(af)[1]) < 0.45) & (r < LIDAR_RANGE)
         if not keep.any():
             return LIDAR_RANGE
         r, af = r[keep], af[keep]
         x, y, yaw = env.robot_pose()
-        wx, wy = x + r * np.cos(af + yaw), y + r * np.sin(af + yaw)
+        c, s = cos_sin(af + yaw)
+        wx, wy = x + r * c, y + r * s
         boxes, margin, lay = env.static_boxes, 0.1, env.layout
         in_box = (
             (wx[:, None] > boxes[None, :, 0] - margin) & (wx[:, None] < boxes[None, :, 1] + margin)

@@ -41,7 +41,7 @@ from loopsim.envs.warehouse.base import (
 )
 
 __all__ = [
-    "GridPlanner", "drive_accel", "drive_command", "guard_command", "lidar_points", "predict_pose",
+    "GridPlanner", "cos_sin", "drive_accel", "drive_command", "guard_command", "lidar_points", "predict_pose",
     "scan_from",
 ]
 
@@ -170,6 +170,28 @@ class GridPlanner:
 
 
 _CANDIDATES = np.deg2rad(np.arange(-90, 91, 10, dtype=np.float64))
+
+
+def cos_sin(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and sine of every angle through ``math`` (the C library), not ``np.cos`` / ``np.sin``.
+
+    NumPy picks its float64 ``sin`` / ``cos`` / ``arctan2`` kernels by CPU (``__cpu_targets_info__``
+    in ``numpy._core._multiarray_umath`` lists AVX2 and AVX-512 variants beside the baseline), which
+    need not round alike; the expert's choices must not depend on the machine it runs on (README,
+    Determinism). On an AVX2 machine the results equal NumPy's bit for bit.
+
+    Args:
+        angles: ``(N,)`` angles [rad].
+
+    Returns:
+        ``(cos, sin)``, each ``(N,)`` float64.
+    """
+    n = len(angles)
+    return (np.fromiter(map(math.cos, angles), np.float64, n),
+            np.fromiter(map(math.sin, angles), np.float64, n))
+
+
+_COS_CANDIDATES, _SIN_CANDIDATES = (v[:, None] for v in cos_sin(_CANDIDATES))
 #: Clearance kept around the footprint when checking a command [m].
 FOOTPRINT_MARGIN = 0.03
 #: Speed of the straight reverse tried when neither the turn nor going straight on is safe [m/s].
@@ -208,7 +230,7 @@ def drive_command(
     # obstacle points in the robot frame
     px, py = lidar_points(lidar, lidar_angles)
     # clearance along each candidate heading: nearest point inside the robot-wide corridor
-    c, s = np.cos(_CANDIDATES)[:, None], np.sin(_CANDIDATES)[:, None]
+    c, s = _COS_CANDIDATES, _SIN_CANDIDATES
     along = c * px[None] + s * py[None]
     lateral = np.abs(-s * px[None] + c * py[None])
     blocked = (lateral < half_width) & (along > 0.0)
@@ -253,7 +275,8 @@ def lidar_points(lidar: np.ndarray, lidar_angles: np.ndarray) -> tuple[np.ndarra
     """
     real = lidar < LIDAR_RANGE - 1e-6
     r, a = lidar[real], lidar_angles[real]
-    return r * np.cos(a), r * np.sin(a)
+    c, s = cos_sin(a)
+    return r * c, r * s
 
 
 def drive_accel(floor_friction: float, load_mass: float = 0.0, load_friction: float = 0.0) -> float:
@@ -340,7 +363,8 @@ def scan_from(
     fx, fy = c * qx + s * qy, -s * qx + c * qy
     ranges = np.hypot(fx, fy)
     near = ranges < LIDAR_RANGE - 1e-6
-    return ranges[near], np.arctan2(fy[near], fx[near])
+    fy, fx = fy[near], fx[near]
+    return ranges[near], np.fromiter(map(math.atan2, fy, fx), np.float64, len(fx))
 
 
 def guard_command(v: float, w: float, px: np.ndarray, py: np.ndarray) -> tuple[float, float]:

@@ -88,17 +88,23 @@ def make_env() -> Iterator[Callable[..., gym.Env]]:
 
 @pytest.fixture
 def run_python(tmp_path: Path) -> Callable[..., Any]:
-    """``run_python(code_or_path, *args, procs=1)``: run Python in fresh interpreters, return JSON output.
+    """``run_python(code_or_path, *args, procs=1, env=None)``: run Python in fresh interpreters, return JSON.
 
     Each child runs in ``tmp_path`` (so the repository's top-level folders cannot shadow the installed
     package), must print one JSON document as its last line of stdout, and fails the test on a non-zero
     exit status. With ``procs > 1`` that many identical children run concurrently and a list of their
-    outputs is returned.
+    outputs is returned. ``env`` adds (or overrides) environment variables of the children.
     """
 
-    def run(code: str | Path, *args: str, timeout: float = 300.0, procs: int = 1) -> Any:
+    def run(
+        code: str | Path,
+        *args: str,
+        timeout: float = 300.0,
+        procs: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> Any:
         cmd = [sys.executable, str(code)] if isinstance(code, Path) else [sys.executable, "-c", code]
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **(env or {})}
         children = [
             subprocess.Popen(
                 [*cmd, *args], cwd=tmp_path, env=env, text=True,
