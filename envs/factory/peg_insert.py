@@ -389,7 +389,11 @@ class FactoryPegInsertExpert(Expert):
         tip, hole = env.peg_tip(), env.hole_position()
         # Where the actions still in the actuator queue (``action_delay``) will take the end effector,
         # hence the tip: steering from there keeps the loop stable under actuator lag.
-        pending = [sum(a[i] for a in env.pending_actions) * MAX_DISPLACEMENT for i in range(3)]
+        # (an explicit loop, not sum(): Python 3.12's sum() of floats compensates, 3.11's does not)
+        queued = [0.0, 0.0, 0.0]
+        for a in env.pending_actions:
+            queued = [queued[0] + a[0], queued[1] + a[1], queued[2] + a[2]]
+        pending = [v * MAX_DISPLACEMENT for v in queued]
         tip = tip + pending
         err_xy = hole[:2] - tip[:2]
         planar = math.hypot(err_xy[0], err_xy[1])

@@ -178,7 +178,9 @@ def cos_sin(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     NumPy picks its float64 ``sin`` / ``cos`` / ``arctan2`` kernels by CPU (``__cpu_targets_info__``
     in ``numpy._core._multiarray_umath`` lists AVX2 and AVX-512 variants beside the baseline), which
     need not round alike; the expert's choices must not depend on the machine it runs on (README,
-    Determinism). On an AVX2 machine the results equal NumPy's bit for bit.
+    Engine). The C library picks its routines by CPU too, but only FMA or not: the same on every CPU
+    with AVX2 and FMA, as PyBullet's own sines and cosines are. On an AVX2 machine the results equal
+    NumPy's bit for bit.
 
     Args:
         angles: ``(N,)`` angles [rad].

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -257,6 +258,38 @@ def free_dynamic_bodies(client_id: int) -> list[int]:
         )[0] > 0:
             out.append(body)
     return out
+
+
+#: Environment of a child process that computes with other SIMD kernels than this CPU's own: OpenBLAS's
+#: SSE3 kernels (``Prescott``) instead of the AVX2 / AVX-512 ones it picks by CPU, and NumPy's baseline
+#: (x86-64-v2) loops instead of its AVX2 (``X86_V3``) and AVX-512 (``X86_V4``) ones. With NumPy's BLAS in
+#: the Panda's IK, 32 of the 60 cases of ``tests/benchmarks/episode_digests.py --domain all`` differed
+#: from this CPU's own run (the same kind of drift as between an AVX-512 and an AVX2 machine).
+OTHER_KERNELS = {"OPENBLAS_CORETYPE": "Prescott", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4"}
+
+#: Prints the digest of a BLAS product: it differs between kernels (checked for Prescott against AVX2).
+_BLAS_CANARY = (
+    "import hashlib, json, numpy as np; a = np.random.default_rng(0).normal(size=(64, 64)); "
+    "print(json.dumps(hashlib.sha256((a @ a.T).tobytes()).hexdigest()))"
+)
+
+
+def check_whatever_simd_kernels(cases: list[dict[str, Any]], run_python: Any) -> None:
+    """Run ``cases`` in a child with :data:`OTHER_KERNELS` and here; they must be bit-identical.
+
+    Skips when the child's BLAS gives the same bits as this process's (a BLAS that ignores
+    ``OPENBLAS_CORETYPE``, or a CPU whose own kernels are the ones forced): the test would prove nothing.
+    For tests: ``run_python`` is the fixture of ``conftest.py``.
+    """
+    import pytest
+
+    if run_python(_BLAS_CANARY, env=OTHER_KERNELS) == run_python(_BLAS_CANARY):
+        pytest.skip(f"{OTHER_KERNELS} leaves this platform's BLAS results unchanged")
+    other = run_python(Path(__file__), json.dumps(cases), env=OTHER_KERNELS, timeout=900)
+    here = [run_case(case) for case in cases]
+    for case, a, b in zip(cases, other, here, strict=True):
+        assert a == b, f"{case}: {a} with {OTHER_KERNELS} / {b} with this CPU's kernels"
+    assert all(r["resets"] > 0 for r in here), "some rollout never crossed an episode end"
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def test_conveyor_expert_releases_the_part_under_actuator_lag(conveyor_id):
     CPU-independent (plain floats: the last bits changed), so at most one of these four may drop.
     """
     summary = run_expert(conveyor_id, {"action_delay": 3}, episodes=4, seed=0)
-    assert "timeout" not in summary.failure_modes, summary.failure_modes
+    assert set(summary.failure_modes) <= {"dropped"}, summary.failure_modes
     assert summary.success_rate >= 0.75, summary.failure_modes
 
 

@@ -65,7 +65,12 @@ def _take_over(env, expert, seed, draws, stop_at=None):
 
 @pytest.mark.parametrize("block_gripper", [True, False])
 def test_expert_takes_over_peg_tilted_in_grip(make_env, block_gripper):
-    """Seed 23: the corner cycle; the unblocked env, given the same motions, runs the same episode."""
+    """Seed 23's takeover, the peg tilted 3.7 degrees in the grip: success well before the limit.
+
+    With the IK through NumPy's BLAS this takeover reached the corner cycle (see
+    :func:`test_pinned_tilted_peg_is_pushed_straight_in`); now its first pivot straightens the peg. The
+    unblocked env, given the same motions, runs the same episode.
+    """
     seed, _, draws, _, _ = CORNER
     env = make_env(ENV_ID, block_gripper=block_gripper, max_steps=300)
     expert = make_expert(env)

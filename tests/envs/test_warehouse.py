@@ -230,6 +230,14 @@ def test_bit_identical_in_fresh_processes(wh_id, run_python, helpers):
     assert all(r["resets"] > 0 for r in here)
 
 
+@pytest.mark.timeout(600)
+def test_bit_identical_whatever_simd_kernels(wh_id, run_python, helpers):
+    """Episodes, the experts' included, do not depend on the kernels NumPy and OpenBLAS pick for the
+    CPU (``tests/envs/_helpers.py``; the experts use ``math``, not NumPy's CPU-dispatched sines)."""
+    helpers.check_whatever_simd_kernels([c for c in _cases(wh_id) if c["kwargs"]["obs_mode"] != "rgb"],
+                                        run_python)
+
+
 @pytest.mark.parametrize("site", ["heavy_traffic", "noisy_lidar", "narrow_aisles"])
 def test_same_seed_after_a_different_prior_episode(wh_id, make_env, helpers, site):
     fresh = make_env(wh_id, site=site, max_steps=50)
