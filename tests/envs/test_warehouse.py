@@ -232,8 +232,10 @@ def test_bit_identical_in_fresh_processes(wh_id, run_python, helpers):
 
 @pytest.mark.timeout(600)
 def test_bit_identical_whatever_simd_kernels(wh_id, run_python, helpers):
-    """Episodes, the experts' included, do not depend on the kernels NumPy and OpenBLAS pick for the
-    CPU (``tests/envs/_helpers.py``; the experts use ``math``, not NumPy's CPU-dispatched sines)."""
+    """Episodes, the experts' included, do not depend on the BLAS kernels OpenBLAS picks for the CPU
+    (``tests/envs/_helpers.py``). NumPy's AVX-512 ``sin``/``cos``/``arctan2`` exist only on AVX-512
+    machines: elsewhere disabling them changes nothing (NumPy's AVX2 ones equal the C library's), so
+    this cannot catch their return to the experts, which use ``math`` (``planner.cos_sin``)."""
     helpers.check_whatever_simd_kernels([c for c in _cases(wh_id) if c["kwargs"]["obs_mode"] != "rgb"],
                                         run_python)
 
