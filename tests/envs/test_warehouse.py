@@ -235,7 +235,8 @@ def test_bit_identical_whatever_simd_kernels(wh_id, run_python, helpers):
     """Episodes, the experts' included, do not depend on the BLAS kernels OpenBLAS picks for the CPU
     (``tests/envs/_helpers.py``). NumPy's AVX-512 ``sin``/``cos``/``arctan2`` exist only on AVX-512
     machines: elsewhere disabling them changes nothing (NumPy's AVX2 ones equal the C library's), so
-    this cannot catch their return to the experts, which use ``math`` (``planner.cos_sin``)."""
+    there this cannot catch their return to the experts, which use ``math`` (``planner.cos_sin``); on
+    an AVX-512 machine it can (it passed on one, an Intel Xeon, on 2026-12-02)."""
     helpers.check_whatever_simd_kernels([c for c in _cases(wh_id) if c["kwargs"]["obs_mode"] != "rgb"],
                                         run_python)
 

@@ -1,0 +1,110 @@
+"""The Panda's plain-float damped-least-squares IK: agrees with NumPy, factorises at singular poses,
+and its damping is checked before anything is loaded."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from loopsim.envs.core.panda import (
+    ARM_LOWER,
+    ARM_UPPER,
+    DAMPING_RANGE,
+    EE_LINK,
+    Panda,
+    _cholesky_solve,
+    _damped_gram_cholesky,
+)
+from loopsim.envs.core.sim import Simulation
+
+#: Elbow straight (joint 4 at its upper limit 0) with joints 2 and 6 at 0: a singular arm Jacobian
+#: (found by a break-it pass: a damping of 1e-9 failed the Cholesky here).
+STRAIGHT = [2.3, 0.0, -0.915, 0.0, 0.949, 0.0, 2.689]
+
+
+@pytest.fixture
+def sim():
+    s = Simulation(1 / 240, 10, renderer=False)
+    yield s
+    s.close()
+
+
+def _jacobian(sim: Simulation, body: int, q) -> list[list[float]]:
+    zeros = [0.0] * 9
+    lin, ang = sim.bc.calculateJacobian(body, EE_LINK, [0.0, 0.0, 0.0], [*q, 0.02, 0.02], zeros, zeros)
+    return [list(row[:7]) for row in (*lin, *ang)]
+
+
+def _solve(jac, damping: float, rhs) -> np.ndarray:
+    return np.array(_cholesky_solve(_damped_gram_cholesky(jac, damping * damping), rhs))
+
+
+def test_solve_agrees_with_numpy_on_random_and_singular_jacobians(sim):
+    rng = np.random.default_rng(0)
+    body = Panda(sim).body
+    jacs = [rng.normal(size=(6, 7)) for _ in range(100)]
+    jacs += [(rng.normal(size=(6, 3)) @ rng.normal(size=(3, 7))) for _ in range(100)]  # rank 3
+    poses = [STRAIGHT] + [rng.uniform(ARM_LOWER, ARM_UPPER) for _ in range(100)]
+    for q in poses[1:51]:
+        q[3] = 0.0  # straight elbow
+    jacs += [np.array(_jacobian(sim, body, q)) for q in poses]
+    worst = 0.0
+    for jac in jacs:
+        for damping in (DAMPING_RANGE[0], 0.02, 1.0):
+            rhs = rng.normal(size=6) * 10.0 ** rng.uniform(-6, 1)
+            ref = np.linalg.solve(jac @ jac.T + damping**2 * np.eye(6), rhs)
+            got = _solve(jac.tolist(), damping, rhs.tolist())
+            assert np.all(np.isfinite(got))
+            # LAPACK's own error is ~eps * cond; compare in the norm of the damped matrix's action
+            worst = max(worst, np.linalg.norm(got - ref) / (np.linalg.norm(ref) * np.linalg.cond(
+                jac @ jac.T + damping**2 * np.eye(6))))
+    assert worst < 1e-13
+
+
+def test_smallest_damping_factorises_at_straight_elbows(sim):
+    rng = np.random.default_rng(1)
+    body = Panda(sim).body
+    smallest = float("inf")
+    for t in range(300):
+        q = STRAIGHT if t == 0 else rng.uniform(ARM_LOWER, ARM_UPPER)
+        q = list(q)
+        q[3] = 0.0
+        if t % 2:
+            q[5] = 0.0  # wrist aligned too
+        if t % 3 == 0:
+            q[1] = 0.0
+        chol = _damped_gram_cholesky(_jacobian(sim, body, q), DAMPING_RANGE[0] ** 2)
+        smallest = min(smallest, *(row[-1] for row in chol))
+    # a singular pose leaves a pivot of ~lambda = 1e-4, far above the rounding errors (~1e-7 here)
+    assert DAMPING_RANGE[0] / 2 < smallest < 1e-3
+
+
+def test_arm_at_a_straight_elbow_moves_with_the_smallest_damping(sim):
+    arm = Panda(sim, damping=DAMPING_RANGE[0])
+    for j, v in enumerate(STRAIGHT):
+        sim.bc.resetJointState(arm.body, j, v)
+    arm.read_state(forward_kinematics=True)
+    targets = arm._ik_step((0.01, -0.005, 0.002), max_step=0.1)
+    assert len(targets) == 7 and all(math.isfinite(v) for v in targets)
+    assert all(lo <= v <= hi for v, lo, hi in zip(targets, ARM_LOWER, ARM_UPPER, strict=True))
+
+
+@pytest.mark.parametrize(
+    "damping", [0, -0.0, -0.02, float("nan"), float("inf"), 1e-9, 1e-200, 1e3, 1e200, True, "0.02", None]
+)
+def test_bad_damping_is_refused_before_the_arm_is_loaded(sim, damping):
+    with pytest.raises(ValueError, match=r"damping=.* must be a real number in \[0\.0001, 100\]"):
+        Panda(sim, damping=damping)
+    assert sim.bc.getNumBodies() == 0
+
+
+@pytest.mark.parametrize(
+    "damping",
+    [np.float32(0.02), np.float64(0.5), np.int64(1), Fraction(1, 50), DAMPING_RANGE[0], DAMPING_RANGE[1]],
+)
+def test_any_real_damping_in_range_is_accepted(sim, damping):
+    arm = Panda(sim, damping=damping)
+    assert arm.damping == float(damping) and type(arm.damping) is float
