@@ -1,6 +1,7 @@
 """Session-wide test setup."""
 
 import os
+import signal
 
 import pytest
 
@@ -21,3 +22,22 @@ def _sb3_log_dir(tmp_path_factory):
         os.environ.pop("SB3_LOGDIR", None)
     else:
         os.environ["SB3_LOGDIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sigint_deliverable():
+    """Give SIGINT Python's default handler when pytest was started with SIGINT ignored.
+
+    A shell without job control starts its background jobs (``cmd &`` in a script, ``nohup``) with
+    SIGINT ignored (POSIX, "Asynchronous Lists"), and Python then installs no ``KeyboardInterrupt``
+    handler; the children it starts inherit the ignore across ``exec``. The Ctrl-C tests
+    (``tests/test_rollout.py``) would then fail for the runner's reason, not the code's: the signal
+    never arrives. A handler (unlike ``SIG_IGN``) is reset to the default across ``exec``, so the CLI
+    processes those tests start get Python's usual handler too. Restored at the end of the session.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
