@@ -34,6 +34,8 @@ def _sigint_deliverable():
     (``tests/test_rollout.py``) would then fail for the runner's reason, not the code's: the signal
     never arrives. A handler (unlike ``SIG_IGN``) is reset to the default across ``exec``, so the CLI
     processes those tests start get Python's usual handler too. Restored at the end of the session.
+    A side effect: such a background run can be stopped by a Ctrl-C meant for the foreground job
+    of the same terminal (where it shares the terminal's process group). No effect on Windows.
     """
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN:
