@@ -13,7 +13,6 @@ from loopsim.envs.core.panda import (
     ARM_LOWER,
     ARM_UPPER,
     DAMPING_RANGE,
-    EE_LINK,
     Panda,
     _cholesky_solve,
     _damped_gram_cholesky,
@@ -32,9 +31,10 @@ def sim():
     s.close()
 
 
-def _jacobian(sim: Simulation, body: int, q) -> list[list[float]]:
-    zeros = [0.0] * 9
-    lin, ang = sim.bc.calculateJacobian(body, EE_LINK, [0.0, 0.0, 0.0], [*q, 0.02, 0.02], zeros, zeros)
+def _jacobian(arm: Panda, q) -> list[list[float]]:
+    """The arm Jacobian (6 x 7) at joint positions ``q`` (7 floats [rad], fingers at 0.02 m), from the
+    same PyBullet call the arm's IK uses."""
+    lin, ang = arm._jacobian([*q, 0.02, 0.02], arm._zeros, arm._zeros)
     return [list(row[:7]) for row in (*lin, *ang)]
 
 
@@ -46,13 +46,13 @@ def test_solve_is_backward_stable_on_random_and_singular_jacobians(sim):
     """``y`` solves ``(J J^T + lambda^2 I) y = b`` to a backward error of a few eps (a NumPy solve's own),
     and is close to NumPy's where the system is well conditioned."""
     rng = np.random.default_rng(0)
-    body = Panda(sim).body
+    arm = Panda(sim)
     jacs = [rng.normal(size=(6, 7)) for _ in range(100)]
     jacs += [(rng.normal(size=(6, 3)) @ rng.normal(size=(3, 7))) for _ in range(100)]  # rank 3
     poses = [STRAIGHT] + [rng.uniform(ARM_LOWER, ARM_UPPER) for _ in range(100)]
     for q in poses[1:51]:
         q[3] = 0.0  # straight elbow
-    jacs += [np.array(_jacobian(sim, body, q)) for q in poses]
+    jacs += [np.array(_jacobian(arm, q)) for q in poses]
     worst_backward = worst_forward = 0.0
     for jac in jacs:
         for damping in (DAMPING_RANGE[0], 0.02, 1.0):
@@ -71,7 +71,7 @@ def test_solve_is_backward_stable_on_random_and_singular_jacobians(sim):
 
 def test_smallest_damping_factorises_at_straight_elbows(sim):
     rng = np.random.default_rng(1)
-    body = Panda(sim).body
+    arm = Panda(sim)
     smallest = float("inf")
     for t in range(300):
         q = STRAIGHT if t == 0 else rng.uniform(ARM_LOWER, ARM_UPPER)
@@ -81,7 +81,7 @@ def test_smallest_damping_factorises_at_straight_elbows(sim):
             q[5] = 0.0  # wrist aligned too
         if t % 3 == 0:
             q[1] = 0.0
-        chol = _damped_gram_cholesky(_jacobian(sim, body, q), DAMPING_RANGE[0] ** 2)
+        chol = _damped_gram_cholesky(_jacobian(arm, q), DAMPING_RANGE[0] ** 2)
         smallest = min(smallest, *(row[-1] for row in chol))
     # a singular pose leaves a pivot of ~lambda = 1e-4, far above the rounding errors (~1e-7 here)
     assert DAMPING_RANGE[0] / 2 < smallest < 1e-3
@@ -97,12 +97,14 @@ def test_arm_at_a_straight_elbow_moves_with_the_smallest_damping(sim):
     assert all(math.isfinite(v) for v in targets)
     dq = np.array(targets) - STRAIGHT
     assert np.abs(dq).max() > 1e-3  # it moves...
-    linear = np.array(_jacobian(sim, arm.body, STRAIGHT))[:3]
+    linear = np.array(_jacobian(arm, STRAIGHT))[:3]
     assert (linear @ dq) @ error > 0.5 * error @ error  # ...towards the target, to first order
 
 
 @pytest.mark.parametrize(
-    "damping", [0, -0.0, -0.02, float("nan"), float("inf"), 1e-9, 1e-200, 1e3, 1e200, True, "0.02", None]
+    "damping",
+    [0, -0.0, -0.02, float("nan"), float("inf"), 1e-9, 1e-200, 1e3, 1e200, True, np.bool_(True), "0.02",
+     None],
 )
 def test_bad_damping_is_refused_before_the_arm_is_loaded(sim, damping):
     with pytest.raises(ValueError, match=r"damping=.* must be a real number in \[0\.0001, 100\]"):
