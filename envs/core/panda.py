@@ -375,8 +375,8 @@ class Panda:
         null_gain: Gain of the null-space pull towards the neutral configuration [1/control step].
 
     Raises:
-        ValueError: If ``damping`` is not a real number in :data:`DAMPING_RANGE` (before anything is
-            loaded).
+        ValueError: If ``damping`` is not a real number in :data:`DAMPING_RANGE`, checked as the float
+            it is kept as (before anything is loaded).
     """
 
     def __init__(
@@ -390,8 +390,13 @@ class Panda:
         null_gain: float = 0.05,
     ) -> None:
         lo, hi = DAMPING_RANGE
-        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not lo <= damping <= hi:
-            raise ValueError(f"damping={damping!r} must be a real number in [{lo:g}, {hi:g}] [-]")
+        value = math.nan
+        if isinstance(damping, numbers.Real) and not isinstance(damping, bool):
+            with contextlib.suppress(OverflowError):  # an int beyond float's range
+                value = float(damping)  # the value kept and used, so the one checked
+        if not lo <= value <= hi:
+            as_float = "" if math.isnan(value) or repr(value) == repr(damping) else f" (as a float {value!r})"
+            raise ValueError(f"damping={damping!r}{as_float} must be a real number in [{lo:g}, {hi:g}] [-]")
         self.sim = sim
         bc = sim.bc
         self.body = bc.loadURDF(
@@ -401,7 +406,7 @@ class Panda:
             flags=bc.URDF_ENABLE_CACHED_GRAPHICS_SHAPES,
         )
         self.max_displacement = float(max_displacement)
-        self.damping = float(damping)
+        self.damping = value
         self.null_gain = float(null_gain)
         self.workspace_low = np.asarray(workspace_low, dtype=np.float64)
         self.workspace_high = np.asarray(workspace_high, dtype=np.float64)

@@ -101,10 +101,27 @@ def test_arm_at_a_straight_elbow_moves_with_the_smallest_damping(sim):
     assert (linear @ dq) @ error > 0.5 * error @ error  # ...towards the target, to first order
 
 
+class _FloatComparesTrue(float):
+    """A float whose comparisons all say True (Python tries a subclass's reflected ones first)."""
+
+    def __le__(self, other):
+        return True
+
+    __ge__ = __lt__ = __gt__ = __le__
+
+
+class _FloatConvertsElsewhere(float):
+    """A float whose ``float()`` is another value (1e-12) than the one it compares as."""
+
+    def __float__(self):
+        return 1e-12
+
+
 @pytest.mark.parametrize(
     "damping",
     [0, -0.0, -0.02, float("nan"), float("inf"), 1e-9, 1e-200, 1e3, 1e200, True, np.bool_(True), "0.02",
-     None],
+     None, 10**400, Fraction(1, 10**400), np.float32(1e-4), _FloatConvertsElsewhere(0.02),
+     _FloatComparesTrue(1e-9), _FloatComparesTrue(1e300)],
 )
 def test_bad_damping_is_refused_before_the_arm_is_loaded(sim, damping):
     with pytest.raises(ValueError, match=r"damping=.* must be a real number in \[0\.0001, 100\]"):
